@@ -1,0 +1,210 @@
+//! Thread-pool engine: blocking preadv2/pwritev2/fdatasync/fallocate on a few
+//! worker threads. The fallback where io_uring cannot be used.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{advance_iovecs, Completion, IoOp};
+
+struct Job {
+    token: u64,
+    op: IoOp,
+}
+
+// SAFETY: a Job carries raw iovec pointers into guest memory. The submit()
+// contract keeps that memory mapped until the completion is reaped, and each
+// job is executed by exactly one worker thread, so moving it to that thread
+// creates no shared access through the pointers.
+unsafe impl Send for Job {}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    shutdown: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    wakeup: Condvar,
+    completions: Mutex<Vec<Completion>>,
+    eventfd: EventFd,
+    file: Arc<File>,
+}
+
+/// Thread-pool engine; see the module docs.
+pub struct ThreadPoolEngine {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl ThreadPoolEngine {
+    /// Start `threads` workers for `file`.
+    pub fn new(file: Arc<File>, threads: usize) -> io::Result<ThreadPoolEngine> {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            wakeup: Condvar::new(),
+            completions: Mutex::new(Vec::new()),
+            eventfd: EventFd::new(EFD_NONBLOCK)?,
+            file,
+        });
+        let mut handles = Vec::with_capacity(threads);
+        for index in 0..threads {
+            let shared = shared.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("blk-io-{index}"))
+                    .spawn(move || worker(&shared))?,
+            );
+        }
+        Ok(ThreadPoolEngine {
+            shared,
+            threads: handles,
+        })
+    }
+
+    /// See [`super::IoEngine::submit`].
+    ///
+    /// # Safety
+    /// As for [`super::IoEngine::submit`].
+    pub unsafe fn submit(&mut self, token: u64, op: IoOp) {
+        let mut queue = lock(&self.shared.queue);
+        queue.jobs.push_back(Job { token, op });
+        drop(queue);
+        self.shared.wakeup.notify_one();
+    }
+
+    /// Collect finished operations.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.append(&mut lock(&self.shared.completions));
+    }
+
+    /// The completion eventfd.
+    pub fn completion_fd(&self) -> RawFd {
+        self.shared.eventfd.as_raw_fd()
+    }
+}
+
+impl Drop for ThreadPoolEngine {
+    fn drop(&mut self) {
+        // Workers finish every queued job before they exit: the jobs point
+        // into guest memory that our owner unmaps after we are gone.
+        lock(&self.shared.queue).shutdown = true;
+        self.shared.wakeup.notify_all();
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Lock, recovering from a poisoned mutex (a panicking worker must not take
+/// the whole queue down with it; the data stays consistent because every
+/// critical section is a single push or take).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn worker(shared: &Shared) {
+    loop {
+        let job = {
+            let mut queue = lock(&shared.queue);
+            loop {
+                if let Some(job) = queue.jobs.pop_front() {
+                    break job;
+                }
+                if queue.shutdown {
+                    return;
+                }
+                queue = shared.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner());
+            }
+        };
+        let result = execute(shared.file.as_raw_fd(), job.op);
+        lock(&shared.completions).push(Completion {
+            token: job.token,
+            result,
+        });
+        if let Err(e) = shared.eventfd.write(1) {
+            log::error!("thread-pool engine cannot signal completion: {e}");
+        }
+    }
+}
+
+fn execute(fd: RawFd, op: IoOp) -> io::Result<()> {
+    match op {
+        IoOp::Read { offset, iovecs } => transfer(fd, offset, iovecs, 0, false),
+        IoOp::Write {
+            offset,
+            iovecs,
+            dsync,
+        } => transfer(
+            fd,
+            offset,
+            iovecs,
+            if dsync { libc::RWF_DSYNC } else { 0 },
+            true,
+        ),
+        IoOp::Flush => {
+            // SAFETY: fdatasync on an fd we keep open; no memory involved.
+            check(unsafe { libc::fdatasync(fd) }).map(|_| ())
+        }
+        IoOp::Fallocate { offset, len, mode } => {
+            let offset =
+                i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            let len = i64::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+            // SAFETY: fallocate on an fd we keep open; no memory involved.
+            check(unsafe { libc::fallocate(fd, mode, offset, len) }).map(|_| ())
+        }
+    }
+}
+
+fn transfer(
+    fd: RawFd,
+    mut offset: u64,
+    mut iovecs: Vec<libc::iovec>,
+    flags: i32,
+    write: bool,
+) -> io::Result<()> {
+    while !iovecs.is_empty() {
+        let file_offset =
+            i64::try_from(offset).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        let count = iovecs.len().min(libc::UIO_MAXIOV as usize) as i32;
+        // SAFETY: the iovecs describe guest buffers kept mapped by the
+        // submit() contract; `count` does not exceed the array length.
+        let ret = unsafe {
+            if write {
+                libc::pwritev2(fd, iovecs.as_ptr(), count, file_offset, flags)
+            } else {
+                libc::preadv2(fd, iovecs.as_ptr(), count, file_offset, flags)
+            }
+        };
+        let done = match check(ret as i32) {
+            Ok(_) => ret as usize,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        if done == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "short transfer at end of image",
+            ));
+        }
+        offset += done as u64;
+        advance_iovecs(&mut iovecs, done);
+    }
+    Ok(())
+}
+
+fn check(ret: i32) -> io::Result<i32> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}

@@ -1,0 +1,478 @@
+//! One virtqueue of a disk: pop chains, parse, submit storage I/O, and on
+//! completion write the status byte, publish the used entry and decide
+//! whether the guest needs an interrupt.
+//!
+//! The caller (the agent's worker) owns the event loop: it calls
+//! [`BlkQueue::process_avail`] on a kick and [`BlkQueue::process_completions`]
+//! when the engine's completion eventfd fires.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
+use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+
+use crate::engine::{Completion, IoEngine, IoOp};
+use crate::request::{parse_chain, ParseError, Request, RequestKind, Segment};
+use crate::spec::*;
+
+/// A queue-level failure: the caller stops serving this queue (the device
+/// needs a reset) but keeps serving every other queue and disk.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// The guest put an unanswerable chain on the ring.
+    #[error("queue needs reset: {0}")]
+    NeedsReset(ParseError),
+    /// The ring itself could not be accessed (bad addresses, bad index).
+    #[error("virtqueue access failed: {0}")]
+    Ring(#[from] virtio_queue::Error),
+    /// Guest memory could not be written for a completion.
+    #[error("cannot write status byte at {addr:#x}: {source}")]
+    Status {
+        /// Guest address of the status byte.
+        addr: u64,
+        /// Cause.
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+}
+
+/// Disk state shared by all queues of one disk.
+#[derive(Debug)]
+pub struct DiskShared {
+    /// The image.
+    pub file: Arc<File>,
+    /// Capacity in 512-byte sectors.
+    pub capacity_sectors: u64,
+    /// Writes are refused.
+    pub readonly: bool,
+    /// GET_ID answer (zero-padded or truncated to 20 bytes).
+    pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
+    /// Writeback cache enabled (config `writeback`); when false, writes
+    /// complete only once durable.
+    pub writeback: AtomicBool,
+}
+
+impl DiskShared {
+    /// Shared state for a disk of `capacity_sectors` backed by `file`.
+    pub fn new(file: Arc<File>, capacity_sectors: u64, readonly: bool, serial: &str) -> DiskShared {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let bytes = serial.as_bytes();
+        let len = bytes.len().min(id.len());
+        id[..len].copy_from_slice(&bytes[..len]);
+        DiskShared {
+            file,
+            capacity_sectors,
+            readonly,
+            serial: id,
+            writeback: AtomicBool::new(true),
+        }
+    }
+}
+
+/// Counters a queue keeps for logs and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Requests completed with VIRTIO_BLK_S_OK.
+    pub ok: u64,
+    /// Requests completed with VIRTIO_BLK_S_IOERR.
+    pub io_errors: u64,
+    /// Requests completed with VIRTIO_BLK_S_UNSUPP.
+    pub unsupported: u64,
+}
+
+/// A request handed to the engine and not yet completed.
+struct InFlight<M> {
+    /// Keeps the guest mapping alive while the kernel may access it.
+    _mem: Arc<M>,
+    status: GuestAddress,
+    /// Bytes written into the guest (data + status byte), for the used entry.
+    used_len: u32,
+    /// Guest ranges the device writes (IN data), marked dirty on completion.
+    written: Vec<Segment>,
+}
+
+/// The processor of one virtqueue. `M` is the guest memory type.
+pub struct BlkQueue<M: GuestMemory> {
+    disk: Arc<DiskShared>,
+    engine: IoEngine,
+    /// Indexed by head descriptor index: a head is never reused by the guest
+    /// before we return it, so it is a unique token.
+    slots: Vec<Option<InFlight<M>>>,
+    in_flight: usize,
+    completions: Vec<Completion>,
+    stats: QueueStats,
+    /// Used entries published since the last notification decision.
+    unsignalled: bool,
+}
+
+impl<M: GuestMemory> BlkQueue<M> {
+    /// A processor for a queue of `queue_size` entries.
+    pub fn new(disk: Arc<DiskShared>, engine: IoEngine, queue_size: u16) -> Self {
+        BlkQueue {
+            disk,
+            engine,
+            slots: (0..queue_size).map(|_| None).collect(),
+            in_flight: 0,
+            completions: Vec::new(),
+            stats: QueueStats::default(),
+            unsignalled: false,
+        }
+    }
+
+    /// The engine's completion eventfd, to register with the event loop.
+    pub fn completion_fd(&self) -> std::os::unix::io::RawFd {
+        self.engine.completion_fd()
+    }
+
+    /// Requests submitted to storage and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> QueueStats {
+        self.stats
+    }
+
+    /// Pop and start every available request. Returns whether the guest
+    /// should be notified (some requests completed immediately).
+    ///
+    /// Stops at the first chain that cannot be answered and returns
+    /// [`QueueError::NeedsReset`]; requests already started still complete.
+    pub fn process_avail(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
+        let result = self.pop_all(queue, mem);
+        self.engine.flush();
+        let notify = self.notify_decision(queue, mem)?;
+        result.map(|_| notify)
+    }
+
+    fn pop_all(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<(), QueueError> {
+        loop {
+            if queue.event_idx_enabled() {
+                queue.disable_notification(mem.as_ref())?;
+            }
+            while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
+                let head = chain.head_index();
+                if usize::from(head) >= self.slots.len() || self.slots[usize::from(head)].is_some()
+                {
+                    // virtio-queue checks head < size; a head still in flight
+                    // means the guest reused a descriptor we own.
+                    return Err(QueueError::NeedsReset(ParseError::Broken {
+                        head,
+                        reason: "head descriptor already in flight",
+                    }));
+                }
+                match parse_chain(chain, mem.as_ref(), queue.size()) {
+                    Ok(request) => self.start(queue, mem, request)?,
+                    Err(ParseError::Invalid {
+                        head,
+                        status,
+                        reason,
+                    }) => {
+                        log::warn!("queue request head {head}: {reason}; failing it with IOERR");
+                        self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR)?;
+                    }
+                    Err(broken @ ParseError::Broken { .. }) => {
+                        return Err(QueueError::NeedsReset(broken))
+                    }
+                }
+            }
+            if !queue.event_idx_enabled() || !queue.enable_notification(mem.as_ref())? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Execute or submit one parsed request.
+    fn start(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        request: Request,
+    ) -> Result<(), QueueError> {
+        let sector_bytes = |sector: u64, len: u64| -> Option<u64> {
+            let offset = sector.checked_mul(SECTOR_SIZE)?;
+            let end = offset.checked_add(len)?;
+            (end <= self.disk.capacity_sectors * SECTOR_SIZE).then_some(offset)
+        };
+        let head = request.head;
+        let status = request.status;
+        let op = match request.kind {
+            RequestKind::Read => match sector_bytes(request.sector, request.data_len) {
+                Some(offset) => IoOp::Read {
+                    offset,
+                    iovecs: iovecs(mem.as_ref(), &request.data, Permissions::Write),
+                },
+                None => return self.fail_range(queue, mem, &request),
+            },
+            RequestKind::Write if self.disk.readonly => {
+                return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR);
+            }
+            RequestKind::Write => match sector_bytes(request.sector, request.data_len) {
+                Some(offset) => IoOp::Write {
+                    offset,
+                    iovecs: iovecs(mem.as_ref(), &request.data, Permissions::Read),
+                    dsync: !self.disk.writeback.load(Ordering::Relaxed),
+                },
+                None => return self.fail_range(queue, mem, &request),
+            },
+            RequestKind::Flush => IoOp::Flush,
+            RequestKind::GetId => {
+                let written = write_segments(mem.as_ref(), &request.data, &self.disk.serial);
+                return self.complete_now(queue, mem, head, status, written, VIRTIO_BLK_S_OK);
+            }
+            RequestKind::Discard {
+                sector,
+                num_sectors,
+            }
+            | RequestKind::WriteZeroes {
+                sector,
+                num_sectors,
+                ..
+            } if self.disk.readonly => {
+                let _ = (sector, num_sectors);
+                return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR);
+            }
+            RequestKind::Discard {
+                sector,
+                num_sectors,
+            } => {
+                let len = u64::from(num_sectors) * SECTOR_SIZE;
+                match sector_bytes(sector, len) {
+                    Some(offset) => IoOp::Fallocate {
+                        offset,
+                        len,
+                        mode: libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    },
+                    None => return self.fail_range(queue, mem, &request),
+                }
+            }
+            RequestKind::WriteZeroes {
+                sector,
+                num_sectors,
+                unmap,
+            } => {
+                let len = u64::from(num_sectors) * SECTOR_SIZE;
+                let mode = if unmap {
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+                } else {
+                    libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+                };
+                match sector_bytes(sector, len) {
+                    Some(offset) => IoOp::Fallocate { offset, len, mode },
+                    None => return self.fail_range(queue, mem, &request),
+                }
+            }
+            RequestKind::Unsupported(kind) => {
+                log::debug!("request head {head}: unsupported type {kind}");
+                return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_UNSUPP);
+            }
+        };
+        let (used_len, written) = match op {
+            // data_len is bounded by the 4 GiB chain limit virtio-queue enforces.
+            IoOp::Read { .. } => (
+                u32::try_from(request.data_len + 1).unwrap_or(u32::MAX),
+                request.data,
+            ),
+            _ => (1, Vec::new()),
+        };
+        self.slots[usize::from(head)] = Some(InFlight {
+            _mem: mem.clone(),
+            status,
+            used_len,
+            written,
+        });
+        self.in_flight += 1;
+        log::trace!("head {head}: submit {op:?}");
+        // SAFETY: the iovecs were built from `mem`, which the slot just filled
+        // keeps alive until this token's completion is processed; the guest
+        // does not own these buffers again until we publish the used entry.
+        unsafe { self.engine.submit(u64::from(head), op) };
+        Ok(())
+    }
+
+    fn fail_range(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        request: &Request,
+    ) -> Result<(), QueueError> {
+        log::debug!(
+            "request head {}: sector {} + {} bytes is beyond capacity ({} sectors)",
+            request.head,
+            request.sector,
+            request.data_len,
+            self.disk.capacity_sectors
+        );
+        self.complete_now(
+            queue,
+            mem,
+            request.head,
+            request.status,
+            0,
+            VIRTIO_BLK_S_IOERR,
+        )
+    }
+
+    /// Finish a request that needed no storage I/O.
+    fn complete_now(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        head: u16,
+        status: GuestAddress,
+        data_written: u32,
+        status_value: u32,
+    ) -> Result<(), QueueError> {
+        self.publish(
+            queue,
+            mem.as_ref(),
+            head,
+            status,
+            data_written.saturating_add(1),
+            status_value,
+        )
+    }
+
+    fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &M,
+        head: u16,
+        status: GuestAddress,
+        used_len: u32,
+        status_value: u32,
+    ) -> Result<(), QueueError> {
+        // Status values are 0..=2 and fit the status byte.
+        mem.write_obj(status_value as u8, status)
+            .map_err(|source| QueueError::Status {
+                addr: status.0,
+                source,
+            })?;
+        match status_value {
+            VIRTIO_BLK_S_OK => self.stats.ok += 1,
+            VIRTIO_BLK_S_UNSUPP => self.stats.unsupported += 1,
+            _ => self.stats.io_errors += 1,
+        }
+        queue.add_used(mem, head, used_len)?;
+        self.unsignalled = true;
+        Ok(())
+    }
+
+    /// Reap storage completions and publish them. Returns whether the guest
+    /// should be notified.
+    pub fn process_completions(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+    ) -> Result<bool, QueueError> {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.engine.reap(&mut completions);
+        let mut result = Ok(());
+        for completion in completions.drain(..) {
+            let Ok(index) = usize::try_from(completion.token) else {
+                continue;
+            };
+            let Some(request) = self.slots.get_mut(index).and_then(Option::take) else {
+                log::warn!("completion for token {} with no request", completion.token);
+                continue;
+            };
+            self.in_flight -= 1;
+            let status_value = match &completion.result {
+                Ok(()) => {
+                    for segment in &request.written {
+                        mark_dirty(mem.as_ref(), segment);
+                    }
+                    VIRTIO_BLK_S_OK
+                }
+                Err(e) => {
+                    log::error!("request head {index}: storage I/O failed: {e}");
+                    VIRTIO_BLK_S_IOERR
+                }
+            };
+            let used_len = if status_value == VIRTIO_BLK_S_OK {
+                request.used_len
+            } else {
+                1
+            };
+            // index < slots.len() <= u16::MAX + 1, so it is a valid head.
+            if let Err(e) = self.publish(
+                queue,
+                mem.as_ref(),
+                index as u16,
+                request.status,
+                used_len,
+                status_value,
+            ) {
+                result = Err(e);
+            }
+        }
+        self.completions = completions;
+        result?;
+        self.notify_decision(queue, mem)
+    }
+
+    fn notify_decision(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
+        if !self.unsignalled {
+            return Ok(false);
+        }
+        self.unsignalled = false;
+        Ok(queue.needs_notification(mem.as_ref())?)
+    }
+}
+
+/// Build iovecs for `segments`. Segments were range-checked by the parser,
+/// so a slice lookup that fails here means the memory changed under us; the
+/// segment is then skipped and the short transfer fails the request.
+fn iovecs<M: GuestMemory>(mem: &M, segments: &[Segment], access: Permissions) -> Vec<libc::iovec> {
+    let mut out = Vec::with_capacity(segments.len());
+    for segment in segments {
+        let Ok(slices) = mem.get_slices(segment.addr, segment.len as usize, access) else {
+            continue;
+        };
+        for slice in slices.flatten() {
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+    }
+    out
+}
+
+/// Copy `data` into the guest `segments` (up to their total length); returns
+/// the number of bytes written.
+fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) -> u32 {
+    let mut written = 0usize;
+    for segment in segments {
+        if written == data.len() {
+            break;
+        }
+        let take = (data.len() - written).min(segment.len as usize);
+        if mem
+            .write_slice(&data[written..written + take], segment.addr)
+            .is_err()
+        {
+            break;
+        }
+        written += take;
+    }
+    // At most data.len() (20) bytes.
+    written as u32
+}
+
+/// Record in the memory's dirty bitmap that the device wrote `segment`
+/// (writes made by the kernel through io_uring bypass vm-memory's tracking).
+fn mark_dirty<M: GuestMemory>(mem: &M, segment: &Segment) {
+    if let Ok(slices) = mem.get_slices(segment.addr, segment.len as usize, Permissions::Write) {
+        for slice in slices.flatten() {
+            slice.bitmap().mark_dirty(0, slice.len());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
