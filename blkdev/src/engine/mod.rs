@@ -89,6 +89,13 @@ impl IoOp {
     }
 }
 
+// SAFETY: the raw iovec pointers in an IoOp point into guest memory that the
+// submitter keeps mapped until the completion is reaped (the submit()
+// contract); an op is owned and used by one thread at a time, so sending it
+// to another thread (the worker that owns the engine, or a pool thread)
+// creates no concurrent access through them.
+unsafe impl Send for IoOp {}
+
 /// A finished operation.
 #[derive(Debug)]
 pub struct Completion {
@@ -101,7 +108,7 @@ pub struct Completion {
 /// A storage engine bound to one file, used by one queue.
 pub enum IoEngine {
     /// io_uring.
-    IoUring(UringEngine),
+    IoUring(Box<UringEngine>),
     /// Thread pool.
     ThreadPool(ThreadPoolEngine),
 }
@@ -111,7 +118,7 @@ impl IoEngine {
     /// operations in flight without queueing in user space.
     pub fn new(kind: EngineKind, file: Arc<File>, depth: u32) -> io::Result<IoEngine> {
         Ok(match kind {
-            EngineKind::IoUring => IoEngine::IoUring(UringEngine::new(file, depth)?),
+            EngineKind::IoUring => IoEngine::IoUring(Box::new(UringEngine::new(file, depth)?)),
             EngineKind::ThreadPool => IoEngine::ThreadPool(ThreadPoolEngine::new(file, 4)?),
         })
     }

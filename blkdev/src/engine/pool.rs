@@ -17,12 +17,6 @@ struct Job {
     op: IoOp,
 }
 
-// SAFETY: a Job carries raw iovec pointers into guest memory. The submit()
-// contract keeps that memory mapped until the completion is reaped, and each
-// job is executed by exactly one worker thread, so moving it to that thread
-// creates no shared access through the pointers.
-unsafe impl Send for Job {}
-
 #[derive(Default)]
 struct Queue {
     jobs: VecDeque<Job>,

@@ -1,0 +1,548 @@
+//! The vhost-user request handler of a block device: thin methods that turn
+//! each message into device state and start or stop queue workers.
+
+use std::fs::File;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use blkdev::engine::EngineKind;
+use blkdev::queue::DiskShared;
+use blkdev::BlkConfig;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVirtioFeatures,
+    VhostUserVringAddrFlags, VhostUserVringState,
+};
+use vhost::vhost_user::{
+    Error as VhostError, GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut,
+};
+use vm_memory::GuestAddress;
+
+use crate::memory::{MemoryError, MemoryMap, MAX_MEM_SLOTS};
+use crate::worker::{QueueSetup, Worker, WorkerError};
+
+/// virtio device status bit DEVICE_NEEDS_RESET (virtio 1.2, 2.1).
+pub const DEVICE_STATUS_NEEDS_RESET: u8 = 0x40;
+
+/// A request the handler refused; becomes a NACK or a disconnect at the
+/// protocol layer.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The queue index is beyond the device's queues.
+    #[error("queue index {0} out of range")]
+    QueueIndex(u32),
+    /// SET_VRING_NUM with a size that is zero, not a power of two or too big.
+    #[error("queue {index}: invalid size {size} (maximum {max})")]
+    QueueSize {
+        /// Queue index.
+        index: u32,
+        /// Requested size.
+        size: u32,
+        /// Largest size we accept.
+        max: u16,
+    },
+    /// SET_FEATURES acked bits we never offered.
+    #[error("front-end acked features {0:#x} we did not offer")]
+    Features(u64),
+    /// A ring address does not fall into any memory region.
+    #[error("queue {index}: {which} address {addr:#x} is not in any memory region")]
+    RingAddress {
+        /// Queue index.
+        index: u32,
+        /// Which ring part.
+        which: &'static str,
+        /// Front-end virtual address.
+        addr: u64,
+    },
+    /// Memory table change failed.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// A worker could not start.
+    #[error(transparent)]
+    Worker(#[from] WorkerError),
+    /// A config space access out of bounds or to a read-only field.
+    #[error("config space access refused: {0}")]
+    Config(String),
+    /// The request needs a feature this device does not implement.
+    #[error("{0} is not supported by this device")]
+    Unsupported(&'static str),
+}
+
+impl From<BackendError> for VhostError {
+    fn from(e: BackendError) -> VhostError {
+        VhostError::ReqHandlerError(std::io::Error::other(e))
+    }
+}
+
+/// Per-ring state as configured by the front-end.
+#[derive(Default)]
+struct Vring {
+    size: u16,
+    desc_table: Option<GuestAddress>,
+    avail_ring: Option<GuestAddress>,
+    used_ring: Option<GuestAddress>,
+    next_avail: u16,
+    kick: Option<File>,
+    call: Option<Arc<File>>,
+    enabled: bool,
+    worker: Option<Worker>,
+}
+
+/// The vhost-user back-end of one disk.
+pub struct BlkBackend {
+    name: Arc<str>,
+    config: BlkConfig,
+    disk: Arc<DiskShared>,
+    engine_kind: EngineKind,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    memory: MemoryMap,
+    vrings: Vec<Vring>,
+    status: u8,
+    needs_reset: Arc<AtomicBool>,
+}
+
+/// Protocol features a block device offers.
+pub fn blk_protocol_features() -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::REPLY_ACK
+        | VhostUserProtocolFeatures::CONFIG
+        | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+        | VhostUserProtocolFeatures::STATUS
+        | VhostUserProtocolFeatures::RESET_DEVICE
+}
+
+impl BlkBackend {
+    /// A back-end for the disk `disk` described by `config`.
+    pub fn new(
+        name: &str,
+        config: BlkConfig,
+        disk: Arc<DiskShared>,
+        engine_kind: EngineKind,
+    ) -> BlkBackend {
+        let vrings = (0..config.options().num_queues)
+            .map(|_| Vring::default())
+            .collect();
+        BlkBackend {
+            name: Arc::from(name),
+            config,
+            disk,
+            engine_kind,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            memory: MemoryMap::default(),
+            vrings,
+            status: 0,
+            needs_reset: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Device name for logs.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Protocol features the front-end acked (SET_PROTOCOL_FEATURES).
+    pub fn acked_protocol_features(&self) -> u64 {
+        self.acked_protocol_features
+    }
+
+    /// Whether REPLY_ACK is in force (needed by the agent-handled requests).
+    pub fn reply_ack_enabled(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    /// SET_STATUS, handled by the agent because the crate does not.
+    pub fn set_status(&mut self, status: u8) {
+        log::debug!("{}: device status {status:#x}", self.name);
+        self.status = status;
+        if status == 0 {
+            self.needs_reset.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// GET_STATUS: the front-end's status plus NEEDS_RESET if a queue broke.
+    pub fn get_status(&self) -> u8 {
+        let mut status = self.status;
+        if self.needs_reset.load(Ordering::SeqCst) {
+            status |= DEVICE_STATUS_NEEDS_RESET;
+        }
+        status
+    }
+
+    /// The front-end went away: stop every queue (finishing in-flight
+    /// requests), forget the memory table and negotiated state.
+    pub fn disconnect(&mut self) {
+        self.reset_rings();
+        self.memory.clear();
+        self.acked_features = 0;
+        self.acked_protocol_features = 0;
+        self.status = 0;
+        self.needs_reset.store(false, Ordering::SeqCst);
+    }
+
+    fn reset_rings(&mut self) {
+        for (index, vring) in self.vrings.iter_mut().enumerate() {
+            if let Some(worker) = vring.worker.take() {
+                let exit = worker.stop();
+                log::info!("{}: queue {index} stopped ({:?})", self.name, exit.stats);
+            }
+            *vring = Vring::default();
+        }
+    }
+
+    fn vring(&mut self, index: u32) -> Result<&mut Vring, BackendError> {
+        usize::try_from(index)
+            .ok()
+            .and_then(|i| self.vrings.get_mut(i))
+            .ok_or(BackendError::QueueIndex(index))
+    }
+
+    fn protocol_features_acked(&self) -> bool {
+        self.acked_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() != 0
+    }
+
+    /// Start the worker of `index` if the ring is fully configured.
+    fn maybe_start(&mut self, index: u32) -> Result<(), BackendError> {
+        let event_idx = self.acked_features & (1 << blkdev::spec::VIRTIO_RING_F_EVENT_IDX) != 0;
+        // Without VHOST_USER_F_PROTOCOL_FEATURES rings start enabled; with it
+        // they wait for SET_VRING_ENABLE (vhost-user spec, "Ring states").
+        let start_enabled = !self.protocol_features_acked();
+        let memory = self.memory.atomic();
+        let disk = self.disk.clone();
+        let engine_kind = self.engine_kind;
+        let needs_reset = self.needs_reset.clone();
+        let name = self.name.clone();
+        let vring = self.vring(index)?;
+        let (Some(desc_table), Some(avail_ring), Some(used_ring)) =
+            (vring.desc_table, vring.avail_ring, vring.used_ring)
+        else {
+            return Ok(());
+        };
+        if vring.size == 0 || vring.kick.is_none() || vring.worker.is_some() {
+            return Ok(());
+        }
+        let Some(kick) = vring.kick.take() else {
+            return Ok(());
+        };
+        let setup = QueueSetup {
+            device: name.clone(),
+            // index < num_queues <= u16::MAX (checked by vring()).
+            index: index as u16,
+            size: vring.size,
+            desc_table,
+            avail_ring,
+            used_ring,
+            next_avail: vring.next_avail,
+            event_idx,
+        };
+        let enabled = vring.enabled || start_enabled;
+        vring.enabled = enabled;
+        vring.worker = Some(Worker::spawn(
+            setup,
+            kick,
+            vring.call.clone(),
+            enabled,
+            memory,
+            disk,
+            engine_kind,
+            needs_reset,
+        )?);
+        log::info!(
+            "{name}: queue {index} started (size {}, avail {})",
+            vring.size,
+            vring.next_avail
+        );
+        Ok(())
+    }
+
+    /// Stop the worker of `index` (draining it) and remember where it left
+    /// the ring.
+    fn stop_vring(&mut self, index: u32) -> Result<u16, BackendError> {
+        let name = self.name.clone();
+        let vring = self.vring(index)?;
+        if let Some(worker) = vring.worker.take() {
+            let exit = worker.stop();
+            vring.next_avail = exit.next_avail;
+            log::info!(
+                "{name}: queue {index} stopped at avail {} ({:?})",
+                exit.next_avail,
+                exit.stats
+            );
+        }
+        Ok(vring.next_avail)
+    }
+}
+
+fn unsupported<T>(what: &'static str) -> VhostResult<T> {
+    Err(BackendError::Unsupported(what).into())
+}
+
+impl VhostUserBackendReqHandlerMut for BlkBackend {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.disconnect();
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.reset_rings();
+        self.acked_features = 0;
+        self.status = 0;
+        self.needs_reset.store(false, Ordering::SeqCst);
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        Ok(self.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        let offered = self.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if features & !offered != 0 {
+            return Err(BackendError::Features(features & !offered).into());
+        }
+        if features != self.acked_features {
+            log::info!("{}: features acked {features:#x}", self.name);
+        }
+        self.acked_features = features;
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<Vec<u64>>> {
+        self.memory
+            .set_table(ctx, files)
+            .map_err(BackendError::from)?;
+        log::info!("{}: memory table with {} regions", self.name, ctx.len());
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        let max = self.config.options().queue_size;
+        let vring = self.vring(index)?;
+        match u16::try_from(num) {
+            Ok(size) if size != 0 && size <= max && size.is_power_of_two() => {
+                vring.size = size;
+                Ok(())
+            }
+            _ => Err(BackendError::QueueSize {
+                index,
+                size: num,
+                max,
+            }
+            .into()),
+        }
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        let translate = |which, addr| {
+            self.memory
+                .vmm_to_guest(addr)
+                .ok_or(BackendError::RingAddress { index, which, addr })
+        };
+        let desc_table = translate("descriptor table", descriptor)?;
+        let used_ring = translate("used ring", used)?;
+        let avail_ring = translate("avail ring", available)?;
+        let vring = self.vring(index)?;
+        vring.desc_table = Some(desc_table);
+        vring.used_ring = Some(used_ring);
+        vring.avail_ring = Some(avail_ring);
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        let vring = self.vring(index)?;
+        // Split rings carry a 16-bit index; higher bits are for packed rings.
+        vring.next_avail = (base & 0xffff) as u16;
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let next_avail = self.stop_vring(index)?;
+        let vring = self.vring(index)?;
+        // The ring is stopped: a new start needs a new kick (spec "Ring states").
+        vring.kick = None;
+        vring.enabled = false;
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let index = u32::from(index);
+        // A new kick for a running ring restarts its worker where it stood.
+        self.stop_vring(index)?;
+        let vring = self.vring(index)?;
+        vring.kick = fd;
+        self.maybe_start(index).map_err(Into::into)
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        let vring = self.vring(u32::from(index))?;
+        vring.call = fd.map(Arc::new);
+        if let Some(worker) = &vring.worker {
+            worker.set_call(vring.call.clone());
+        }
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, _fd: Option<File>) -> VhostResult<()> {
+        // We never report ring errors through the err eventfd; the fd closes.
+        self.vring(u32::from(index))?;
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(blk_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        log::info!("{}: protocol features acked {features:#x}", self.name);
+        self.acked_protocol_features = features;
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(u64::from(self.config.options().num_queues))
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        let vring = self.vring(index)?;
+        vring.enabled = enable;
+        if let Some(worker) = &vring.worker {
+            worker.set_enabled(enable);
+        }
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        // Front-ends may ask for more than we define (newer config fields);
+        // those bytes read as zero, like fields of features not offered.
+        let space = self.config.config_space();
+        let start = offset as usize;
+        let end = start
+            .checked_add(size as usize)
+            .filter(|&end| end <= vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE as usize)
+            .ok_or_else(|| BackendError::Config(format!("read of {size} bytes at {offset}")))?;
+        let mut out = vec![0u8; end - start];
+        if start < space.len() {
+            let available = &space[start..end.min(space.len())];
+            out[..available.len()].copy_from_slice(available);
+        }
+        Ok(out)
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        self.config
+            .write_config(offset, buf)
+            .map_err(|e| BackendError::Config(e.to_string()))?;
+        self.disk
+            .writeback
+            .store(self.config.writeback(), Ordering::Relaxed);
+        log::info!(
+            "{}: write cache {}",
+            self.name,
+            if self.config.writeback() {
+                "writeback"
+            } else {
+                "writethrough"
+            }
+        );
+        Ok(())
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        unsupported("GPU_SET_SOCKET")
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        unsupported("GET_SHARED_OBJECT")
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        unsupported("GET_INFLIGHT_FD")
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        unsupported("SET_INFLIGHT_FD")
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Ok(MAX_MEM_SLOTS)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<u64>> {
+        self.memory
+            .add_region(region, fd)
+            .map_err(BackendError::from)?;
+        let guest_phys_addr = region.guest_phys_addr;
+        log::debug!("{}: added memory region at {guest_phys_addr:#x}", self.name);
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.memory
+            .remove_region(region)
+            .map_err(BackendError::from)?;
+        let guest_phys_addr = region.guest_phys_addr;
+        log::debug!(
+            "{}: removed memory region at {guest_phys_addr:#x}",
+            self.name
+        );
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        unsupported("SET_DEVICE_STATE_FD")
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        unsupported("CHECK_DEVICE_STATE")
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        unsupported("GET_SHMEM_CONFIG")
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        unsupported("SET_LOG_BASE")
+    }
+}

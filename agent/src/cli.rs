@@ -1,0 +1,168 @@
+//! Command-line syntax: `--blk socket=PATH,image=PATH[,key=value...]`.
+
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use blkdev::DiskOptions;
+
+/// Storage engine choice on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineChoice {
+    /// io_uring if the kernel allows it, else the thread pool.
+    Auto,
+    /// io_uring or fail.
+    IoUring,
+    /// The thread pool.
+    Threads,
+}
+
+/// One `--blk` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlkSpec {
+    /// Device name for logs (default `blkN`).
+    pub id: Option<String>,
+    /// vhost-user socket to listen on.
+    pub socket: PathBuf,
+    /// Raw image file or block device.
+    pub image: PathBuf,
+    /// Disk options.
+    pub options: DiskOptions,
+    /// Storage engine.
+    pub engine: EngineChoice,
+}
+
+/// Help text for the `--blk` value, shown by `--help`.
+pub const BLK_HELP: &str = "\
+Serve a virtio-blk disk: socket=PATH,image=PATH[,KEY=VALUE...]. Keys:
+  socket=PATH       vhost-user socket to listen on (required)
+  image=PATH        raw image file or block device (required)
+  id=NAME           name used in logs (default blk0, blk1, ...)
+  num-queues=N      request queues, 1..=64 (default 1)
+  queue-size=N      largest ring size, power of two 2..=32768 (default 256)
+  readonly          refuse writes (VIRTIO_BLK_F_RO)
+  direct            open the image with O_DIRECT (bypass the page cache)
+  serial=S          GET_ID serial, up to 20 bytes (default: empty)
+  engine=E          auto | io_uring | threads (default auto)
+Repeat --blk for several disks.";
+
+fn parse_number<T: FromStr>(key: &str, value: &str) -> Result<T, String> {
+    value
+        .parse()
+        .map_err(|_| format!("{key}={value}: not a valid number"))
+}
+
+impl FromStr for BlkSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<BlkSpec, String> {
+        let mut id = None;
+        let mut socket = None;
+        let mut image = None;
+        let mut options = DiskOptions::default();
+        let mut engine = EngineChoice::Auto;
+        for item in spec.split(',').filter(|item| !item.is_empty()) {
+            let (key, value) = match item.split_once('=') {
+                Some((key, value)) => (key, Some(value)),
+                None => (item, None),
+            };
+            let need = |value: Option<&'_ str>| -> Result<String, String> {
+                value
+                    .map(str::to_string)
+                    .ok_or_else(|| format!("{key} needs a value ({key}=...)"))
+            };
+            match key {
+                "id" => id = Some(need(value)?),
+                "socket" => socket = Some(PathBuf::from(need(value)?)),
+                "image" => image = Some(PathBuf::from(need(value)?)),
+                "num-queues" => {
+                    let n: u16 = parse_number(key, &need(value)?)?;
+                    if !(1..=64).contains(&n) {
+                        return Err(format!("num-queues={n}: must be 1..=64"));
+                    }
+                    options.num_queues = n;
+                }
+                "queue-size" => {
+                    let n: u16 = parse_number(key, &need(value)?)?;
+                    if n < 2 || !n.is_power_of_two() {
+                        return Err(format!(
+                            "queue-size={n}: must be a power of two from 2 to 32768"
+                        ));
+                    }
+                    options.queue_size = n;
+                }
+                "readonly" | "direct" => {
+                    let on = match value {
+                        None | Some("on" | "true" | "1") => true,
+                        Some("off" | "false" | "0") => false,
+                        Some(other) => return Err(format!("{key}={other}: expected on or off")),
+                    };
+                    if key == "readonly" {
+                        options.readonly = on;
+                    } else {
+                        options.direct = on;
+                    }
+                }
+                "serial" => {
+                    let serial = need(value)?;
+                    if serial.len() > 20 {
+                        return Err(format!("serial={serial}: longer than 20 bytes"));
+                    }
+                    options.serial = serial;
+                }
+                "engine" => {
+                    engine = match need(value)?.as_str() {
+                        "auto" => EngineChoice::Auto,
+                        "io_uring" | "io-uring" => EngineChoice::IoUring,
+                        "threads" => EngineChoice::Threads,
+                        other => {
+                            return Err(format!(
+                                "engine={other}: expected auto, io_uring or threads"
+                            ))
+                        }
+                    }
+                }
+                other => return Err(format!("unknown --blk key `{other}`")),
+            }
+        }
+        Ok(BlkSpec {
+            id,
+            socket: socket.ok_or("missing socket=PATH")?,
+            image: image.ok_or("missing image=PATH")?,
+            options,
+            engine,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_spec_parses() {
+        let spec: BlkSpec =
+            "socket=/tmp/s,image=/tmp/i,num-queues=4,queue-size=128,readonly,direct,serial=abc,engine=threads,id=d0"
+                .parse()
+                .unwrap();
+        assert_eq!(spec.socket, PathBuf::from("/tmp/s"));
+        assert_eq!(spec.image, PathBuf::from("/tmp/i"));
+        assert_eq!(spec.options.num_queues, 4);
+        assert_eq!(spec.options.queue_size, 128);
+        assert!(spec.options.readonly && spec.options.direct);
+        assert_eq!(spec.options.serial, "abc");
+        assert_eq!(spec.engine, EngineChoice::Threads);
+        assert_eq!(spec.id.as_deref(), Some("d0"));
+    }
+
+    #[test]
+    fn bad_specs_name_the_problem() {
+        let err = |s: &str| s.parse::<BlkSpec>().unwrap_err();
+        assert!(err("image=/i").contains("socket"));
+        assert!(err("socket=/s").contains("image"));
+        assert!(err("socket=/s,image=/i,queue-size=100").contains("power of two"));
+        assert!(err("socket=/s,image=/i,num-queues=0").contains("1..=64"));
+        assert!(err("socket=/s,image=/i,bogus=1").contains("unknown"));
+        assert!(err("socket=/s,image=/i,num-queues=x").contains("not a valid number"));
+        assert!(err("socket=/s,image=/i,serial=123456789012345678901").contains("20 bytes"));
+    }
+}

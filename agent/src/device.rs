@@ -1,0 +1,94 @@
+//! Building a served disk from a `--blk` spec: open the image, pick the
+//! storage engine, bind the socket.
+
+use std::sync::Arc;
+
+use blkdev::engine::EngineKind;
+use blkdev::queue::DiskShared;
+use blkdev::{BlkConfig, Storage, StorageError};
+
+use crate::blk_backend::BlkBackend;
+use crate::cli::{BlkSpec, EngineChoice};
+use crate::server::{DeviceServer, ServerError};
+
+/// A disk could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The image could not be opened.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// engine=io_uring was asked for and io_uring is unavailable.
+    #[error("io_uring is unavailable: {0}")]
+    NoIoUring(String),
+    /// The image is smaller than one sector.
+    #[error("{0} is smaller than one 512-byte sector")]
+    TooSmall(String),
+}
+
+/// Resolve the engine choice, probing io_uring once; the choice is logged.
+pub fn choose_engine(choice: EngineChoice) -> Result<EngineKind, DeviceError> {
+    match choice {
+        EngineChoice::Threads => Ok(EngineKind::ThreadPool),
+        EngineChoice::IoUring => match EngineKind::probe() {
+            (EngineKind::IoUring, _) => Ok(EngineKind::IoUring),
+            (_, reason) => Err(DeviceError::NoIoUring(reason.unwrap_or_default())),
+        },
+        EngineChoice::Auto => {
+            let (kind, reason) = EngineKind::probe();
+            if let Some(reason) = reason {
+                log::warn!("io_uring unavailable ({reason}); using the thread-pool engine");
+            }
+            Ok(kind)
+        }
+    }
+}
+
+/// Open the disk and bind its socket; `default_name` is used when the spec
+/// has no id.
+pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, DeviceError> {
+    let name = spec.id.clone().unwrap_or_else(|| default_name.to_string());
+    let storage = Storage::open(&spec.image, spec.options.readonly, spec.options.direct)?;
+    if storage.size_bytes() < blkdev::spec::SECTOR_SIZE {
+        return Err(DeviceError::TooSmall(spec.image.display().to_string()));
+    }
+    let engine = choose_engine(spec.engine)?;
+    let config = BlkConfig::new(spec.options.clone(), storage.size_bytes());
+    let file = Arc::new(
+        storage
+            .file()
+            .try_clone()
+            .map_err(|source| StorageError::Open {
+                path: spec.image.clone(),
+                source,
+            })?,
+    );
+    let disk = Arc::new(DiskShared::new(
+        file,
+        config.capacity_sectors(),
+        spec.options.readonly,
+        &spec.options.serial,
+    ));
+    log::info!(
+        "{name}: {} ({} bytes, {} queue(s) of up to {}, {}{}engine {})",
+        spec.image.display(),
+        storage.size_bytes(),
+        spec.options.num_queues,
+        spec.options.queue_size,
+        if spec.options.readonly {
+            "read-only, "
+        } else {
+            ""
+        },
+        if spec.options.direct {
+            "O_DIRECT, "
+        } else {
+            ""
+        },
+        engine.name()
+    );
+    let backend = BlkBackend::new(&name, config, disk, engine);
+    Ok(DeviceServer::bind(&name, &spec.socket, backend)?)
+}

@@ -1,0 +1,260 @@
+//! Guest memory as the front-end describes it: regions backed by shared fds,
+//! mapped into our address space and published to the queue workers through
+//! a `GuestMemoryAtomic`, plus translation of front-end virtual addresses
+//! (what SET_VRING_ADDR carries) into guest physical addresses.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserMemoryRegion;
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+
+/// Guest RAM as the workers see it. The bitmap parameter is where dirty
+/// logging will plug in, so every write through vm-memory gets logged.
+pub type GuestRam = GuestMemoryMmap<()>;
+
+/// Most regions we accept (GET_MAX_MEM_SLOTS).
+pub const MAX_MEM_SLOTS: u64 = 32;
+
+/// A memory table request could not be applied.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of a region failed.
+    #[error("cannot map region at guest address {guest_phys_addr:#x} ({size} bytes): {source}")]
+    Map {
+        /// Guest physical address of the region.
+        guest_phys_addr: u64,
+        /// Size of the region.
+        size: u64,
+        /// Cause.
+        #[source]
+        source: vhost::vhost_user::Error,
+    },
+    /// Regions overlap, are empty or wrap around.
+    #[error("invalid region layout: {0}")]
+    Layout(String),
+    /// More regions than GET_MAX_MEM_SLOTS allows.
+    #[error("too many memory regions (limit {MAX_MEM_SLOTS})")]
+    TooManyRegions,
+    /// REM_MEM_REG named a region we do not have.
+    #[error("no region at guest address {0:#x} to remove")]
+    NoSuchRegion(u64),
+}
+
+/// One region: where the guest sees it and where the front-end mapped it.
+#[derive(Clone, Debug)]
+struct Region {
+    guest_phys_addr: u64,
+    size: u64,
+    user_addr: u64,
+    mapping: Arc<GuestRegionMmap<()>>,
+}
+
+/// The device's guest memory.
+#[derive(Debug)]
+pub struct MemoryMap {
+    regions: Vec<Region>,
+    atomic: GuestMemoryAtomic<GuestRam>,
+}
+
+impl Default for MemoryMap {
+    fn default() -> Self {
+        MemoryMap {
+            regions: Vec::new(),
+            atomic: GuestMemoryAtomic::new(GuestRam::default()),
+        }
+    }
+}
+
+impl MemoryMap {
+    /// The handle workers load snapshots from.
+    pub fn atomic(&self) -> GuestMemoryAtomic<GuestRam> {
+        self.atomic.clone()
+    }
+
+    /// Number of regions mapped.
+    pub fn region_count(&self) -> usize {
+        self.regions.len()
+    }
+
+    /// Whether any memory is mapped.
+    pub fn is_empty(&self) -> bool {
+        self.regions.is_empty()
+    }
+
+    /// Replace the whole table (SET_MEM_TABLE). All regions are mapped before
+    /// anything is swapped, so a failure leaves the old table in place.
+    pub fn set_table(
+        &mut self,
+        table: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+    ) -> Result<(), MemoryError> {
+        if table.len() as u64 > MAX_MEM_SLOTS {
+            return Err(MemoryError::TooManyRegions);
+        }
+        let mut regions = Vec::with_capacity(table.len());
+        for (region, file) in table.iter().zip(files) {
+            regions.push(map_region(region, file)?);
+        }
+        self.install(regions)
+    }
+
+    /// Add one region (ADD_MEM_REG).
+    pub fn add_region(
+        &mut self,
+        region: &VhostUserMemoryRegion,
+        file: File,
+    ) -> Result<(), MemoryError> {
+        if self.regions.len() as u64 >= MAX_MEM_SLOTS {
+            return Err(MemoryError::TooManyRegions);
+        }
+        let mut regions = self.regions.clone();
+        regions.push(map_region(region, file)?);
+        self.install(regions)
+    }
+
+    /// Remove the region with the same guest address and size (REM_MEM_REG;
+    /// the spec identifies it by those, not by the fd).
+    pub fn remove_region(&mut self, region: &VhostUserMemoryRegion) -> Result<(), MemoryError> {
+        let mut regions = self.regions.clone();
+        let before = regions.len();
+        regions.retain(|r| {
+            !(r.guest_phys_addr == region.guest_phys_addr && r.size == region.memory_size)
+        });
+        if regions.len() == before {
+            return Err(MemoryError::NoSuchRegion(region.guest_phys_addr));
+        }
+        self.install(regions)
+    }
+
+    /// Drop every region (disconnect, RESET_OWNER).
+    pub fn clear(&mut self) {
+        self.regions.clear();
+        self.atomic
+            .lock()
+            .expect("memory lock is never poisoned: holders do not panic")
+            .replace(GuestRam::default());
+    }
+
+    /// Translate a front-end virtual address into a guest physical address.
+    pub fn vmm_to_guest(&self, user_addr: u64) -> Option<GuestAddress> {
+        self.regions.iter().find_map(|r| {
+            let offset = user_addr.checked_sub(r.user_addr)?;
+            (offset < r.size).then(|| GuestAddress(r.guest_phys_addr + offset))
+        })
+    }
+
+    fn install(&mut self, mut regions: Vec<Region>) -> Result<(), MemoryError> {
+        regions.sort_by_key(|r| r.guest_phys_addr);
+        let memory =
+            GuestRam::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
+                .map_err(|e| MemoryError::Layout(e.to_string()))?;
+        // Workers holding the previous snapshot keep its mappings alive
+        // until their in-flight requests complete.
+        self.atomic
+            .lock()
+            .expect("memory lock is never poisoned: holders do not panic")
+            .replace(memory);
+        self.regions = regions;
+        Ok(())
+    }
+}
+
+fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, MemoryError> {
+    let guest_phys_addr = region.guest_phys_addr;
+    let size = region.memory_size;
+    if size == 0
+        || guest_phys_addr.checked_add(size).is_none()
+        || region.user_addr.checked_add(size).is_none()
+    {
+        return Err(MemoryError::Layout(format!(
+            "region at {guest_phys_addr:#x} of {size} bytes"
+        )));
+    }
+    let mmap = region
+        .mmap_region::<()>(file)
+        .map_err(|source| MemoryError::Map {
+            guest_phys_addr,
+            size,
+            source,
+        })?;
+    let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_phys_addr)).ok_or_else(|| {
+        MemoryError::Layout(format!("region at {guest_phys_addr:#x} wraps around"))
+    })?;
+    Ok(Region {
+        guest_phys_addr,
+        size,
+        user_addr: region.user_addr,
+        mapping: Arc::new(mapping),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{Bytes, GuestAddressSpace, GuestMemoryBackend};
+
+    fn memfd(size: u64) -> File {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        file
+    }
+
+    #[test]
+    fn table_maps_regions_and_translates_addresses() {
+        let mut map = MemoryMap::default();
+        let table = [
+            VhostUserMemoryRegion::new(0, 0x10000, 0x7f00_0000_0000, 0),
+            VhostUserMemoryRegion::new(0x100000, 0x10000, 0x7f00_1000_0000, 0),
+        ];
+        map.set_table(&table, vec![memfd(0x10000), memfd(0x10000)])
+            .unwrap();
+        assert_eq!(map.vmm_to_guest(0x7f00_0000_0010), Some(GuestAddress(0x10)));
+        assert_eq!(
+            map.vmm_to_guest(0x7f00_1000_0020),
+            Some(GuestAddress(0x100020))
+        );
+        assert_eq!(map.vmm_to_guest(0x7f00_0001_0000), None, "one past the end");
+        let mem = map.atomic().memory();
+        mem.write_obj(0x1234u32, GuestAddress(0x100000)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x100000)).unwrap(), 0x1234);
+        assert_eq!(mem.num_regions(), 2);
+    }
+
+    #[test]
+    fn add_and_remove_regions() {
+        let mut map = MemoryMap::default();
+        let region = VhostUserMemoryRegion::new(0x200000, 0x10000, 0x7f00_2000_0000, 0);
+        map.add_region(&region, memfd(0x10000)).unwrap();
+        assert_eq!(map.region_count(), 1);
+        let other = VhostUserMemoryRegion::new(0x300000, 0x10000, 0, 0);
+        assert!(matches!(
+            map.remove_region(&other),
+            Err(MemoryError::NoSuchRegion(0x300000))
+        ));
+        map.remove_region(&region).unwrap();
+        assert!(map.is_empty());
+    }
+
+    #[test]
+    fn overlapping_regions_are_refused_and_old_table_kept() {
+        let mut map = MemoryMap::default();
+        map.set_table(
+            &[VhostUserMemoryRegion::new(0, 0x10000, 0x1000_0000, 0)],
+            vec![memfd(0x10000)],
+        )
+        .unwrap();
+        let overlapping = [
+            VhostUserMemoryRegion::new(0, 0x10000, 0x2000_0000, 0),
+            VhostUserMemoryRegion::new(0x8000, 0x10000, 0x3000_0000, 0),
+        ];
+        assert!(map
+            .set_table(&overlapping, vec![memfd(0x10000), memfd(0x10000)])
+            .is_err());
+        assert_eq!(
+            map.vmm_to_guest(0x1000_0000),
+            Some(GuestAddress(0)),
+            "old table still in place"
+        );
+    }
+}

@@ -1,0 +1,334 @@
+//! One listening socket per device and one front-end at a time. A protocol
+//! thread per device waits (mio) for a connection or a message, peeks at
+//! each header to route it, and after a disconnect listens again (QEMU
+//! reconnects with `reconnect-ms`).
+
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+
+use crate::blk_backend::BlkBackend;
+use crate::requests::{self, HandledBy, Reply};
+use crate::wire::{self, Peek};
+
+const LISTENER: Token = Token(0);
+const CONNECTION: Token = Token(1);
+const SHUTDOWN: Token = Token(2);
+
+/// Setting up a device's socket failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// Another process is listening on the path.
+    #[error("socket {0} is in use by another process")]
+    InUse(PathBuf),
+    /// The path exists and is not a socket: refuse to delete it.
+    #[error("{0} exists and is not a socket")]
+    NotASocket(PathBuf),
+    /// bind/listen or the event loop failed.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// Socket path.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Handle to stop a running [`DeviceServer`] from another thread.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    waker: Arc<Waker>,
+}
+
+impl ShutdownHandle {
+    /// Ask the server to stop: in-flight requests finish, the socket file is
+    /// removed.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.waker.wake() {
+            log::error!("cannot wake device server for shutdown: {e}");
+        }
+    }
+}
+
+/// A device's listening socket and protocol loop.
+pub struct DeviceServer {
+    name: String,
+    path: PathBuf,
+    listener: UnixListener,
+    poll: Poll,
+    waker: Arc<Waker>,
+    backend: Arc<Mutex<BlkBackend>>,
+}
+
+/// The connected front-end.
+struct Connection {
+    handler: BackendReqHandler<Mutex<BlkBackend>>,
+    /// A dup of the connection for peeking and for the requests the agent
+    /// answers itself.
+    stream: UnixStream,
+}
+
+enum Outcome {
+    Continue,
+    Disconnect(String),
+}
+
+fn lock(backend: &Mutex<BlkBackend>) -> std::sync::MutexGuard<'_, BlkBackend> {
+    backend
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl DeviceServer {
+    /// Bind `path` for `backend`. A stale socket file (nobody listening) is
+    /// replaced; a live one is an error.
+    pub fn bind(name: &str, path: &Path, backend: BlkBackend) -> Result<DeviceServer, ServerError> {
+        let listen_error = |source| ServerError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Ok(metadata) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !metadata.file_type().is_socket() {
+                return Err(ServerError::NotASocket(path.to_path_buf()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(ServerError::InUse(path.to_path_buf()));
+            }
+            std::fs::remove_file(path).map_err(listen_error)?;
+        }
+        let listener = UnixListener::bind(path).map_err(listen_error)?;
+        listener.set_nonblocking(true).map_err(listen_error)?;
+        let poll = Poll::new().map_err(listen_error)?;
+        let waker = Arc::new(Waker::new(poll.registry(), SHUTDOWN).map_err(listen_error)?);
+        poll.registry()
+            .register(
+                &mut SourceFd(&listener.as_raw_fd()),
+                LISTENER,
+                Interest::READABLE,
+            )
+            .map_err(listen_error)?;
+        Ok(DeviceServer {
+            name: name.to_string(),
+            path: path.to_path_buf(),
+            listener,
+            poll,
+            waker,
+            backend: Arc::new(Mutex::new(backend)),
+        })
+    }
+
+    /// A handle that stops [`Self::run`].
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Serve until shut down. Front-end errors never end this loop: they end
+    /// the connection, and the next front-end is served from scratch.
+    pub fn run(mut self) {
+        log::info!("{}: listening on {}", self.name, self.path.display());
+        let mut events = Events::with_capacity(8);
+        let mut connection: Option<Connection> = None;
+        'serve: loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("{}: event loop failed: {e}", self.name);
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SHUTDOWN => break 'serve,
+                    LISTENER => self.accept(&mut connection),
+                    CONNECTION => {
+                        if let Some(conn) = connection.as_mut() {
+                            if let Outcome::Disconnect(reason) = self.serve_ready(conn) {
+                                log::info!("{}: front-end disconnected: {reason}", self.name);
+                                self.drop_connection(&mut connection);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.drop_connection(&mut connection);
+        log::info!("{}: stopped", self.name);
+    }
+
+    fn accept(&mut self, connection: &mut Option<Connection>) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::error!("{}: accept failed: {e}", self.name);
+                    return;
+                }
+            };
+            if connection.is_some() {
+                log::warn!(
+                    "{}: refusing a second front-end while one is connected",
+                    self.name
+                );
+                continue;
+            }
+            match self.connect(stream) {
+                Ok(conn) => {
+                    log::info!("{}: front-end connected", self.name);
+                    *connection = Some(conn);
+                }
+                Err(e) => log::error!("{}: cannot set up connection: {e}", self.name),
+            }
+        }
+    }
+
+    fn connect(&self, stream: UnixStream) -> io::Result<Connection> {
+        stream.set_nonblocking(false)?;
+        let peek = stream.try_clone()?;
+        self.poll.registry().register(
+            &mut SourceFd(&peek.as_raw_fd()),
+            CONNECTION,
+            Interest::READABLE,
+        )?;
+        let handler = BackendReqHandler::from_stream(stream, self.backend.clone());
+        Ok(Connection {
+            handler,
+            stream: peek,
+        })
+    }
+
+    fn drop_connection(&self, connection: &mut Option<Connection>) {
+        if let Some(conn) = connection.take() {
+            let _ = self
+                .poll
+                .registry()
+                .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
+            // Stop queues (in-flight requests complete) before the memory goes.
+            lock(&self.backend).disconnect();
+        }
+    }
+
+    /// Handle every message that is waiting (the poll is edge-triggered).
+    fn serve_ready(&self, conn: &mut Connection) -> Outcome {
+        loop {
+            let header = match wire::peek_header(&conn.stream) {
+                Ok(Peek::Header(header)) => header,
+                Ok(Peek::Empty) => return Outcome::Continue,
+                Ok(Peek::Closed) => return Outcome::Disconnect("connection closed".to_string()),
+                Err(e) => return Outcome::Disconnect(format!("read failed: {e}")),
+            };
+            let started = Instant::now();
+            let info = requests::lookup(header.code);
+            let name = requests::name(header.code);
+            let outcome = match info.map(|info| info.handled_by) {
+                Some(HandledBy::Crate) => match conn.handler.handle_request() {
+                    Ok(()) => Ok(()),
+                    Err(e) => self.crate_error(name, info.map(|info| info.reply), e),
+                },
+                _ => self.handle_own(conn, header.code),
+            };
+            log::debug!(
+                "{}: {name} ({}) size {} -> {} in {:?}",
+                self.name,
+                header.code,
+                header.size,
+                if outcome.is_ok() { "ok" } else { "error" },
+                started.elapsed()
+            );
+            if let Err(reason) = outcome {
+                return Outcome::Disconnect(reason);
+            }
+        }
+    }
+
+    /// A request the crate handled failed. If the front-end still expects a
+    /// reply we cannot give it any more, so the connection must go; a
+    /// refused setter was already NACKed (or needs no answer) and the
+    /// connection goes on.
+    fn crate_error(
+        &self,
+        name: &str,
+        reply: Option<Reply>,
+        error: VhostError,
+    ) -> Result<(), String> {
+        match (&error, reply) {
+            (VhostError::ReqHandlerError(cause), Some(Reply::Ack)) => {
+                log::warn!("{}: {name} refused: {cause}", self.name);
+                Ok(())
+            }
+            _ => {
+                log::error!("{}: {name} failed: {error}", self.name);
+                Err(format!("{name} failed: {error}"))
+            }
+        }
+    }
+
+    /// Requests the crate cannot handle (see [`requests::REQUESTS`]).
+    fn handle_own(&self, conn: &Connection, code: u32) -> Result<(), String> {
+        let name = requests::name(code);
+        let (header, payload, _files) = wire::read_message(&conn.stream)
+            .map_err(|e| format!("reading {name} ({code}): {e}"))?;
+        let mut backend = lock(&self.backend);
+        let ack = |backend: &BlkBackend, ok: bool| -> Result<(), String> {
+            if header.need_reply() && backend.reply_ack_enabled() {
+                wire::send_u64(&conn.stream, &header, u64::from(!ok))
+                    .map_err(|e| format!("replying to {name}: {e}"))?;
+            }
+            Ok(())
+        };
+        match (code, requests::lookup(code).map(|info| info.reply)) {
+            (39, _) => {
+                // SET_STATUS: u64 payload, the low byte is the status.
+                let Some(status) = wire::payload_u64(&payload) else {
+                    log::warn!(
+                        "{}: SET_STATUS with a {}-byte payload",
+                        self.name,
+                        payload.len()
+                    );
+                    return ack(&backend, false);
+                };
+                backend.set_status((status & 0xff) as u8);
+                ack(&backend, true)
+            }
+            (40, _) => wire::send_u64(&conn.stream, &header, u64::from(backend.get_status()))
+                .map_err(|e| format!("replying to GET_STATUS: {e}")),
+            (_, Some(Reply::Ack)) => {
+                log::warn!(
+                    "{}: {name} ({code}) is not supported; refusing it",
+                    backend.name()
+                );
+                ack(&backend, false)
+            }
+            _ => {
+                log::error!(
+                    "{}: cannot answer request {name} ({code}); closing the connection",
+                    backend.name()
+                );
+                Err(format!(
+                    "unsupported request {name} ({code}) that requires a reply"
+                ))
+            }
+        }
+    }
+}
+
+impl Drop for DeviceServer {
+    /// The socket file goes with the server, whether it ran or not.
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("{}: cannot remove {}: {e}", self.name, self.path.display());
+        }
+    }
+}

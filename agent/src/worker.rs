@@ -1,0 +1,353 @@
+//! One thread per running virtqueue: a mio loop over the guest's kick
+//! eventfd, the storage engine's completion eventfd and a control eventfd
+//! the protocol thread uses to enable, disable or stop the queue.
+//!
+//! The worker owns its `Queue` outright, so the data path takes no locks;
+//! the protocol thread gets the ring indices back when it stops the worker.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use blkdev::engine::{EngineKind, IoEngine};
+use blkdev::queue::DiskShared;
+use blkdev::{BlkQueue, QueueStats};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::memory::GuestRam;
+
+const KICK: Token = Token(0);
+const COMPLETION: Token = Token(1);
+const CONTROL: Token = Token(2);
+
+/// Everything needed to start serving one ring.
+#[derive(Clone, Debug)]
+pub struct QueueSetup {
+    /// Device name, for log lines.
+    pub device: Arc<str>,
+    /// Queue index.
+    pub index: u16,
+    /// Ring size.
+    pub size: u16,
+    /// Descriptor table (guest physical).
+    pub desc_table: GuestAddress,
+    /// Avail ring (guest physical).
+    pub avail_ring: GuestAddress,
+    /// Used ring (guest physical).
+    pub used_ring: GuestAddress,
+    /// Next avail index to process (SET_VRING_BASE).
+    pub next_avail: u16,
+    /// VIRTIO_RING_F_EVENT_IDX negotiated.
+    pub event_idx: bool,
+}
+
+/// State shared between the protocol thread and a worker.
+struct Control {
+    wake: EventFd,
+    stop: AtomicBool,
+    enabled: AtomicBool,
+    call: Mutex<Option<Arc<File>>>,
+    /// Set when the queue hit a guest error and stopped serving the ring.
+    needs_reset: Arc<AtomicBool>,
+}
+
+/// Where a stopped worker left the ring.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WorkerExit {
+    /// Next avail index to process: the GET_VRING_BASE answer.
+    pub next_avail: u16,
+    /// Counters.
+    pub stats: QueueStats,
+}
+
+/// A running queue.
+pub struct Worker {
+    control: Arc<Control>,
+    thread: JoinHandle<WorkerExit>,
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Creating the eventfd, poll instance, engine or thread failed.
+    #[error("cannot start queue {index} worker: {source}")]
+    Start {
+        /// Queue index.
+        index: u16,
+        /// Cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Worker {
+    /// Start serving a ring on a new thread.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn(
+        setup: QueueSetup,
+        kick: File,
+        call: Option<Arc<File>>,
+        enabled: bool,
+        memory: GuestMemoryAtomic<GuestRam>,
+        disk: Arc<DiskShared>,
+        engine_kind: EngineKind,
+        needs_reset: Arc<AtomicBool>,
+    ) -> Result<Worker, WorkerError> {
+        let index = setup.index;
+        let start_error = |source| WorkerError::Start { index, source };
+        let control = Arc::new(Control {
+            wake: EventFd::new(EFD_NONBLOCK).map_err(start_error)?,
+            stop: AtomicBool::new(false),
+            enabled: AtomicBool::new(enabled),
+            call: Mutex::new(call),
+            needs_reset,
+        });
+        let engine = IoEngine::new(engine_kind, disk.file.clone(), u32::from(setup.size))
+            .map_err(start_error)?;
+        let blk = BlkQueue::new(disk, engine, setup.size);
+        let thread_control = control.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("{}-q{}", setup.device, index))
+            .spawn(move || run(setup, kick, blk, memory, &thread_control))
+            .map_err(start_error)?;
+        Ok(Worker { control, thread })
+    }
+
+    /// Start or stop taking requests from the avail ring (SET_VRING_ENABLE).
+    pub fn set_enabled(&self, enabled: bool) {
+        self.control.enabled.store(enabled, Ordering::SeqCst);
+        self.wake();
+    }
+
+    /// Replace the interrupt eventfd (SET_VRING_CALL while running).
+    pub fn set_call(&self, call: Option<Arc<File>>) {
+        *self.control.call.lock().unwrap_or_else(|p| p.into_inner()) = call;
+    }
+
+    /// Stop: take no new requests, wait for every in-flight request to
+    /// complete and be published, then return where the ring stands.
+    pub fn stop(self) -> WorkerExit {
+        self.control.stop.store(true, Ordering::SeqCst);
+        self.wake();
+        match self.thread.join() {
+            Ok(exit) => exit,
+            Err(_) => {
+                log::error!("queue worker panicked; its ring position is lost");
+                WorkerExit::default()
+            }
+        }
+    }
+
+    fn wake(&self) {
+        if let Err(e) = self.control.wake.write(1) {
+            log::error!("cannot wake queue worker: {e}");
+        }
+    }
+}
+
+fn drain_eventfd(mut file: &File) {
+    let mut counter = [0u8; 8];
+    // The fd was reported readable, so this returns at once; an error only
+    // means another reader got there first.
+    let _ = file.read(&mut counter);
+}
+
+fn signal(control: &Control) {
+    let call = control.call.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(file) = call.as_ref() {
+        if let Err(e) = (&**file).write_all(&1u64.to_ne_bytes()) {
+            log::warn!("cannot signal guest: {e}");
+        }
+    }
+}
+
+/// Build the virtio-queue `Queue` for `setup`; the used index starts where
+/// the guest's used ring says (it survives reconnects).
+fn build_queue(setup: &QueueSetup, mem: &GuestRam) -> Result<Queue, String> {
+    let mut queue =
+        Queue::new(setup.size).map_err(|e| format!("bad ring size {}: {e}", setup.size))?;
+    queue
+        .try_set_desc_table_address(setup.desc_table)
+        .map_err(|e| e.to_string())?;
+    queue
+        .try_set_avail_ring_address(setup.avail_ring)
+        .map_err(|e| e.to_string())?;
+    queue
+        .try_set_used_ring_address(setup.used_ring)
+        .map_err(|e| e.to_string())?;
+    queue.set_event_idx(setup.event_idx);
+    queue.set_ready(true);
+    if !queue.is_valid(mem) {
+        return Err("ring addresses are outside guest memory or misaligned".to_string());
+    }
+    queue.set_next_avail(setup.next_avail);
+    let used = queue
+        .used_idx(mem, Ordering::Acquire)
+        .map_err(|e| format!("cannot read used index: {e}"))?;
+    queue.set_next_used(used.0);
+    Ok(queue)
+}
+
+fn run(
+    setup: QueueSetup,
+    kick: File,
+    mut blk: BlkQueue<GuestRam>,
+    memory: GuestMemoryAtomic<GuestRam>,
+    control: &Control,
+) -> WorkerExit {
+    let device = setup.device.clone();
+    let index = setup.index;
+    let mut exit = WorkerExit {
+        next_avail: setup.next_avail,
+        stats: QueueStats::default(),
+    };
+    let mem = memory.memory().into_inner();
+    let mut queue = match build_queue(&setup, &mem) {
+        Ok(queue) => queue,
+        Err(reason) => {
+            log::error!("{device} queue {index}: cannot start: {reason}; the device needs a reset");
+            control.needs_reset.store(true, Ordering::SeqCst);
+            wait_for_stop(control);
+            return exit;
+        }
+    };
+    let mut poll = match setup_poll(&kick, &blk, control) {
+        Ok(poll) => poll,
+        Err(e) => {
+            log::error!("{device} queue {index}: event loop setup failed: {e}");
+            control.needs_reset.store(true, Ordering::SeqCst);
+            wait_for_stop(control);
+            return exit;
+        }
+    };
+    log::debug!(
+        "{device} queue {index}: started at avail {} used {}",
+        setup.next_avail,
+        queue.next_used()
+    );
+
+    let mut events = Events::with_capacity(8);
+    let mut broken = false;
+    // A kick may have arrived before we registered: look at the ring once.
+    let mut kicked = true;
+    loop {
+        let mem = memory.memory().into_inner();
+        let mut notify = false;
+        match blk.process_completions(&mut queue, &mem) {
+            Ok(needed) => notify |= needed,
+            Err(e) => {
+                log::error!("{device} queue {index}: {e}");
+                broken = true;
+            }
+        }
+        let stopping = control.stop.load(Ordering::SeqCst);
+        if kicked && !stopping && !broken && control.enabled.load(Ordering::SeqCst) {
+            match blk.process_avail(&mut queue, &mem) {
+                Ok(needed) => notify |= needed,
+                Err(e) => {
+                    log::error!("{device} queue {index}: {e}; no more requests are taken from this queue until it is reset");
+                    control.needs_reset.store(true, Ordering::SeqCst);
+                    broken = true;
+                }
+            }
+        }
+        if notify {
+            signal(control);
+        }
+        if stopping && blk.in_flight() == 0 {
+            break;
+        }
+        drop(mem);
+
+        kicked = false;
+        let mut completed = false;
+        if let Err(e) = poll.poll(&mut events, None) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            log::error!("{device} queue {index}: poll failed: {e}");
+            break;
+        }
+        for event in events.iter() {
+            match event.token() {
+                KICK => {
+                    drain_eventfd(&kick);
+                    kicked = true;
+                }
+                COMPLETION => completed = true,
+                CONTROL => {
+                    let _ = control.wake.read();
+                    // Enable may have flipped: look at the ring again.
+                    kicked = true;
+                }
+                _ => {}
+            }
+        }
+        if completed {
+            // Drain before the reap at the top of the loop, so a completion
+            // that lands in between re-arms the eventfd.
+            drain_completion_fd(&blk);
+        }
+    }
+    exit.next_avail = queue.next_avail();
+    exit.stats = blk.stats();
+    log::debug!(
+        "{device} queue {index}: stopped at avail {} used {} ({:?})",
+        exit.next_avail,
+        queue.next_used(),
+        exit.stats
+    );
+    exit
+}
+
+fn drain_completion_fd<M: vm_memory::GuestMemory>(blk: &BlkQueue<M>) {
+    let mut counter = [0u8; 8];
+    // SAFETY: reading at most 8 bytes into an 8-byte stack buffer from the
+    // engine's non-blocking eventfd; EAGAIN (nothing pending) is fine.
+    unsafe {
+        libc::read(
+            blk.completion_fd(),
+            counter.as_mut_ptr().cast(),
+            counter.len(),
+        )
+    };
+}
+
+fn setup_poll(kick: &File, blk: &BlkQueue<GuestRam>, control: &Control) -> io::Result<Poll> {
+    let poll = Poll::new()?;
+    let registry = poll.registry();
+    registry.register(&mut SourceFd(&kick.as_raw_fd()), KICK, Interest::READABLE)?;
+    registry.register(
+        &mut SourceFd(&blk.completion_fd()),
+        COMPLETION,
+        Interest::READABLE,
+    )?;
+    registry.register(
+        &mut SourceFd(&control.wake.as_raw_fd()),
+        CONTROL,
+        Interest::READABLE,
+    )?;
+    Ok(poll)
+}
+
+/// A worker that could not start still has to answer stop().
+fn wait_for_stop(control: &Control) {
+    let Ok(mut poll) = Poll::new() else { return };
+    let mut events = Events::with_capacity(1);
+    let _ = poll.registry().register(
+        &mut SourceFd(&control.wake.as_raw_fd()),
+        CONTROL,
+        Interest::READABLE,
+    );
+    while !control.stop.load(Ordering::SeqCst) {
+        let _ = poll.poll(&mut events, None);
+        let _ = control.wake.read();
+    }
+}
