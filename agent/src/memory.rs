@@ -146,9 +146,14 @@ impl MemoryMap {
 
     fn install(&mut self, mut regions: Vec<Region>) -> Result<(), MemoryError> {
         regions.sort_by_key(|r| r.guest_phys_addr);
-        let memory =
+        // vm-memory refuses an empty collection; no regions is a valid table
+        // (a front-end may remove every region before adding new ones).
+        let memory = if regions.is_empty() {
+            GuestRam::default()
+        } else {
             GuestRam::from_arc_regions(regions.iter().map(|r| r.mapping.clone()).collect())
-                .map_err(|e| MemoryError::Layout(e.to_string()))?;
+                .map_err(|e| MemoryError::Layout(e.to_string()))?
+        };
         // Workers holding the previous snapshot keep its mappings alive
         // until their in-flight requests complete.
         self.atomic
