@@ -17,3 +17,16 @@ pub mod requests;
 pub mod server;
 pub mod wire;
 pub mod worker;
+
+/// `error: cause: cause...` for log lines: library errors keep their causes
+/// as `source()`, not in their own message.
+pub fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -20,7 +20,7 @@ pub const MAX_MEM_SLOTS: u64 = 32;
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
     /// mmap of a region failed.
-    #[error("cannot map region at guest address {guest_phys_addr:#x} ({size} bytes): {source}")]
+    #[error("cannot map region at guest address {guest_phys_addr:#x} ({size} bytes)")]
     Map {
         /// Guest physical address of the region.
         guest_phys_addr: u64,

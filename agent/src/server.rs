@@ -32,7 +32,7 @@ pub enum ServerError {
     #[error("{0} exists and is not a socket")]
     NotASocket(PathBuf),
     /// bind/listen or the event loop failed.
-    #[error("cannot listen on {path}: {source}")]
+    #[error("cannot listen on {path}")]
     Listen {
         /// Socket path.
         path: PathBuf,
@@ -265,6 +265,11 @@ impl DeviceServer {
     ) -> Result<(), String> {
         match (&error, reply) {
             (VhostError::ReqHandlerError(cause), Some(Reply::Ack)) => {
+                let cause = crate::error_chain(
+                    cause
+                        .get_ref()
+                        .map_or(cause as &dyn std::error::Error, |inner| inner),
+                );
                 log::warn!("{}: {name} refused: {cause}", self.name);
                 Ok(())
             }

@@ -77,7 +77,7 @@ pub struct Worker {
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// Creating the eventfd, poll instance, engine or thread failed.
-    #[error("cannot start queue {index} worker: {source}")]
+    #[error("cannot start queue {index} worker")]
     Start {
         /// Queue index.
         index: u16,
@@ -243,7 +243,7 @@ fn run(
         match blk.process_completions(&mut queue, &mem) {
             Ok(needed) => notify |= needed,
             Err(e) => {
-                log::error!("{device} queue {index}: {e}");
+                log::error!("{device} queue {index}: {}", crate::error_chain(&e));
                 broken = true;
             }
         }
@@ -252,6 +252,7 @@ fn run(
             match blk.process_avail(&mut queue, &mem) {
                 Ok(needed) => notify |= needed,
                 Err(e) => {
+                    let e = crate::error_chain(&e);
                     log::error!("{device} queue {index}: {e}; no more requests are taken from this queue until it is reset");
                     control.needs_reset.store(true, Ordering::SeqCst);
                     broken = true;

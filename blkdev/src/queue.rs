@@ -26,10 +26,10 @@ pub enum QueueError {
     #[error("queue needs reset: {0}")]
     NeedsReset(ParseError),
     /// The ring itself could not be accessed (bad addresses, bad index).
-    #[error("virtqueue access failed: {0}")]
+    #[error("virtqueue access failed")]
     Ring(#[from] virtio_queue::Error),
     /// Guest memory could not be written for a completion.
-    #[error("cannot write status byte at {addr:#x}: {source}")]
+    #[error("cannot write status byte at {addr:#x}")]
     Status {
         /// Guest address of the status byte.
         addr: u64,

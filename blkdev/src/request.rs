@@ -211,7 +211,9 @@ pub fn parse_chain<T: GuestMemory + ?Sized>(
         }
         data_len += u64::from(segment.len);
     }
-    if matches!(kind, RequestKind::Read | RequestKind::Write) && !data_len.is_multiple_of(SECTOR_SIZE) {
+    if matches!(kind, RequestKind::Read | RequestKind::Write)
+        && !data_len.is_multiple_of(SECTOR_SIZE)
+    {
         return Err(invalid("data length is not a multiple of 512 bytes"));
     }
     Ok(Request {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     /// open(2) failed.
-    #[error("cannot open {path}: {source}")]
+    #[error("cannot open {path}")]
     Open {
         /// The image path.
         path: PathBuf,
@@ -19,7 +19,7 @@ pub enum StorageError {
         source: io::Error,
     },
     /// The size could not be determined.
-    #[error("cannot determine the size of {path}: {source}")]
+    #[error("cannot determine the size of {path}")]
     Size {
         /// The image path.
         path: PathBuf,
