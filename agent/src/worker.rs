@@ -258,6 +258,15 @@ fn run(
                     broken = true;
                 }
             }
+            // Buffered I/O on cached pages often completes inside the
+            // submit call: publish it now instead of after another poll.
+            match blk.process_completions(&mut queue, &mem) {
+                Ok(needed) => notify |= needed,
+                Err(e) => {
+                    log::error!("{device} queue {index}: {}", crate::error_chain(&e));
+                    broken = true;
+                }
+            }
         }
         if notify {
             signal(control);

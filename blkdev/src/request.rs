@@ -149,6 +149,9 @@ pub fn parse_chain<T: GuestMemory + ?Sized>(
                     "chain loops, exceeds the queue size, or points outside the descriptor table",
                 ));
             }
+            if last.as_ref().is_some_and(|desc| !desc.is_write_only()) {
+                return Err(broken("status descriptor is read-only"));
+            }
             let status = status_byte(mem, last.as_ref()).ok_or(broken(
                 "readable descriptor after writable ones and no usable status byte",
             ))?;
