@@ -1,0 +1,8 @@
+//! Shared support for vhost-agent's workspace-level tests and benchmarks.
+//!
+//! Everything here talks to real processes: the `vhost-agent` binary built
+//! from this workspace, `qemu-storage-daemon`, QEMU. Nothing is mocked.
+
+pub mod frontend;
+pub mod qemu;
+pub mod support;

@@ -1,0 +1,874 @@
+//! QEMU harness: build the test guest, boot it against vhost-user-blk
+//! back-ends, wait for the verdict line its `/init` prints, and talk QMP.
+//!
+//! The guest (kernel + initramfs from Debian packages, see
+//! `tests/guest/build-guest.sh`) runs the test named by `vhost_test=` on its
+//! kernel command line and prints exactly one line
+//! `VHOST-AGENT-VERDICT: PASS|FAIL <details>` on its serial console, then
+//! powers off. Modes (see `tests/guest/init` for every parameter):
+//!
+//! - `fio-verify`: fio writes `/dev/vda` with crc32c verify headers and reads
+//!   everything back (`vhost_size`, `vhost_bs`, `vhost_iodepth`, `vhost_rw`,
+//!   `vhost_numjobs`, `vhost_loops`); details carry `fio_exit=`,
+//!   `verify_errors=`, `io_errors=`, `written=`, `read=`;
+//! - `fio-write` / `fio-verify-only`: the two halves of `fio-verify`, for
+//!   checks across boots (same parameters, same offsets and headers);
+//! - `fio-perf`: a time-based fio run, details carry `read_iops=`/`write_iops=`;
+//! - `info`: details carry `size=`, `ro=`, `queues=`, `lbs=`, `serial=`;
+//! - `shell-exit`: boot and power off (used to probe KVM).
+//!
+//! Missing programs make every entry point panic with a message pointing at
+//! `scripts/install-test-deps.sh`: these tests never skip silently.
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{self, ChildGuard};
+
+/// The marker `/init` prints before its verdict.
+pub const VERDICT_MARKER: &str = "VHOST-AGENT-VERDICT: ";
+
+/// Programs the QEMU tests need on the host.
+pub const REQUIRED_PROGRAMS: &[&str] = &[
+    "qemu-system-x86_64",
+    "qemu-storage-daemon",
+    "busybox",
+    "fio",
+    "cpio",
+    "zstd",
+    "depmod",
+    "dpkg-deb",
+    "apt-get",
+];
+
+/// Panic, loudly, if any of `programs` is not on PATH.
+pub fn require_programs(programs: &[&str]) {
+    let missing: Vec<&str> = programs
+        .iter()
+        .copied()
+        .filter(|p| !support::have_program(p))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "missing programs for the QEMU tests: {}. Run `sudo scripts/install-test-deps.sh` \
+         (from the workspace root) to install them.",
+        missing.join(", ")
+    );
+}
+
+/// Panic unless everything the QEMU tests need (programs and QEMU >= 10) is there.
+pub fn require_qemu_test_deps() {
+    require_programs(REQUIRED_PROGRAMS);
+    let out = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .expect("running qemu-system-x86_64 --version");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let major = text
+        .split_whitespace()
+        .skip_while(|w| *w != "version")
+        .nth(1)
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse::<u32>().ok());
+    assert!(
+        matches!(major, Some(m) if m >= 10),
+        "QEMU 10 or newer is needed (found: {}). Run `sudo scripts/install-test-deps.sh`.",
+        text.lines().next().unwrap_or("nothing")
+    );
+}
+
+/// Kernel and initramfs of the test guest.
+#[derive(Debug, Clone)]
+pub struct Guest {
+    /// The kernel image (`-kernel`).
+    pub kernel: PathBuf,
+    /// The initramfs (`-initrd`).
+    pub initrd: PathBuf,
+}
+
+/// Where the guest is built: `VHOST_GUEST_DIR`, or `<target dir>/guest`.
+pub fn guest_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("VHOST_GUEST_DIR") {
+        return PathBuf::from(dir);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| support::workspace_root().join("target"));
+    target.join("guest")
+}
+
+/// Build the guest (once per process; `build-guest.sh` itself is cached on
+/// disk and serialised with a lock, so parallel test processes are fine).
+pub fn guest() -> Guest {
+    static GUEST: OnceLock<Result<Guest, String>> = OnceLock::new();
+    GUEST
+        .get_or_init(build_guest)
+        .clone()
+        .unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn build_guest() -> Result<Guest, String> {
+    require_qemu_test_deps();
+    let script = support::workspace_root().join("tests/guest/build-guest.sh");
+    let dir = guest_dir();
+    let started = Instant::now();
+    let out = Command::new("bash")
+        .arg(&script)
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("running {}: {e}", script.display()))?;
+    let log = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        return Err(format!(
+            "{} {} failed ({}):\n{log}\nRun `sudo scripts/install-test-deps.sh` if tools are missing.",
+            script.display(),
+            dir.display(),
+            out.status
+        ));
+    }
+    eprintln!("guest ready in {:.1?}: {}", started.elapsed(), log.trim());
+    let guest = Guest {
+        kernel: dir.join("vmlinuz"),
+        initrd: dir.join("initramfs.img"),
+    };
+    for f in [&guest.kernel, &guest.initrd] {
+        if !f.is_file() {
+            return Err(format!(
+                "build-guest.sh succeeded but {} is missing",
+                f.display()
+            ));
+        }
+    }
+    Ok(guest)
+}
+
+/// How QEMU runs the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accel {
+    /// Hardware virtualisation; used only when a probe boot proved it works.
+    Kvm,
+    /// Emulation (`-accel tcg -cpu max -smp 1,maxcpus=2`).
+    Tcg,
+}
+
+impl Accel {
+    fn args(self) -> Vec<String> {
+        let args: &[&str] = match self {
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host", "-smp", "2"],
+            // maxcpus=2 turns on parallel translation, which makes TCG emit
+            // host barriers for the guest's locked instructions (see HOST.md).
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max", "-smp", "1,maxcpus=2"],
+        };
+        args.iter().map(|s| s.to_string()).collect()
+    }
+}
+
+/// The accelerator to use, decided once per process.
+///
+/// `VHOST_TEST_ACCEL=kvm|tcg` forces one. Otherwise KVM is used only if
+/// `/dev/kvm` opens, the CPU advertises VMX/SVM, and a probe boot of the
+/// guest with KVM prints its verdict within 30 s; else TCG.
+pub fn accel() -> Accel {
+    static ACCEL: OnceLock<Accel> = OnceLock::new();
+    *ACCEL.get_or_init(|| match std::env::var("VHOST_TEST_ACCEL").as_deref() {
+        Ok("kvm") => Accel::Kvm,
+        Ok("tcg") => Accel::Tcg,
+        _ => {
+            if kvm_probe() {
+                Accel::Kvm
+            } else {
+                Accel::Tcg
+            }
+        }
+    })
+}
+
+fn kvm_probe() -> bool {
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_virt = cpuinfo
+        .lines()
+        .filter(|l| l.starts_with("flags"))
+        .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"));
+    if !kvm_opens || !hw_virt {
+        return false;
+    }
+    let Ok(dir) = tempfile::tempdir() else {
+        return false;
+    };
+    let config = VmConfig::new("shell-exit");
+    let mut vm = match Qemu::spawn_with_accel(&config, dir.path(), Accel::Kvm) {
+        Ok(vm) => vm,
+        Err(_) => return false,
+    };
+    let ok = matches!(vm.poll_verdict(Duration::from_secs(30)), Ok(v) if v.passed);
+    if !ok {
+        eprintln!("KVM probe boot failed; using TCG");
+    }
+    ok
+}
+
+/// One `vhost-user-blk-pci` device.
+#[derive(Debug, Clone)]
+pub struct VhostUserBlk {
+    /// The back-end's unix socket.
+    pub socket: PathBuf,
+    /// `num-queues=` of the device.
+    pub num_queues: u16,
+    /// `queue-size=` of the device, if not QEMU's default.
+    pub queue_size: Option<u16>,
+    /// `reconnect-ms=` on the chardev: QEMU reconnects when the back-end
+    /// goes away instead of failing.
+    pub reconnect_ms: Option<u32>,
+}
+
+impl VhostUserBlk {
+    /// A one-queue device on `socket`, no reconnect.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        VhostUserBlk {
+            socket: socket.into(),
+            num_queues: 1,
+            queue_size: None,
+            reconnect_ms: None,
+        }
+    }
+
+    /// Set `num-queues`.
+    pub fn num_queues(mut self, n: u16) -> Self {
+        self.num_queues = n;
+        self
+    }
+
+    /// Set `queue-size`.
+    pub fn queue_size(mut self, n: u16) -> Self {
+        self.queue_size = Some(n);
+        self
+    }
+
+    /// Set the chardev's `reconnect-ms`.
+    pub fn reconnect_ms(mut self, ms: u32) -> Self {
+        self.reconnect_ms = Some(ms);
+        self
+    }
+}
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// The guest test mode (`vhost_test=`).
+    pub test: String,
+    /// More `key=value` words for the kernel command line (e.g.
+    /// `("vhost_size", "32M")`).
+    pub params: Vec<(String, String)>,
+    /// vhost-user-blk devices; the first is `/dev/vda` in the guest.
+    pub disks: Vec<VhostUserBlk>,
+    /// Guest RAM in MiB (memfd-backed, shared with the back-ends).
+    pub mem_mib: u32,
+    /// Add a QMP socket (`Qemu::qmp`).
+    pub qmp: bool,
+    /// `-incoming URI` (a migration destination), e.g. `tcp:127.0.0.1:4444`.
+    pub incoming: Option<String>,
+    /// Extra raw QEMU arguments.
+    pub extra_args: Vec<String>,
+}
+
+impl VmConfig {
+    /// A VM running `test` with 1 GiB of RAM, no disks, no QMP.
+    pub fn new(test: &str) -> Self {
+        VmConfig {
+            test: test.to_string(),
+            params: Vec::new(),
+            disks: Vec::new(),
+            mem_mib: 1024,
+            qmp: false,
+            incoming: None,
+            extra_args: Vec::new(),
+        }
+    }
+
+    /// Add a kernel command-line parameter.
+    pub fn param(mut self, key: &str, value: impl ToString) -> Self {
+        self.params.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// Add a vhost-user-blk device.
+    pub fn disk(mut self, disk: VhostUserBlk) -> Self {
+        self.disks.push(disk);
+        self
+    }
+
+    /// Ask for a QMP socket.
+    pub fn with_qmp(mut self) -> Self {
+        self.qmp = true;
+        self
+    }
+
+    /// Make this VM a migration destination listening on `uri`.
+    pub fn incoming(mut self, uri: &str) -> Self {
+        self.incoming = Some(uri.to_string());
+        self
+    }
+
+    /// The kernel command line.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut s = format!("console=ttyS0 panic=-1 vhost_test={}", self.test);
+        for (k, v) in &self.params {
+            let _ = write!(s, " {k}={v}");
+        }
+        s
+    }
+}
+
+/// The verdict line the guest printed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// PASS (true) or FAIL (false).
+    pub passed: bool,
+    /// Everything after PASS/FAIL.
+    pub details: String,
+}
+
+impl Verdict {
+    /// Value of `key=value` in the details, if present.
+    pub fn field(&self, key: &str) -> Option<&str> {
+        self.details
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+    }
+
+    fn parse(line: &str) -> Option<Verdict> {
+        let rest = &line[line.find(VERDICT_MARKER)? + VERDICT_MARKER.len()..];
+        let rest = rest.trim_end();
+        let (word, details) = rest.split_once(' ').unwrap_or((rest, ""));
+        let passed = match word {
+            "PASS" => true,
+            "FAIL" => false,
+            _ => return None,
+        };
+        Some(Verdict {
+            passed,
+            details: details.to_string(),
+        })
+    }
+}
+
+/// A running QEMU, killed when dropped.
+pub struct Qemu {
+    /// The QEMU process.
+    pub process: ChildGuard,
+    /// The guest's serial console (`-serial file:`).
+    pub serial_log: PathBuf,
+    /// QEMU's own stdout + stderr.
+    pub stderr_log: PathBuf,
+    /// The QMP socket, if the config asked for one.
+    pub qmp_socket: Option<PathBuf>,
+    /// The full command line, for messages.
+    pub command_line: String,
+    context_logs: Vec<(String, PathBuf)>,
+    started: Instant,
+}
+
+/// Last `max_lines` lines of a log file, for failure messages.
+pub fn log_tail(path: &Path, max_lines: usize) -> String {
+    match std::fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let lines: Vec<&str> = text.lines().collect();
+            let skip = lines.len().saturating_sub(max_lines);
+            let mut out = String::new();
+            if skip > 0 {
+                let _ = writeln!(out, "[... {skip} earlier lines ...]");
+            }
+            for l in &lines[skip..] {
+                let _ = writeln!(out, "{l}");
+            }
+            out
+        }
+        Err(e) => format!("[cannot read {}: {e}]\n", path.display()),
+    }
+}
+
+impl Qemu {
+    /// Boot `config` with files (serial log, QMP socket, QEMU's stderr) in
+    /// `dir`, with the accelerator from [`accel`]. Panics if QEMU cannot start.
+    pub fn spawn(config: &VmConfig, dir: &Path) -> Qemu {
+        Self::spawn_named(config, dir, "qemu")
+    }
+
+    /// Like [`Qemu::spawn`], with file names prefixed by `name` (for several
+    /// VMs sharing one directory, e.g. migration source and destination).
+    pub fn spawn_named(config: &VmConfig, dir: &Path, name: &str) -> Qemu {
+        let accel = accel();
+        Self::spawn_inner(config, dir, name, accel).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn spawn_with_accel(config: &VmConfig, dir: &Path, accel: Accel) -> Result<Qemu, String> {
+        Self::spawn_inner(config, dir, "qemu-probe", accel)
+    }
+
+    fn spawn_inner(
+        config: &VmConfig,
+        dir: &Path,
+        name: &str,
+        accel: Accel,
+    ) -> Result<Qemu, String> {
+        require_qemu_test_deps();
+        let guest = guest();
+        let serial_log = dir.join(format!("{name}-serial.log"));
+        let stderr_log = dir.join(format!("{name}-stderr.log"));
+        let qmp_socket = config.qmp.then(|| dir.join(format!("{name}-qmp.sock")));
+
+        let mut args: Vec<String> = accel.args();
+        let mem = config.mem_mib;
+        args.extend([
+            "-m".to_string(),
+            format!("{mem}M"),
+            "-object".to_string(),
+            format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
+            "-numa".to_string(),
+            "node,memdev=mem".to_string(),
+            "-kernel".to_string(),
+            guest.kernel.display().to_string(),
+            "-initrd".to_string(),
+            guest.initrd.display().to_string(),
+            "-append".to_string(),
+            config.kernel_cmdline(),
+            "-serial".to_string(),
+            format!("file:{}", serial_log.display()),
+            "-no-reboot".to_string(),
+            "-display".to_string(),
+            "none".to_string(),
+            "-nodefaults".to_string(),
+        ]);
+        for (i, disk) in config.disks.iter().enumerate() {
+            let mut chardev = format!("socket,id=char{i},path={}", disk.socket.display());
+            if let Some(ms) = disk.reconnect_ms {
+                let _ = write!(chardev, ",reconnect-ms={ms}");
+            }
+            let mut device = format!(
+                "vhost-user-blk-pci,id=blk{i},chardev=char{i},num-queues={}",
+                disk.num_queues
+            );
+            if let Some(qs) = disk.queue_size {
+                let _ = write!(device, ",queue-size={qs}");
+            }
+            args.extend([
+                "-chardev".to_string(),
+                chardev,
+                "-device".to_string(),
+                device,
+            ]);
+        }
+        if let Some(qmp) = &qmp_socket {
+            args.push("-qmp".to_string());
+            args.push(format!("unix:{},server=on,wait=off", qmp.display()));
+        }
+        if let Some(uri) = &config.incoming {
+            args.push("-incoming".to_string());
+            args.push(uri.clone());
+        }
+        args.extend(config.extra_args.iter().cloned());
+
+        let command_line = format!(
+            "qemu-system-x86_64 {}",
+            args.iter()
+                .map(|a| if a.contains(' ') {
+                    format!("'{a}'")
+                } else {
+                    a.clone()
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+        let stderr = std::fs::File::create(&stderr_log)
+            .map_err(|e| format!("creating {}: {e}", stderr_log.display()))?;
+        let stdout = stderr
+            .try_clone()
+            .map_err(|e| format!("dup of the QEMU log file: {e}"))?;
+        let child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| {
+                format!("spawning {command_line}: {e}. Run `sudo scripts/install-test-deps.sh`.")
+            })?;
+        eprintln!("{name}: {command_line}");
+        Ok(Qemu {
+            process: ChildGuard {
+                child,
+                name: name.to_string(),
+            },
+            serial_log,
+            stderr_log,
+            qmp_socket,
+            command_line,
+            context_logs: Vec::new(),
+            started: Instant::now(),
+        })
+    }
+
+    /// Include the tail of `path` (e.g. the back-end's log) in every failure
+    /// message from this VM.
+    pub fn add_context_log(&mut self, name: &str, path: &Path) {
+        self.context_logs
+            .push((name.to_string(), path.to_path_buf()));
+    }
+
+    /// The serial console so far.
+    pub fn serial(&self) -> String {
+        std::fs::read(&self.serial_log)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// A report for failure messages: command line, serial tail, QEMU's
+    /// stderr, and the context logs.
+    pub fn diagnostics(&self) -> String {
+        let mut s = String::new();
+        let _ = writeln!(s, "command: {}", self.command_line);
+        let _ = writeln!(s, "elapsed: {:.1?}", self.started.elapsed());
+        let _ = writeln!(
+            s,
+            "----- guest serial ({}) -----",
+            self.serial_log.display()
+        );
+        s.push_str(&log_tail(&self.serial_log, 150));
+        let _ = writeln!(s, "----- QEMU stderr ({}) -----", self.stderr_log.display());
+        s.push_str(&log_tail(&self.stderr_log, 50));
+        for (name, path) in &self.context_logs {
+            let _ = writeln!(s, "----- {name} ({}) -----", path.display());
+            s.push_str(&log_tail(path, 80));
+        }
+        s
+    }
+
+    /// The verdict, if the guest printed it already.
+    pub fn verdict(&self) -> Option<Verdict> {
+        let serial = self.serial();
+        // Only complete lines: the file may be caught mid-write.
+        let complete = match serial.rfind('\n') {
+            Some(end) => &serial[..end],
+            None => "",
+        };
+        complete.lines().find_map(Verdict::parse)
+    }
+
+    /// Wait for the verdict up to `timeout`; Err with a reason when QEMU
+    /// exited first or time ran out (QEMU is left running then).
+    pub fn poll_verdict(&mut self, timeout: Duration) -> Result<Verdict, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.verdict() {
+                return Ok(v);
+            }
+            if let Ok(Some(status)) = self.process.child.try_wait() {
+                // The log may have been completed just before the exit.
+                return self
+                    .verdict()
+                    .ok_or_else(|| format!("QEMU exited ({status}) without a verdict"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no verdict within {timeout:?}"));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait for the verdict; panics with [`Qemu::diagnostics`] if there is
+    /// none within `timeout` (killing QEMU first).
+    pub fn wait_verdict(&mut self, timeout: Duration) -> Verdict {
+        match self.poll_verdict(timeout) {
+            Ok(v) => v,
+            Err(reason) => {
+                self.process.signal(libc::SIGKILL);
+                let _ = self.process.wait_timeout(Duration::from_secs(5));
+                panic!("{reason}\n{}", self.diagnostics());
+            }
+        }
+    }
+
+    /// Wait for a PASS verdict, then for QEMU to power off and exit 0.
+    /// Panics with diagnostics otherwise.
+    pub fn expect_pass(&mut self, timeout: Duration) -> Verdict {
+        let verdict = self.wait_verdict(timeout);
+        if !verdict.passed {
+            panic!(
+                "guest verdict: FAIL {}\n{}",
+                verdict.details,
+                self.diagnostics()
+            );
+        }
+        let status = self.wait_exit(Duration::from_secs(30));
+        assert!(
+            status.success(),
+            "QEMU exited with {status} after the verdict\n{}",
+            self.diagnostics()
+        );
+        verdict
+    }
+
+    /// Wait for QEMU to exit; panics with diagnostics after `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        match self.process.wait_timeout(timeout) {
+            Some(status) => status,
+            None => panic!(
+                "QEMU did not exit within {timeout:?}\n{}",
+                self.diagnostics()
+            ),
+        }
+    }
+
+    /// Connect to this VM's QMP socket (the config must have asked for one).
+    pub fn qmp(&mut self) -> Qmp {
+        let path = self
+            .qmp_socket
+            .clone()
+            .unwrap_or_else(|| panic!("this VM has no QMP socket (VmConfig::with_qmp)"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            match Qmp::connect(&path) {
+                Ok(qmp) => return qmp,
+                Err(e) => {
+                    if let Ok(Some(status)) = self.process.child.try_wait() {
+                        panic!(
+                            "QEMU exited ({status}) before QMP was up\n{}",
+                            self.diagnostics()
+                        );
+                    }
+                    if Instant::now() >= deadline {
+                        panic!(
+                            "QMP connect to {}: {e}\n{}",
+                            path.display(),
+                            self.diagnostics()
+                        );
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A QMP client (one connection, capabilities negotiated).
+pub struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// Asynchronous events received while waiting for replies.
+    pub events: Vec<Value>,
+}
+
+impl Qmp {
+    /// Connect to `path`, read the greeting and enter command mode.
+    pub fn connect(path: &Path) -> Result<Qmp, String> {
+        let stream = UnixStream::connect(path).map_err(|e| format!("connect: {e}"))?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(60)))
+            .map_err(|e| format!("set_read_timeout: {e}"))?;
+        let writer = stream.try_clone().map_err(|e| format!("dup: {e}"))?;
+        let mut qmp = Qmp {
+            reader: BufReader::new(stream),
+            writer,
+            events: Vec::new(),
+        };
+        let greeting = qmp.read_message()?;
+        if greeting.get("QMP").is_none() {
+            return Err(format!("unexpected QMP greeting: {greeting}"));
+        }
+        qmp.execute("qmp_capabilities", json!({}))?;
+        Ok(qmp)
+    }
+
+    fn read_message(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .map_err(|e| format!("QMP read: {e}"))?;
+        if n == 0 {
+            return Err("QMP connection closed".to_string());
+        }
+        serde_json::from_str(&line).map_err(|e| format!("QMP: bad JSON {line:?}: {e}"))
+    }
+
+    /// Run `command` with `arguments` (`json!({})` for none); returns the
+    /// `return` value, or Err with QEMU's error description.
+    pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, String> {
+        let mut msg = json!({ "execute": command });
+        if arguments.as_object().is_some_and(|o| !o.is_empty()) {
+            msg["arguments"] = arguments;
+        }
+        let mut text = msg.to_string();
+        text.push('\n');
+        self.writer
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("QMP write: {e}"))?;
+        loop {
+            let reply = self.read_message()?;
+            if reply.get("event").is_some() {
+                self.events.push(reply);
+                continue;
+            }
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                return Err(format!(
+                    "{command}: {}",
+                    err["desc"].as_str().unwrap_or("unknown error")
+                ));
+            }
+            return Err(format!("{command}: unexpected QMP reply {reply}"));
+        }
+    }
+
+    /// `execute`, panicking with the error.
+    pub fn cmd(&mut self, command: &str, arguments: Value) -> Value {
+        self.execute(command, arguments)
+            .unwrap_or_else(|e| panic!("QMP {e}"))
+    }
+
+    /// `query-status` → the run state (`running`, `paused`, `inmigrate`, ...).
+    pub fn status(&mut self) -> String {
+        self.cmd("query-status", json!({}))["status"]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    /// Start a migration to `uri` (e.g. `tcp:127.0.0.1:4444`).
+    pub fn migrate(&mut self, uri: &str) {
+        self.cmd("migrate", json!({ "uri": uri }));
+    }
+
+    /// `query-migrate`.
+    pub fn query_migrate(&mut self) -> Value {
+        self.cmd("query-migrate", json!({}))
+    }
+
+    /// Poll `query-migrate` until the status is `completed` (returned) or
+    /// `failed`/`cancelled` (Err), up to `timeout`.
+    pub fn wait_migration(&mut self, timeout: Duration) -> Result<Value, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self.query_migrate();
+            match info["status"].as_str() {
+                Some("completed") => return Ok(info),
+                Some("failed") | Some("cancelled") => {
+                    return Err(format!("migration ended: {info}"))
+                }
+                _ => {}
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "migration not completed within {timeout:?}: {info}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Options for [`spawn_qemu_storage_daemon`].
+#[derive(Debug, Clone)]
+pub struct QsdOptions {
+    /// `writable=on` on the export.
+    pub writable: bool,
+    /// `num-queues=` of the export.
+    pub num_queues: u16,
+    /// `locking=off` on the file node (two daemons on one image, migration).
+    pub locking_off: bool,
+    /// `cache.direct=on` (O_DIRECT) on the file node.
+    pub direct: bool,
+}
+
+impl Default for QsdOptions {
+    fn default() -> Self {
+        QsdOptions {
+            writable: true,
+            num_queues: 1,
+            locking_off: false,
+            direct: false,
+        }
+    }
+}
+
+/// Spawn `qemu-storage-daemon` exporting raw `image` as vhost-user-blk on
+/// `socket`, stderr to `log`, and wait until the socket exists.
+pub fn spawn_qemu_storage_daemon(
+    image: &Path,
+    socket: &Path,
+    opts: &QsdOptions,
+    log: &Path,
+) -> ChildGuard {
+    require_programs(&["qemu-storage-daemon"]);
+    let mut blockdev = format!("driver=file,node-name=file0,filename={}", image.display());
+    if opts.locking_off {
+        blockdev.push_str(",locking=off");
+    }
+    if opts.direct {
+        blockdev.push_str(",cache.direct=on");
+    }
+    let export = format!(
+        "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable={},num-queues={}",
+        socket.display(),
+        if opts.writable { "on" } else { "off" },
+        opts.num_queues
+    );
+    let file =
+        std::fs::File::create(log).unwrap_or_else(|e| panic!("create {}: {e}", log.display()));
+    let stdout = file
+        .try_clone()
+        .expect("dup of the qemu-storage-daemon log file");
+    let child = Command::new("qemu-storage-daemon")
+        .args(["--blockdev", &blockdev, "--export", &export])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("spawn qemu-storage-daemon: {e}. Run `sudo scripts/install-test-deps.sh`.")
+        });
+    let mut guard = ChildGuard {
+        child,
+        name: "qemu-storage-daemon".to_string(),
+    };
+    support::wait_for_path(socket, Duration::from_secs(20), &mut guard);
+    guard
+}
+
+/// Count the `block`-sized blocks in the first `len` bytes of `image` that
+/// are all zero (a guest that really wrote there leaves none).
+pub fn count_zero_blocks(image: &Path, len: u64, block: usize) -> std::io::Result<u64> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(image)?;
+    let mut buf = vec![0u8; block];
+    let mut zero = 0;
+    let mut done = 0u64;
+    while done < len {
+        f.read_exact(&mut buf)?;
+        if buf.iter().all(|&b| b == 0) {
+            zero += 1;
+        }
+        done += block as u64;
+    }
+    Ok(zero)
+}

@@ -1,0 +1,193 @@
+//! Process helpers: build and locate the agent binary, spawn peers, wait for
+//! their sockets, and make sure they die with the test.
+
+use std::io;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Workspace root (the parent of this crate's manifest directory).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Path of the release `vhost-agent` binary, built once per test process.
+///
+/// `VHOST_AGENT_BIN` overrides the path (and skips the build).
+pub fn agent_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("VHOST_AGENT_BIN") {
+            return PathBuf::from(path);
+        }
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_string());
+        let status = Command::new(cargo)
+            .args([
+                "build",
+                "--release",
+                "-p",
+                "vhost-agent",
+                "--bin",
+                "vhost-agent",
+            ])
+            .current_dir(workspace_root())
+            .status()
+            .expect("running cargo build for the agent binary");
+        assert!(status.success(), "cargo build of vhost-agent failed");
+        let target = std::env::var("CARGO_TARGET_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| workspace_root().join("target"));
+        let bin = target.join("release").join("vhost-agent");
+        assert!(bin.exists(), "agent binary missing at {}", bin.display());
+        bin
+    })
+    .clone()
+}
+
+/// A child process killed (SIGKILL) and reaped when dropped.
+pub struct ChildGuard {
+    /// The process; public so a test can signal or wait on it itself.
+    pub child: Child,
+    /// What the process is, for messages.
+    pub name: String,
+}
+
+impl ChildGuard {
+    /// Send `signal` (e.g. `libc::SIGTERM`) to the process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with a pid we own; no memory is involved.
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+    }
+
+    /// Wait for exit up to `timeout`; returns the exit status if it exited.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Wait until something accepts connections on the unix socket `path`.
+///
+/// Polls with a connect attempt: a process that creates its listening socket
+/// has no other way to tell us it is ready. Panics after `timeout`.
+pub fn wait_for_socket(path: &Path, timeout: Duration, child: &mut ChildGuard) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if path.exists() && UnixStream::connect(path).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.child.try_wait() {
+            panic!(
+                "{} exited with {status} before {} appeared",
+                child.name,
+                path.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not listen on {} within {timeout:?}",
+            child.name,
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Wait until `path` exists (for peers that accept exactly one connection,
+/// where a probing connect would use it up).
+pub fn wait_for_path(path: &Path, timeout: Duration, child: &mut ChildGuard) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if let Ok(Some(status)) = child.child.try_wait() {
+            panic!(
+                "{} exited with {status} before {} appeared",
+                child.name,
+                path.display()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} did not create {}",
+            child.name,
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Spawn `vhost-agent serve` with the given `--blk` specs (each like
+/// `socket=PATH,image=PATH,num-queues=2`) and extra arguments, and wait until
+/// every socket exists. Agent stderr goes to `log_path` when given.
+pub fn spawn_agent(
+    blk_specs: &[String],
+    extra_args: &[&str],
+    log_path: Option<&Path>,
+) -> ChildGuard {
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("serve");
+    for spec in blk_specs {
+        cmd.arg("--blk").arg(spec);
+    }
+    cmd.args(extra_args);
+    cmd.stdin(Stdio::null());
+    match log_path {
+        Some(path) => {
+            let file = std::fs::File::create(path).expect("create agent log file");
+            cmd.stderr(file);
+        }
+        None => {
+            cmd.stderr(Stdio::inherit());
+        }
+    }
+    let child = cmd.spawn().expect("spawn vhost-agent");
+    let mut guard = ChildGuard {
+        child,
+        name: "vhost-agent".to_string(),
+    };
+    for spec in blk_specs {
+        let socket = spec
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .expect("every --blk spec names its socket");
+        wait_for_path(Path::new(socket), Duration::from_secs(20), &mut guard);
+    }
+    guard
+}
+
+/// Create a sparse image file of `size_bytes`, filled with zeroes.
+pub fn create_image(path: &Path, size_bytes: u64) -> io::Result<()> {
+    let file = std::fs::File::create(path)?;
+    file.set_len(size_bytes)
+}
+
+/// Is `program` on PATH?
+pub fn have_program(program: &str) -> bool {
+    Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {program} >/dev/null 2>&1"))
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
