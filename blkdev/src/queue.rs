@@ -137,16 +137,21 @@ impl<M: GuestMemory> BlkQueue<M> {
         self.stats
     }
 
-    /// Pop and start every available request. Returns whether the guest
-    /// should be notified (some requests completed immediately).
+    /// Pop and start every available request, and publish whatever storage
+    /// finished while it was submitted. Returns whether the guest should be
+    /// notified. Requests still in flight afterwards signal
+    /// [`Self::completion_fd`] when they finish.
     ///
     /// Stops at the first chain that cannot be answered and returns
     /// [`QueueError::NeedsReset`]; requests already started still complete.
     pub fn process_avail(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
-        let result = self.pop_all(queue, mem);
+        let popped = self.pop_all(queue, mem);
         self.engine.flush();
+        // io_uring signals only completions that did not finish inside the
+        // submit call (see UringEngine::new): publish those here.
+        let published = self.publish_completions(queue, mem);
         let notify = self.notify_decision(queue, mem)?;
-        result.map(|_| notify)
+        popped.and(published).map(|_| notify)
     }
 
     fn pop_all(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<(), QueueError> {
@@ -369,6 +374,11 @@ impl<M: GuestMemory> BlkQueue<M> {
         queue: &mut Queue,
         mem: &Arc<M>,
     ) -> Result<bool, QueueError> {
+        self.publish_completions(queue, mem)?;
+        self.notify_decision(queue, mem)
+    }
+
+    fn publish_completions(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<(), QueueError> {
         let mut completions = std::mem::take(&mut self.completions);
         self.engine.reap(&mut completions);
         let mut result = Ok(());
@@ -411,8 +421,7 @@ impl<M: GuestMemory> BlkQueue<M> {
             }
         }
         self.completions = completions;
-        result?;
-        self.notify_decision(queue, mem)
+        result
     }
 
     fn notify_decision(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
