@@ -50,6 +50,21 @@ fn blk_queue(fx: &Fixture, kind: EngineKind) -> BlkQueue<GuestMemoryMmap> {
     BlkQueue::new(fx.disk.clone(), engine, QUEUE_SIZE)
 }
 
+/// A driver-side ring at guest address 0, the device's `Queue` on it, and
+/// a processor with an engine of `kind`.
+fn rig(
+    fx: &Fixture,
+    kind: EngineKind,
+) -> (
+    MockSplitQueue<'_, GuestMemoryMmap>,
+    Queue,
+    BlkQueue<GuestMemoryMmap>,
+) {
+    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
+    let queue: Queue = vq.create_queue().unwrap();
+    (vq, queue, blk_queue(fx, kind))
+}
+
 fn engines() -> Vec<EngineKind> {
     let mut kinds = vec![EngineKind::ThreadPool];
     if EngineKind::probe().0 == EngineKind::IoUring {
@@ -149,9 +164,7 @@ fn used_len(vq: &MockSplitQueue<GuestMemoryMmap>, index: u16) -> u32 {
 fn write_then_read_round_trips_through_the_image() {
     for kind in engines() {
         let fx = fixture(false);
-        let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-        let mut queue: Queue = vq.create_queue().unwrap();
-        let mut blk = blk_queue(&fx, kind);
+        let (vq, mut queue, mut blk) = rig(&fx, kind);
 
         let pattern: Vec<u8> = (0..1024u32).map(|i| (i * 7 + 3) as u8).collect();
         fx.mem
@@ -196,9 +209,7 @@ fn write_then_read_round_trips_through_the_image() {
 #[test]
 fn read_beyond_capacity_fails_with_ioerr_and_queue_keeps_serving() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     // Last sector + 1 sector too many.
     let mut chains = request(&fx.mem, 0, 0, VIRTIO_BLK_T_IN, DISK_SECTORS - 1, 1024);
@@ -230,9 +241,7 @@ fn read_beyond_capacity_fails_with_ioerr_and_queue_keeps_serving() {
 #[test]
 fn header_shorter_than_16_bytes_fails_the_request() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_IN, 0);
@@ -250,9 +259,7 @@ fn header_shorter_than_16_bytes_fails_the_request() {
 fn header_split_across_descriptors_is_accepted() {
     // virtio 1.2 2.7.4: the device must not assume a descriptor layout.
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_GET_ID, 0);
@@ -274,9 +281,7 @@ fn header_split_across_descriptors_is_accepted() {
 #[test]
 fn read_only_status_descriptor_needs_reset() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_FLUSH, 0);
@@ -300,9 +305,7 @@ fn read_only_status_descriptor_needs_reset() {
 #[test]
 fn chain_loop_needs_reset() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_IN, 0);
@@ -326,9 +329,7 @@ fn chain_loop_needs_reset() {
 #[test]
 fn chain_longer_than_queue_size_needs_reset() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     // An indirect table with twice as many descriptors as the ring has.
     let b = buffers(0);
@@ -367,9 +368,7 @@ fn chain_longer_than_queue_size_needs_reset() {
 #[test]
 fn data_descriptor_outside_guest_memory_fails_the_request() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_IN, 0);
@@ -391,9 +390,7 @@ fn data_descriptor_outside_guest_memory_fails_the_request() {
 #[test]
 fn status_byte_outside_guest_memory_needs_reset() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
 
     let b = buffers(0);
     write_header(&fx.mem, b.header, VIRTIO_BLK_T_FLUSH, 0);
@@ -439,9 +436,7 @@ fn broken_queue_does_not_stop_another_queue_of_the_same_disk() {
 #[test]
 fn unknown_request_type_is_unsupported() {
     let fx = fixture(false);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
     vq.add_desc_chains(&request(&fx.mem, 0, 0, 0x77, 0, 512), 0)
         .unwrap();
     run(&mut blk, &mut queue, &fx.mem).unwrap();
@@ -452,9 +447,7 @@ fn unknown_request_type_is_unsupported() {
 #[test]
 fn readonly_disk_fails_writes_and_serves_reads() {
     let fx = fixture(true);
-    let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-    let mut queue: Queue = vq.create_queue().unwrap();
-    let mut blk = blk_queue(&fx, EngineKind::ThreadPool);
+    let (vq, mut queue, mut blk) = rig(&fx, EngineKind::ThreadPool);
     let mut chains = request(&fx.mem, 0, 0, VIRTIO_BLK_T_OUT, 0, 512);
     chains.extend(request(&fx.mem, 3, 1, VIRTIO_BLK_T_IN, 0, 512));
     vq.add_desc_chains(&chains, 0).unwrap();
@@ -472,9 +465,7 @@ fn write_zeroes_and_discard_read_back_zeroes() {
             file.write_all(&vec![0xabu8; (DISK_SECTORS * SECTOR_SIZE) as usize])
                 .unwrap();
             file.flush().unwrap();
-            let vq = MockSplitQueue::new(fx.mem.as_ref(), QUEUE_SIZE);
-            let mut queue: Queue = vq.create_queue().unwrap();
-            let mut blk = blk_queue(&fx, kind);
+            let (vq, mut queue, mut blk) = rig(&fx, kind);
 
             // Zero sectors 8..16 (4 KiB, so a hole punch is page aligned).
             let b = buffers(0);
