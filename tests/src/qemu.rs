@@ -798,6 +798,9 @@ pub struct QsdOptions {
     pub locking_off: bool,
     /// `cache.direct=on` (O_DIRECT) on the file node.
     pub direct: bool,
+    /// `aio=` of the file node (`threads`, `native`, `io_uring`); None keeps
+    /// qemu-storage-daemon's default.
+    pub aio: Option<&'static str>,
 }
 
 impl Default for QsdOptions {
@@ -807,6 +810,7 @@ impl Default for QsdOptions {
             num_queues: 1,
             locking_off: false,
             direct: false,
+            aio: None,
         }
     }
 }
@@ -826,6 +830,9 @@ pub fn spawn_qemu_storage_daemon(
     }
     if opts.direct {
         blockdev.push_str(",cache.direct=on");
+    }
+    if let Some(aio) = opts.aio {
+        blockdev.push_str(&format!(",aio={aio}"));
     }
     let export = format!(
         "type=vhost-user-blk,id=exp0,node-name=file0,addr.type=unix,addr.path={},writable={},num-queues={}",
