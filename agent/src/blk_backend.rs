@@ -214,6 +214,7 @@ impl BlkBackend {
         let engine_kind = self.engine_kind;
         let needs_reset = self.needs_reset.clone();
         let name = self.name.clone();
+        let poll = std::time::Duration::from_micros(u64::from(self.config.options().poll_us));
         let vring = self.vring(index)?;
         let (Some(desc_table), Some(avail_ring), Some(used_ring)) =
             (vring.desc_table, vring.avail_ring, vring.used_ring)
@@ -236,6 +237,7 @@ impl BlkBackend {
             used_ring,
             next_avail: vring.next_avail,
             event_idx,
+            poll,
         };
         let enabled = vring.enabled || start_enabled;
         vring.enabled = enabled;

@@ -43,6 +43,8 @@ Serve a virtio-blk disk: socket=PATH,image=PATH[,KEY=VALUE...]. Keys:
   direct            open the image with O_DIRECT (bypass the page cache)
   serial=S          GET_ID serial, up to 20 bytes (default: empty)
   engine=E          auto | io_uring | threads (default auto)
+  poll-us=N         busy-poll each queue for N microseconds after work
+                    before sleeping; 0 disables (default 32)
 Repeat --blk for several disks.";
 
 fn parse_number<T: FromStr>(key: &str, value: &str) -> Result<T, String> {
@@ -101,6 +103,13 @@ impl FromStr for BlkSpec {
                     } else {
                         options.direct = on;
                     }
+                }
+                "poll-us" => {
+                    let us: u32 = parse_number(key, &need(value)?)?;
+                    if us > 1_000_000 {
+                        return Err(format!("poll-us={us}: at most 1000000"));
+                    }
+                    options.poll_us = us;
                 }
                 "serial" => {
                     let serial = need(value)?;

@@ -11,6 +11,7 @@ use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use blkdev::engine::{EngineKind, IoEngine};
 use blkdev::queue::DiskShared;
@@ -46,6 +47,8 @@ pub struct QueueSetup {
     pub next_avail: u16,
     /// VIRTIO_RING_F_EVENT_IDX negotiated.
     pub event_idx: bool,
+    /// How long to busy-poll the ring after work before sleeping (0: never).
+    pub poll: Duration,
 }
 
 /// State shared between the protocol thread and a worker.
@@ -235,6 +238,9 @@ fn run(
 
     let mut events = Events::with_capacity(8);
     let mut broken = false;
+    let polling = !setup.poll.is_zero();
+    // Guest notifications are on unless we left them off to poll.
+    let mut armed = true;
     // A kick may have arrived before we registered: look at the ring once.
     let mut kicked = true;
     loop {
@@ -248,8 +254,15 @@ fn run(
             }
         }
         let stopping = control.stop.load(Ordering::SeqCst);
-        if kicked && !stopping && !broken && control.enabled.load(Ordering::SeqCst) {
-            match blk.process_avail(&mut queue, &mem) {
+        let enabled = control.enabled.load(Ordering::SeqCst);
+        if kicked && !stopping && !broken && enabled {
+            let result = if polling {
+                armed = false;
+                blk.process_avail_polled(&mut queue, &mem)
+            } else {
+                blk.process_avail(&mut queue, &mem)
+            };
+            match result {
                 Ok(needed) => notify |= needed,
                 Err(e) => {
                     let e = crate::error_chain(&e);
@@ -269,9 +282,40 @@ fn run(
         if stopping && blk.in_flight() == 0 {
             break;
         }
+
+        // Busy-poll briefly before sleeping: a guest that keeps the queue
+        // busy is served without kicks, wakeups or context switches. Only
+        // while nothing is in flight: then we wait for the guest, and
+        // spinning would only take CPU from the threads storage needs
+        // (io-wq workers, writeback) on a small machine.
+        kicked = false;
+        if polling
+            && !stopping
+            && !broken
+            && blk.in_flight() == 0
+            && spin(&mut blk, &queue, &mem, setup.poll, enabled, control)
+        {
+            kicked = true;
+            continue;
+        }
+        if !armed && !broken {
+            armed = true;
+            match blk.rearm_notifications(&mut queue, &mem) {
+                // Requests arrived after the last look: their kick may never
+                // come, so process them now.
+                Ok(true) => {
+                    kicked = true;
+                    continue;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("{device} queue {index}: {}", crate::error_chain(&e));
+                    broken = true;
+                }
+            }
+        }
         drop(mem);
 
-        kicked = false;
         let mut completed = false;
         if let Err(e) = poll.poll(&mut events, None) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -310,6 +354,31 @@ fn run(
         exit.stats
     );
     exit
+}
+
+/// Spin for up to `window` until there is work or the protocol thread
+/// wants something; returns whether to go around the loop again.
+fn spin(
+    blk: &mut BlkQueue<GuestRam>,
+    queue: &Queue,
+    mem: &GuestRam,
+    window: Duration,
+    enabled: bool,
+    control: &Control,
+) -> bool {
+    let deadline = Instant::now() + window;
+    loop {
+        if blk.has_work(queue, mem, enabled) || control.stop.load(Ordering::Relaxed) {
+            return true;
+        }
+        if control.enabled.load(Ordering::Relaxed) != enabled {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::hint::spin_loop();
+    }
 }
 
 fn drain_completion_fd<M: vm_memory::GuestMemory>(blk: &BlkQueue<M>) {

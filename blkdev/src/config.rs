@@ -17,6 +17,9 @@ pub struct DiskOptions {
     pub serial: String,
     /// Logical block size advertised to the guest.
     pub logical_block_size: u32,
+    /// Busy-poll a queue for this long after work before sleeping on its
+    /// kick eventfd (0 disables polling).
+    pub poll_us: u32,
 }
 
 impl Default for DiskOptions {
@@ -28,6 +31,7 @@ impl Default for DiskOptions {
             direct: false,
             serial: String::new(),
             logical_block_size: 512,
+            poll_us: 32,
         }
     }
 }

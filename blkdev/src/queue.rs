@@ -145,7 +145,49 @@ impl<M: GuestMemory> BlkQueue<M> {
     /// Stops at the first chain that cannot be answered and returns
     /// [`QueueError::NeedsReset`]; requests already started still complete.
     pub fn process_avail(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
-        let popped = self.pop_all(queue, mem);
+        self.process(queue, mem, true)
+    }
+
+    /// Like [`Self::process_avail`], but leaves guest notifications (kicks)
+    /// off: the caller is about to poll the ring with [`Self::has_work`] and
+    /// must call [`Self::rearm_notifications`] before it sleeps.
+    pub fn process_avail_polled(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+    ) -> Result<bool, QueueError> {
+        self.process(queue, mem, false)
+    }
+
+    /// Turn guest notifications back on before sleeping. Returns true when
+    /// requests arrived meanwhile (process them instead of sleeping: their
+    /// kick may never come).
+    pub fn rearm_notifications(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+    ) -> Result<bool, QueueError> {
+        Ok(queue.enable_notification(mem.as_ref())?)
+    }
+
+    /// Whether there is something to do without waiting for an event:
+    /// finished storage operations, or (with `include_avail`) new requests
+    /// in the avail ring. Cheap enough to spin on.
+    pub fn has_work(&mut self, queue: &Queue, mem: &M, include_avail: bool) -> bool {
+        let avail = include_avail
+            && queue
+                .avail_idx(mem, std::sync::atomic::Ordering::Acquire)
+                .is_ok_and(|idx| idx.0 != queue.next_avail());
+        avail || (self.in_flight > 0 && self.engine.has_completions())
+    }
+
+    fn process(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        rearm: bool,
+    ) -> Result<bool, QueueError> {
+        let popped = self.pop_all(queue, mem, rearm);
         self.engine.flush();
         // io_uring signals only completions that did not finish inside the
         // submit call (see UringEngine::new): publish those here.
@@ -154,9 +196,9 @@ impl<M: GuestMemory> BlkQueue<M> {
         popped.and(published).map(|_| notify)
     }
 
-    fn pop_all(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<(), QueueError> {
+    fn pop_all(&mut self, queue: &mut Queue, mem: &Arc<M>, rearm: bool) -> Result<(), QueueError> {
         loop {
-            if queue.event_idx_enabled() {
+            if queue.event_idx_enabled() || !rearm {
                 queue.disable_notification(mem.as_ref())?;
             }
             while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
@@ -185,7 +227,9 @@ impl<M: GuestMemory> BlkQueue<M> {
                     }
                 }
             }
-            if !queue.event_idx_enabled() || !queue.enable_notification(mem.as_ref())? {
+            // Polling callers keep notifications off (with EVENT_IDX: leave
+            // avail_event behind, so the driver does not kick).
+            if !rearm || !queue.event_idx_enabled() || !queue.enable_notification(mem.as_ref())? {
                 return Ok(());
             }
         }

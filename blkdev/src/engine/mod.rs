@@ -163,6 +163,14 @@ impl IoEngine {
         }
     }
 
+    /// Whether finished operations are waiting to be reaped (for polling).
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            IoEngine::IoUring(engine) => engine.has_completions(),
+            IoEngine::ThreadPool(engine) => engine.has_completions(),
+        }
+    }
+
     /// An eventfd that becomes readable when completions may be waiting.
     /// The caller drains it (read 8 bytes) before reaping.
     pub fn completion_fd(&self) -> RawFd {

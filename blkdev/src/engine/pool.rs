@@ -78,6 +78,11 @@ impl ThreadPoolEngine {
         out.append(&mut lock(&self.shared.completions));
     }
 
+    /// Whether workers finished jobs not yet reaped.
+    pub fn has_completions(&self) -> bool {
+        !lock(&self.shared.completions).is_empty()
+    }
+
     /// The completion eventfd.
     pub fn completion_fd(&self) -> RawFd {
         self.shared.eventfd.as_raw_fd()

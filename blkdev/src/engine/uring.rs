@@ -239,6 +239,11 @@ impl UringEngine {
         }
     }
 
+    /// Whether CQEs are waiting.
+    pub fn has_completions(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     /// The registered completion eventfd.
     pub fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
