@@ -2,7 +2,6 @@
 //! their sockets, and make sure they die with the test.
 
 use std::io;
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
@@ -88,35 +87,9 @@ impl Drop for ChildGuard {
     }
 }
 
-/// Wait until something accepts connections on the unix socket `path`.
-///
-/// Polls with a connect attempt: a process that creates its listening socket
-/// has no other way to tell us it is ready. Panics after `timeout`.
-pub fn wait_for_socket(path: &Path, timeout: Duration, child: &mut ChildGuard) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if path.exists() && UnixStream::connect(path).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.child.try_wait() {
-            panic!(
-                "{} exited with {status} before {} appeared",
-                child.name,
-                path.display()
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} did not listen on {} within {timeout:?}",
-            child.name,
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// Wait until `path` exists (for peers that accept exactly one connection,
-/// where a probing connect would use it up).
+/// Wait until `path` exists. No probing connect: the agent and
+/// qemu-storage-daemon serve one front-end at a time, and a probe would be
+/// that front-end.
 pub fn wait_for_path(path: &Path, timeout: Duration, child: &mut ChildGuard) {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
