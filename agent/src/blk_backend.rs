@@ -19,6 +19,7 @@ use vhost::vhost_user::{
 };
 use vm_memory::GuestAddress;
 
+use crate::dirty_log::LogRegion;
 use crate::memory::{MemoryError, MemoryMap, MAX_MEM_SLOTS};
 use crate::worker::{QueueSetup, Worker, WorkerError};
 
@@ -61,6 +62,17 @@ pub enum BackendError {
     /// A worker could not start.
     #[error(transparent)]
     Worker(#[from] WorkerError),
+    /// SET_LOG_BASE's region could not be mapped.
+    #[error("cannot map the dirty log ({size} bytes at offset {offset})")]
+    LogMap {
+        /// mmap_size from the request.
+        size: u64,
+        /// mmap_offset from the request.
+        offset: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// A config space access out of bounds or to a read-only field.
     #[error("config space access refused: {0}")]
     Config(String),
@@ -101,11 +113,15 @@ pub struct BlkBackend {
     vrings: Vec<Vring>,
     status: u8,
     needs_reset: Arc<AtomicBool>,
+    /// The front-end's dirty log (SET_LOG_BASE); writes are logged into it
+    /// while VHOST_F_LOG_ALL is acked.
+    log: Option<Arc<LogRegion>>,
 }
 
 /// Protocol features a block device offers.
 pub fn blk_protocol_features() -> VhostUserProtocolFeatures {
     VhostUserProtocolFeatures::MQ
+        | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::CONFIG
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
@@ -135,7 +151,23 @@ impl BlkBackend {
             vrings,
             status: 0,
             needs_reset: Arc::new(AtomicBool::new(false)),
+            log: None,
         }
+    }
+
+    /// Log guest memory writes exactly while a log is mapped and
+    /// VHOST_F_LOG_ALL is acked (migration in progress).
+    fn update_logging(&mut self) {
+        let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
+        let active = if log_all { self.log.clone() } else { None };
+        if active.is_some() != self.memory.logging() {
+            log::info!(
+                "{}: dirty page logging {}",
+                self.name,
+                if active.is_some() { "on" } else { "off" }
+            );
+        }
+        self.memory.set_log(active);
     }
 
     /// Device name for logs.
@@ -175,6 +207,8 @@ impl BlkBackend {
     /// requests), forget the memory table and negotiated state.
     pub fn disconnect(&mut self) {
         self.reset_rings();
+        self.memory.set_log(None);
+        self.log = None;
         self.memory.clear();
         self.acked_features = 0;
         self.acked_protocol_features = 0;
@@ -197,6 +231,13 @@ impl BlkBackend {
             .ok()
             .and_then(|i| self.vrings.get_mut(i))
             .ok_or(BackendError::QueueIndex(index))
+    }
+
+    /// The device's virtio features plus the vhost-user transport bits.
+    fn offered_features(&self) -> u64 {
+        self.config.features()
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+            | VhostUserVirtioFeatures::LOG_ALL.bits()
     }
 
     fn protocol_features_acked(&self) -> bool {
@@ -300,11 +341,11 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn get_features(&mut self) -> VhostResult<u64> {
-        Ok(self.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits())
+        Ok(self.offered_features())
     }
 
     fn set_features(&mut self, features: u64) -> VhostResult<()> {
-        let offered = self.config.features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let offered = self.offered_features();
         if features & !offered != 0 {
             return Err(BackendError::Features(features & !offered).into());
         }
@@ -312,6 +353,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
             log::info!("{}: features acked {features:#x}", self.name);
         }
         self.acked_features = features;
+        self.update_logging();
         Ok(())
     }
 
@@ -544,7 +586,21 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         unsupported("GET_SHMEM_CONFIG")
     }
 
-    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
-        unsupported("SET_LOG_BASE")
+    fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        let region =
+            LogRegion::map(&file, size, offset).map_err(|source| BackendError::LogMap {
+                size,
+                offset,
+                source,
+            })?;
+        log::info!(
+            "{}: dirty log of {size} bytes (covers {} MiB of guest memory)",
+            self.name,
+            size.saturating_mul(8 * 4096) >> 20
+        );
+        self.log = Some(Arc::new(region));
+        self.update_logging();
+        Ok(())
     }
 }

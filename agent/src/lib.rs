@@ -12,6 +12,7 @@
 pub mod blk_backend;
 pub mod cli;
 pub mod device;
+pub mod dirty_log;
 pub mod memory;
 pub mod requests;
 pub mod server;

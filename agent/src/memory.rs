@@ -7,11 +7,15 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap};
+use vm_memory::{
+    GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+};
 
-/// Guest RAM as the workers see it. The bitmap parameter is where dirty
-/// logging will plug in, so every write through vm-memory gets logged.
-pub type GuestRam = GuestMemoryMmap<()>;
+use crate::dirty_log::{LogBitmap, LogRegion};
+
+/// Guest RAM as the workers see it: every write through it is logged in
+/// the front-end's dirty log while logging is on (see [`crate::dirty_log`]).
+pub type GuestRam = GuestMemoryMmap<LogBitmap>;
 
 /// Most regions we accept (GET_MAX_MEM_SLOTS).
 pub const MAX_MEM_SLOTS: u64 = 32;
@@ -47,7 +51,7 @@ struct Region {
     guest_phys_addr: u64,
     size: u64,
     user_addr: u64,
-    mapping: Arc<GuestRegionMmap<()>>,
+    mapping: Arc<GuestRegionMmap<LogBitmap>>,
 }
 
 /// The device's guest memory.
@@ -55,6 +59,8 @@ struct Region {
 pub struct MemoryMap {
     regions: Vec<Region>,
     atomic: GuestMemoryAtomic<GuestRam>,
+    /// The dirty log every region writes into, while logging is on.
+    log: Option<Arc<LogRegion>>,
 }
 
 impl Default for MemoryMap {
@@ -62,6 +68,7 @@ impl Default for MemoryMap {
         MemoryMap {
             regions: Vec::new(),
             atomic: GuestMemoryAtomic::new(GuestRam::default()),
+            log: None,
         }
     }
 }
@@ -136,6 +143,20 @@ impl MemoryMap {
             .replace(GuestRam::default());
     }
 
+    /// Log every write to guest memory into `log` from now on, or stop
+    /// logging (None). Regions added later follow the same setting.
+    pub fn set_log(&mut self, log: Option<Arc<LogRegion>>) {
+        for region in &self.regions {
+            attach_log(region, log.as_ref());
+        }
+        self.log = log;
+    }
+
+    /// Whether writes are being logged.
+    pub fn logging(&self) -> bool {
+        self.log.is_some()
+    }
+
     /// Translate a front-end virtual address into a guest physical address.
     pub fn vmm_to_guest(&self, user_addr: u64) -> Option<GuestAddress> {
         self.regions.iter().find_map(|r| {
@@ -146,6 +167,9 @@ impl MemoryMap {
 
     fn install(&mut self, mut regions: Vec<Region>) -> Result<(), MemoryError> {
         regions.sort_by_key(|r| r.guest_phys_addr);
+        for region in &regions {
+            attach_log(region, self.log.as_ref());
+        }
         // vm-memory refuses an empty collection; no regions is a valid table
         // (a front-end may remove every region before adding new ones).
         let memory = if regions.is_empty() {
@@ -165,6 +189,14 @@ impl MemoryMap {
     }
 }
 
+fn attach_log(region: &Region, log: Option<&Arc<LogRegion>>) {
+    let bitmap = region.mapping.bitmap();
+    match log {
+        Some(log) => bitmap.attach(log.clone(), region.guest_phys_addr),
+        None => bitmap.detach(),
+    }
+}
+
 fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, MemoryError> {
     let guest_phys_addr = region.guest_phys_addr;
     let size = region.memory_size;
@@ -177,7 +209,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, Memo
         )));
     }
     let mmap = region
-        .mmap_region::<()>(file)
+        .mmap_region::<LogBitmap>(file)
         .map_err(|source| MemoryError::Map {
             guest_phys_addr,
             size,

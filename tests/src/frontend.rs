@@ -262,6 +262,8 @@ pub struct TestFrontend {
     pub ram: GuestRam,
     /// Queues, indexed by queue number.
     pub queues: Vec<DriverQueue>,
+    /// Virtio features acked with SET_FEATURES.
+    pub features: u64,
 }
 
 /// Guest RAM size of a test front-end.
@@ -273,20 +275,37 @@ impl TestFrontend {
     /// Connect to `socket`, negotiate (without EVENT_IDX, so every used
     /// entry is signalled), and start `num_queues` rings of `queue_size`.
     pub fn connect(socket: &Path, num_queues: usize, queue_size: u16) -> TestFrontend {
+        Self::connect_with(
+            socket,
+            num_queues,
+            queue_size,
+            VhostUserProtocolFeatures::empty(),
+        )
+    }
+
+    /// Like [`Self::connect`], also negotiating `extra` protocol features
+    /// (e.g. LOG_SHMFD) when the back-end offers them.
+    pub fn connect_with(
+        socket: &Path,
+        num_queues: usize,
+        queue_size: u16,
+        extra: VhostUserProtocolFeatures,
+    ) -> TestFrontend {
         let mut frontend =
             Frontend::connect(socket, num_queues as u64).expect("connect to the agent");
         frontend.set_owner().expect("SET_OWNER");
-        let features = frontend.get_features().expect("GET_FEATURES");
+        let offered = frontend.get_features().expect("GET_FEATURES");
         let event_idx = 1u64 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
-        frontend
-            .set_features(features & !event_idx)
-            .expect("SET_FEATURES");
+        let log_all = 1u64 << 26; // VHOST_F_LOG_ALL: only while migrating
+        let features = offered & !event_idx & !log_all;
+        frontend.set_features(features).expect("SET_FEATURES");
         let protocol = frontend
             .get_protocol_features()
             .expect("GET_PROTOCOL_FEATURES");
         let wanted = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG;
+            | VhostUserProtocolFeatures::CONFIG
+            | extra;
         frontend
             .set_protocol_features(protocol & wanted)
             .expect("SET_PROTOCOL_FEATURES");
@@ -328,6 +347,7 @@ impl TestFrontend {
             frontend,
             ram,
             queues,
+            features,
         }
     }
 

@@ -1,0 +1,241 @@
+//! Dirty page logging for live migration (vhost-user "Migration" section):
+//! the front-end shares a bitmap (SET_LOG_BASE) with one bit per 4 KiB page
+//! of guest physical memory, and while VHOST_F_LOG_ALL is acked the back-end
+//! sets the bit of every page it writes.
+//!
+//! Logging is a property of the memory type: guest RAM is a
+//! `GuestMemoryMmap<LogBitmap>`, so every write made through vm-memory
+//! (status bytes, used ring, GET_ID) is logged without anyone remembering
+//! to; the writes that bypass it (io_uring reads into guest buffers) go
+//! through `BlkQueue`'s one `mark_dirty` function.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, RwLock};
+
+use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
+
+/// Bytes of guest memory per log bit.
+pub const LOG_PAGE_SIZE: u64 = 0x1000;
+
+/// The front-end's log region, mapped shared and writable.
+#[derive(Debug)]
+pub struct LogRegion {
+    addr: *const AtomicU8,
+    len: usize,
+}
+
+// SAFETY: the mapping is valid for `len` bytes until Drop and is only ever
+// accessed through `AtomicU8` operations, which are safe to perform from
+// any thread concurrently (the front-end reads and clears it concurrently
+// too, which is what the atomics are for).
+unsafe impl Send for LogRegion {}
+// SAFETY: as for Send: all access goes through atomics.
+unsafe impl Sync for LogRegion {}
+
+impl LogRegion {
+    /// Map `size` bytes of `file` from `offset` (SET_LOG_BASE's
+    /// mmap_size/mmap_offset).
+    pub fn map(file: &File, size: u64, offset: u64) -> io::Result<LogRegion> {
+        let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
+        let len = usize::try_from(size).map_err(|_| invalid())?;
+        let offset = libc::off_t::try_from(offset).map_err(|_| invalid())?;
+        if len == 0 || isize::try_from(len).is_err() {
+            return Err(invalid());
+        }
+        // SAFETY: a fresh shared mapping of an fd we hold open for the call;
+        // no existing memory is affected. The result is checked below.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                offset,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LogRegion {
+            addr: addr.cast(),
+            len,
+        })
+    }
+
+    /// Size of the log in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: a mapped log has at least one byte.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn byte(&self, page: u64) -> Option<&AtomicU8> {
+        let index = usize::try_from(page / 8).ok().filter(|&i| i < self.len)?;
+        // SAFETY: `index < len`, and the mapping is valid for `len` bytes
+        // while `self` lives; AtomicU8 has the layout of u8.
+        Some(unsafe { &*self.addr.add(index) })
+    }
+
+    /// Set the bits of every page in `[gpa, gpa + len)`. Pages beyond the
+    /// log are ignored: the front-end sized it for the memory it migrates.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let first = gpa / LOG_PAGE_SIZE;
+        let last = gpa.saturating_add(len - 1) / LOG_PAGE_SIZE;
+        for page in first..=last {
+            match self.byte(page) {
+                Some(byte) => {
+                    byte.fetch_or(1 << (page % 8), Ordering::Relaxed);
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Whether the page holding `gpa` is marked.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let page = gpa / LOG_PAGE_SIZE;
+        self.byte(page)
+            .is_some_and(|byte| byte.load(Ordering::Relaxed) & (1 << (page % 8)) != 0)
+    }
+}
+
+impl Drop for LogRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the mapping made in `map`; no reference
+        // into it outlives `self` (`byte` borrows from `self`).
+        unsafe { libc::munmap(self.addr as *mut libc::c_void, self.len) };
+    }
+}
+
+/// Where a region's writes are logged, when logging is on.
+#[derive(Debug)]
+struct Attached {
+    log: Arc<LogRegion>,
+    /// Guest physical address of the region's first byte.
+    region_gpa: u64,
+}
+
+/// The vm-memory bitmap of one guest region. Clones and slices share the
+/// attachment, so turning logging on or off for a region reaches every
+/// slice of it, including those workers hold.
+#[derive(Clone, Debug, Default)]
+pub struct LogBitmap {
+    attached: Arc<RwLock<Option<Attached>>>,
+    /// Offset of this slice from the region start.
+    offset: usize,
+}
+
+impl LogBitmap {
+    /// Start logging this region's writes into `log`; the region starts at
+    /// guest address `region_gpa`.
+    pub fn attach(&self, log: Arc<LogRegion>, region_gpa: u64) {
+        *self.attached.write().unwrap_or_else(|p| p.into_inner()) =
+            Some(Attached { log, region_gpa });
+    }
+
+    /// Stop logging this region.
+    pub fn detach(&self) {
+        *self.attached.write().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+impl WithBitmapSlice<'_> for LogBitmap {
+    type S = Self;
+}
+
+impl BitmapSlice for LogBitmap {}
+
+impl Bitmap for LogBitmap {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(attached) = attached.as_ref() {
+            let gpa = (self.offset as u64)
+                .checked_add(offset as u64)
+                .and_then(|within| attached.region_gpa.checked_add(within));
+            if let Some(gpa) = gpa {
+                attached.log.mark(gpa, len as u64);
+            }
+        }
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
+        attached.as_ref().is_some_and(|attached| {
+            attached.log.is_dirty(
+                attached
+                    .region_gpa
+                    .saturating_add((self.offset + offset) as u64),
+            )
+        })
+    }
+
+    fn slice_at(&self, offset: usize) -> Self {
+        LogBitmap {
+            attached: self.attached.clone(),
+            offset: self.offset.saturating_add(offset),
+        }
+    }
+}
+
+impl NewBitmap for LogBitmap {
+    fn with_len(_len: usize) -> Self {
+        Self::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log_file(size: u64) -> File {
+        let file = tempfile::tempfile().unwrap();
+        file.set_len(size).unwrap();
+        file
+    }
+
+    #[test]
+    fn marks_every_page_of_a_range_and_nothing_else() {
+        let log = LogRegion::map(&log_file(64), 64, 0).unwrap();
+        log.mark(0x3000 - 1, 2); // straddles pages 2 and 3
+        assert!(!log.is_dirty(0x1000));
+        assert!(log.is_dirty(0x2fff));
+        assert!(log.is_dirty(0x3000));
+        assert!(!log.is_dirty(0x4000));
+        log.mark(0x9000, 3 * LOG_PAGE_SIZE);
+        assert!(log.is_dirty(0x9000) && log.is_dirty(0xb000) && !log.is_dirty(0xc000));
+    }
+
+    #[test]
+    fn pages_beyond_the_log_are_ignored() {
+        let log = LogRegion::map(&log_file(1), 1, 0).unwrap();
+        log.mark(7 * LOG_PAGE_SIZE, 4 * LOG_PAGE_SIZE); // pages 7..=10, log holds 0..=7
+        assert!(log.is_dirty(7 * LOG_PAGE_SIZE));
+        assert!(!log.is_dirty(8 * LOG_PAGE_SIZE));
+    }
+
+    #[test]
+    fn slices_log_at_their_guest_address_and_follow_attach_and_detach() {
+        let log = Arc::new(LogRegion::map(&log_file(64), 64, 0).unwrap());
+        let bitmap = LogBitmap::default();
+        let slice = bitmap.slice_at(0x2000);
+        slice.mark_dirty(0x10, 1);
+        assert!(!log.is_dirty(0x12_2000), "not attached yet: nothing logged");
+        bitmap.attach(log.clone(), 0x12_0000);
+        slice.mark_dirty(0x10, 1);
+        assert!(log.is_dirty(0x12_2000), "slice + offset + region base");
+        assert!(slice.dirty_at(0x10));
+        bitmap.detach();
+        slice.mark_dirty(0x1000, 1);
+        assert!(!log.is_dirty(0x12_3000), "detached: nothing logged");
+    }
+}
