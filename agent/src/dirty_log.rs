@@ -12,7 +12,7 @@
 use std::fs::File;
 use std::io;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, RwLock};
 
 use vm_memory::bitmap::{Bitmap, BitmapSlice, NewBitmap, WithBitmapSlice};
@@ -125,64 +125,95 @@ struct Attached {
     region_gpa: u64,
 }
 
-/// The vm-memory bitmap of one guest region. Clones and slices share the
-/// attachment, so turning logging on or off for a region reaches every
-/// slice of it, including those workers hold.
-#[derive(Clone, Debug, Default)]
+/// Logging state of one region, shared by its bitmap and all slices.
+#[derive(Debug, Default)]
+struct LogState {
+    /// Fast path: checked with one relaxed load before taking the lock, so
+    /// memory accesses cost next to nothing while no migration runs.
+    active: AtomicBool,
+    attached: RwLock<Option<Attached>>,
+}
+
+impl LogState {
+    fn mark(&self, offset: usize, len: usize) {
+        if !self.active.load(Ordering::Relaxed) {
+            return;
+        }
+        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
+        if let Some(attached) = attached.as_ref() {
+            if let Some(gpa) = attached.region_gpa.checked_add(offset as u64) {
+                attached.log.mark(gpa, len as u64);
+            }
+        }
+    }
+
+    fn is_dirty(&self, offset: usize) -> bool {
+        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
+        attached.as_ref().is_some_and(|attached| {
+            attached
+                .log
+                .is_dirty(attached.region_gpa.saturating_add(offset as u64))
+        })
+    }
+}
+
+/// The vm-memory bitmap of one guest region. Turning logging on or off for
+/// the region reaches every slice of it, including those workers hold.
+#[derive(Debug, Default)]
 pub struct LogBitmap {
-    attached: Arc<RwLock<Option<Attached>>>,
-    /// Offset of this slice from the region start.
-    offset: usize,
+    state: Arc<LogState>,
 }
 
 impl LogBitmap {
     /// Start logging this region's writes into `log`; the region starts at
     /// guest address `region_gpa`.
     pub fn attach(&self, log: Arc<LogRegion>, region_gpa: u64) {
-        *self.attached.write().unwrap_or_else(|p| p.into_inner()) =
-            Some(Attached { log, region_gpa });
+        let mut attached = self
+            .state
+            .attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        *attached = Some(Attached { log, region_gpa });
+        self.state.active.store(true, Ordering::Release);
     }
 
     /// Stop logging this region.
     pub fn detach(&self) {
-        *self.attached.write().unwrap_or_else(|p| p.into_inner()) = None;
+        let mut attached = self
+            .state
+            .attached
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        self.state.active.store(false, Ordering::Release);
+        *attached = None;
     }
 }
 
-impl WithBitmapSlice<'_> for LogBitmap {
-    type S = Self;
+/// A borrowed view of a region's bitmap at an offset: what vm-memory makes
+/// for every access, so it must cost no reference counting.
+#[derive(Clone, Copy, Debug)]
+pub struct LogSlice<'a> {
+    state: &'a LogState,
+    offset: usize,
 }
 
-impl BitmapSlice for LogBitmap {}
+impl<'a> WithBitmapSlice<'a> for LogBitmap {
+    type S = LogSlice<'a>;
+}
 
 impl Bitmap for LogBitmap {
     fn mark_dirty(&self, offset: usize, len: usize) {
-        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
-        if let Some(attached) = attached.as_ref() {
-            let gpa = (self.offset as u64)
-                .checked_add(offset as u64)
-                .and_then(|within| attached.region_gpa.checked_add(within));
-            if let Some(gpa) = gpa {
-                attached.log.mark(gpa, len as u64);
-            }
-        }
+        self.state.mark(offset, len);
     }
 
     fn dirty_at(&self, offset: usize) -> bool {
-        let attached = self.attached.read().unwrap_or_else(|p| p.into_inner());
-        attached.as_ref().is_some_and(|attached| {
-            attached.log.is_dirty(
-                attached
-                    .region_gpa
-                    .saturating_add((self.offset + offset) as u64),
-            )
-        })
+        self.state.is_dirty(offset)
     }
 
-    fn slice_at(&self, offset: usize) -> Self {
-        LogBitmap {
-            attached: self.attached.clone(),
-            offset: self.offset.saturating_add(offset),
+    fn slice_at(&self, offset: usize) -> LogSlice<'_> {
+        LogSlice {
+            state: &self.state,
+            offset,
         }
     }
 }
@@ -190,6 +221,29 @@ impl Bitmap for LogBitmap {
 impl NewBitmap for LogBitmap {
     fn with_len(_len: usize) -> Self {
         Self::default()
+    }
+}
+
+impl<'a> WithBitmapSlice<'a> for LogSlice<'_> {
+    type S = Self;
+}
+
+impl BitmapSlice for LogSlice<'_> {}
+
+impl Bitmap for LogSlice<'_> {
+    fn mark_dirty(&self, offset: usize, len: usize) {
+        self.state.mark(self.offset.saturating_add(offset), len);
+    }
+
+    fn dirty_at(&self, offset: usize) -> bool {
+        self.state.is_dirty(self.offset.saturating_add(offset))
+    }
+
+    fn slice_at(&self, offset: usize) -> Self {
+        LogSlice {
+            state: self.state,
+            offset: self.offset.saturating_add(offset),
+        }
     }
 }
 

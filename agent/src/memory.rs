@@ -7,9 +7,7 @@ use std::fs::File;
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserMemoryRegion;
-use vm_memory::{
-    GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-};
+use vm_memory::{GuestAddress, GuestMemoryAtomic, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 
 use crate::dirty_log::{LogBitmap, LogRegion};
 
@@ -190,7 +188,9 @@ impl MemoryMap {
 }
 
 fn attach_log(region: &Region, log: Option<&Arc<LogRegion>>) {
-    let bitmap = region.mapping.bitmap();
+    // The region's own bitmap (GuestMemoryRegion::bitmap gives a slice).
+    let mmap: &MmapRegion<LogBitmap> = &region.mapping;
+    let bitmap = mmap.bitmap();
     match log {
         Some(log) => bitmap.attach(log.clone(), region.guest_phys_addr),
         None => bitmap.detach(),
