@@ -18,6 +18,9 @@ use crate::blk_backend::BlkBackend;
 use crate::requests::{self, HandledBy, Reply};
 use crate::wire::{self, Peek};
 
+/// How long the rest of a started message (or a reply write) may take.
+pub const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 const LISTENER: Token = Token(0);
 const CONNECTION: Token = Token(1);
 const SHUTDOWN: Token = Token(2);
@@ -196,6 +199,11 @@ impl DeviceServer {
 
     fn connect(&self, stream: UnixStream) -> io::Result<Connection> {
         stream.set_nonblocking(false)?;
+        // A front-end writes each message whole; one that stops half-way
+        // through (or stops reading our replies) must cost its connection,
+        // not this device's protocol thread. Applies to the dup too.
+        stream.set_read_timeout(Some(MESSAGE_TIMEOUT))?;
+        stream.set_write_timeout(Some(MESSAGE_TIMEOUT))?;
         let peek = stream.try_clone()?;
         self.poll.registry().register(
             &mut SourceFd(&peek.as_raw_fd()),

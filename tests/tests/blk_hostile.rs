@@ -380,3 +380,33 @@ fn malformed_messages_drop_the_connection_not_the_agent() {
         "no log line for the dropped connection"
     );
 }
+
+/// A front-end that sends a header and then stalls must cost only its
+/// connection (after the agent's message timeout), not the device.
+#[test]
+fn stalled_message_drops_the_connection_not_the_device() {
+    let mut setup = setup();
+    let mut stream = UnixStream::connect(&setup.disk_a).unwrap();
+    // SET_FEATURES announcing an 8-byte payload that never comes.
+    stream
+        .write_all(&[2, 0, 0, 0, 1, 0, 0, 0, 8, 0, 0, 0])
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    let started = std::time::Instant::now();
+    let n = std::io::Read::read(&mut stream, &mut buf).unwrap_or(usize::MAX);
+    assert_eq!(n, 0, "the agent must close a stalled connection");
+    assert!(
+        started.elapsed() < Duration::from_secs(14),
+        "closed only after {:?}",
+        started.elapsed()
+    );
+    let mut fe = TestFrontend::connect(&setup.disk_a, 1, QUEUE_SIZE);
+    assert!(fe.round_trip(0, 0, 0), "disk A after a stalled front-end");
+    assert!(
+        setup.agent.child.try_wait().unwrap().is_none(),
+        "agent exited"
+    );
+}
