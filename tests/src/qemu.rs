@@ -13,6 +13,13 @@
 //!   `verify_errors=`, `io_errors=`, `written=`, `read=`;
 //! - `fio-write` / `fio-verify-only`: the two halves of `fio-verify`, for
 //!   checks across boots (same parameters, same offsets and headers);
+//! - `fio-rounds`: rounds of fio write+verify (fresh seed each round, cycling
+//!   over `vhost_regions` regions of `vhost_size`) until the host writes the
+//!   stop marker ([`write_fio_rounds_stop_marker`]), then every region is
+//!   verified again; each round logs a [`ROUND_MARKER`] line, the details
+//!   carry `rounds=`, `verified_regions=`, `fio_exit=`, `verify_errors=`,
+//!   `io_errors=`. For checks that span something the host does meanwhile,
+//!   e.g. a live migration ([`Qmp::migrate_incoming`], [`MigrationStats`]);
 //! - `fio-perf`: a time-based fio run, details carry `read_iops=`/`write_iops=`;
 //! - `info`: details carry `size=`, `ro=`, `queues=`, `lbs=`, `serial=`;
 //! - `shell-exit`: boot and power off (used to probe KVM).
@@ -34,6 +41,34 @@ use crate::support::{self, ChildGuard};
 
 /// The marker `/init` prints before its verdict.
 pub const VERDICT_MARKER: &str = "VHOST-AGENT-VERDICT: ";
+
+/// The marker `/init` prints, followed by the round number, after each round
+/// of the `fio-rounds` mode.
+pub const ROUND_MARKER: &str = "VHOST-AGENT-ROUND: ";
+
+/// What the host writes at the start of the disk's last 4 KiB block to end
+/// the `fio-rounds` mode's rounds.
+pub const FIO_ROUNDS_STOP_MARKER: &[u8; 16] = b"VHOST-AGENT-STOP";
+
+/// Ask a guest in `fio-rounds` mode to stop its rounds and verify: write
+/// [`FIO_ROUNDS_STOP_MARKER`] into the last 4 KiB block of the raw `image`
+/// (through the host's page cache, which every back-end on this host shares,
+/// O_DIRECT or not) and sync it.
+pub fn write_fio_rounds_stop_marker(image: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().write(true).open(image)?;
+    let len = file.metadata()?.len();
+    if len < 4096 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{} is smaller than one 4 KiB block", image.display()),
+        ));
+    }
+    let mut block = vec![0u8; 4096];
+    block[..FIO_ROUNDS_STOP_MARKER.len()].copy_from_slice(FIO_ROUNDS_STOP_MARKER);
+    file.write_all_at(&block, (len / 4096 - 1) * 4096)?;
+    file.sync_all()
+}
 
 /// Programs the QEMU tests need on the host.
 pub const REQUIRED_PROGRAMS: &[&str] = &[
@@ -572,6 +607,59 @@ impl Qemu {
         complete.lines().find_map(Verdict::parse)
     }
 
+    /// The round numbers of the [`ROUND_MARKER`] lines (`fio-rounds` mode)
+    /// on the serial console so far, in order.
+    pub fn rounds(&self) -> Vec<u64> {
+        let serial = self.serial();
+        let complete = match serial.rfind('\n') {
+            Some(end) => &serial[..end],
+            None => "",
+        };
+        complete
+            .lines()
+            .filter_map(|l| {
+                let rest = &l[l.find(ROUND_MARKER)? + ROUND_MARKER.len()..];
+                rest.split_whitespace().next()?.parse().ok()
+            })
+            .collect()
+    }
+
+    /// Wait until the serial console shows at least `count` round markers
+    /// (`fio-rounds` mode) and return their numbers. Panics with
+    /// [`Qemu::diagnostics`] if QEMU exits, the guest prints its verdict
+    /// (a failed round ends the mode) or `timeout` passes first.
+    pub fn wait_rounds(&mut self, count: usize, timeout: Duration) -> Vec<u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let rounds = self.rounds();
+            if rounds.len() >= count {
+                return rounds;
+            }
+            let reason = if let Some(v) = self.verdict() {
+                Some(format!(
+                    "the guest printed its verdict ({} {}) before {count} rounds",
+                    if v.passed { "PASS" } else { "FAIL" },
+                    v.details
+                ))
+            } else if let Ok(Some(status)) = self.process.child.try_wait() {
+                Some(format!("QEMU exited ({status}) before {count} rounds"))
+            } else if Instant::now() >= deadline {
+                Some(format!(
+                    "{} of {count} rounds within {timeout:?}",
+                    rounds.len()
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.process.signal(libc::SIGKILL);
+                let _ = self.process.wait_timeout(Duration::from_secs(5));
+                panic!("{reason}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Wait for the verdict up to `timeout`; Err with a reason when QEMU
     /// exited first or time ran out (QEMU is left running then).
     pub fn poll_verdict(&mut self, timeout: Duration) -> Result<Verdict, String> {
@@ -754,9 +842,60 @@ impl Qmp {
             .to_string()
     }
 
+    /// Poll `query-status` until the run state is `status` (e.g. `running`
+    /// on a migration destination), up to `timeout`; Err with the last state.
+    pub fn wait_status(&mut self, status: &str, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.status();
+            if now == status {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "run state still {now:?}, not {status:?}, after {timeout:?}"
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Start a migration to `uri` (e.g. `tcp:127.0.0.1:4444`).
     pub fn migrate(&mut self, uri: &str) {
         self.cmd("migrate", json!({ "uri": uri }));
+    }
+
+    /// On a destination started with `-incoming defer`
+    /// ([`VmConfig::incoming`]): listen on `uri` (`migrate-incoming`);
+    /// Err with QEMU's error. `tcp:127.0.0.1:0` picks a free port: see
+    /// [`Qmp::incoming_tcp_port`].
+    pub fn migrate_incoming(&mut self, uri: &str) -> Result<(), String> {
+        self.execute("migrate-incoming", json!({ "uri": uri }))
+            .map(|_| ())
+    }
+
+    /// The TCP port a listening destination accepts the migration on
+    /// (`socket-address` of `query-migrate`), e.g. after
+    /// `migrate_incoming("tcp:127.0.0.1:0")`.
+    pub fn incoming_tcp_port(&mut self) -> Result<u16, String> {
+        let info = self.query_migrate();
+        info["socket-address"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|a| a["port"].as_str()?.parse().ok())
+            .ok_or_else(|| format!("no TCP port in query-migrate: {info}"))
+    }
+
+    /// `migrate-set-parameters` with `params` (e.g.
+    /// `json!({"max-bandwidth": 1u64 << 30})`).
+    pub fn migrate_set_parameters(&mut self, params: Value) {
+        self.cmd("migrate-set-parameters", params);
+    }
+
+    /// `quit`: QEMU exits (the reply may or may not arrive first).
+    pub fn quit(&mut self) {
+        let _ = self.execute("quit", json!({}));
     }
 
     /// `query-migrate`.
@@ -784,6 +923,52 @@ impl Qmp {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// Figures of a completed migration, from the source's `query-migrate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MigrationStats {
+    /// `downtime`: how long the guest was stopped, in ms.
+    pub downtime_ms: u64,
+    /// `total-time`: from `migrate` to completion, in ms.
+    pub total_time_ms: u64,
+    /// `setup-time`, in ms.
+    pub setup_time_ms: u64,
+    /// `ram.transferred`, in bytes.
+    pub ram_transferred: u64,
+    /// `ram.dirty-sync-count`: passes over guest memory.
+    pub dirty_sync_count: u64,
+}
+
+impl MigrationStats {
+    /// Parse a `query-migrate` reply with status `completed`.
+    pub fn from_query(info: &Value) -> Result<MigrationStats, String> {
+        let num = |v: &Value, what: &str| {
+            v.as_u64()
+                .ok_or_else(|| format!("query-migrate has no {what}: {info}"))
+        };
+        Ok(MigrationStats {
+            downtime_ms: num(&info["downtime"], "downtime")?,
+            total_time_ms: num(&info["total-time"], "total-time")?,
+            setup_time_ms: info["setup-time"].as_u64().unwrap_or(0),
+            ram_transferred: info["ram"]["transferred"].as_u64().unwrap_or(0),
+            dirty_sync_count: info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0),
+        })
+    }
+}
+
+impl std::fmt::Display for MigrationStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "downtime {} ms, total {} ms (setup {} ms), {:.1} MiB of RAM in {} passes",
+            self.downtime_ms,
+            self.total_time_ms,
+            self.setup_time_ms,
+            self.ram_transferred as f64 / (1u64 << 20) as f64,
+            self.dirty_sync_count
+        )
     }
 }
 
