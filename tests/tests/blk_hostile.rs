@@ -85,6 +85,27 @@ fn inject(fe: &mut TestFrontend, descs: &[Desc]) {
     q.kick();
 }
 
+/// The injected request got IOERR with a log line naming `reason`, and
+/// only the request failed: the same queue, the other queue and the other
+/// disk keep serving.
+fn assert_request_failed_alone(
+    setup: &mut Setup,
+    fe: &mut TestFrontend,
+    status: u64,
+    reason: &str,
+) {
+    expect_ioerr(fe, status);
+    assert!(
+        agent_log(&setup.log).contains(reason),
+        "no log line with `{reason}`"
+    );
+    assert!(
+        fe.round_trip(0, 3, 24),
+        "queue 0 stopped after a failed request"
+    );
+    assert_others_still_serve(setup, fe);
+}
+
 fn expect_ioerr(fe: &mut TestFrontend, status: u64) {
     let used = fe.queues[0].wait_used(&fe.ram, 1, Duration::from_secs(5));
     assert!(
@@ -158,17 +179,7 @@ fn data_descriptor_outside_guest_memory_fails_only_that_request() {
             },
         ],
     );
-    expect_ioerr(&mut fe, status);
-    assert!(
-        agent_log(&setup.log).contains("outside guest memory"),
-        "no log line"
-    );
-    // The same queue keeps serving: the request failed, not the queue.
-    assert!(
-        fe.round_trip(0, 3, 24),
-        "queue 0 stopped after a failed request"
-    );
-    assert_others_still_serve(&mut setup, &mut fe);
+    assert_request_failed_alone(&mut setup, &mut fe, status, "outside guest memory");
 }
 
 #[test]
@@ -194,16 +205,7 @@ fn header_shorter_than_16_bytes_fails_only_that_request() {
             },
         ],
     );
-    expect_ioerr(&mut fe, status);
-    assert!(
-        agent_log(&setup.log).contains("header shorter than 16 bytes"),
-        "no log line"
-    );
-    assert!(
-        fe.round_trip(0, 3, 24),
-        "queue 0 stopped after a failed request"
-    );
-    assert_others_still_serve(&mut setup, &mut fe);
+    assert_request_failed_alone(&mut setup, &mut fe, status, "header shorter than 16 bytes");
 }
 
 #[test]
