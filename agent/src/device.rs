@@ -55,16 +55,9 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, Devi
         return Err(DeviceError::TooSmall(spec.image.display().to_string()));
     }
     let engine = choose_engine(spec.engine)?;
-    let config = BlkConfig::new(spec.options.clone(), storage.size_bytes());
-    let file = Arc::new(
-        storage
-            .file()
-            .try_clone()
-            .map_err(|source| StorageError::Open {
-                path: spec.image.clone(),
-                source,
-            })?,
-    );
+    let size_bytes = storage.size_bytes();
+    let config = BlkConfig::new(spec.options.clone(), size_bytes);
+    let file = Arc::new(storage.into_file());
     let disk = Arc::new(DiskShared::new(
         file,
         config.capacity_sectors(),
@@ -74,7 +67,7 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, Devi
     log::info!(
         "{name}: {} ({} bytes, {} queue(s) of up to {}, {}{}engine {})",
         spec.image.display(),
-        storage.size_bytes(),
+        size_bytes,
         spec.options.num_queues,
         spec.options.queue_size,
         if spec.options.readonly {

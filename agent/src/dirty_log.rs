@@ -66,16 +66,6 @@ impl LogRegion {
         })
     }
 
-    /// Size of the log in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// Always false: a mapped log has at least one byte.
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     fn byte(&self, page: u64) -> Option<&AtomicU8> {
         let index = usize::try_from(page / 8).ok().filter(|&i| i < self.len)?;
         // SAFETY: `index < len`, and the mapping is valid for `len` bytes

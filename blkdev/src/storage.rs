@@ -40,7 +40,6 @@ pub enum StorageError {
 pub struct Storage {
     file: File,
     size_bytes: u64,
-    path: PathBuf,
 }
 
 impl Storage {
@@ -72,11 +71,7 @@ impl Storage {
                 path: path.to_path_buf(),
             });
         };
-        Ok(Storage {
-            file,
-            size_bytes,
-            path: path.to_path_buf(),
-        })
+        Ok(Storage { file, size_bytes })
     }
 
     /// The open file.
@@ -89,9 +84,9 @@ impl Storage {
         self.size_bytes
     }
 
-    /// The path it was opened from, for messages.
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// The open file, for the device's engines to share.
+    pub fn into_file(self) -> File {
+        self.file
     }
 }
 

@@ -1064,3 +1064,20 @@ pub fn count_zero_blocks(image: &Path, len: u64, block: usize) -> std::io::Resul
     }
     Ok(zero)
 }
+
+/// Corrupt `image` behind the guest's back: invert the byte at `offset` and
+/// sync, for tests proving that the guest's verification catches it.
+pub fn flip_image_byte(image: &Path, offset: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(image)
+        .expect("open the image");
+    let mut byte = [0u8; 1];
+    file.read_exact_at(&mut byte, offset)
+        .expect("read the image");
+    byte[0] ^= 0xff;
+    file.write_all_at(&byte, offset).expect("corrupt the image");
+    file.sync_all().expect("sync the image");
+}

@@ -457,7 +457,6 @@ fn qemu_live_migration_on_agent() {
 /// in a region written by an earlier round fails the final verify.
 #[test]
 fn qemu_fio_rounds_detects_corruption_on_qemu_storage_daemon() {
-    use std::os::unix::fs::FileExt;
     let mut env = MigrationEnv::new(Backend::QemuStorageDaemon, 120);
     let mut vm = env.spawn_vm(0, false);
     // Round 0 wrote region 0; it is written again only in round REGIONS.
@@ -466,19 +465,8 @@ fn qemu_fio_rounds_detects_corruption_on_qemu_storage_daemon() {
         rounds.len() < REGIONS as usize,
         "too late to corrupt region 0: {rounds:?}"
     );
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&env.image)
-        .expect("open the image");
     // The payload (past fio's header) of region 0's first block.
-    let offset = 1000;
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, offset)
-        .expect("read the image");
-    byte[0] ^= 0xff;
-    file.write_all_at(&byte, offset).expect("corrupt the image");
-    file.sync_all().expect("sync the image");
+    qemu::flip_image_byte(&env.image, 1000);
     qemu::write_fio_rounds_stop_marker(&env.image).expect("write the stop marker");
     let verdict = vm.qemu.wait_verdict(VERDICT_TIMEOUT);
     assert!(

@@ -5,7 +5,6 @@
 //! Needs QEMU 10, qemu-storage-daemon and the guest build tools: run
 //! `sudo scripts/install-test-deps.sh` first. Missing tools fail the tests.
 
-use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -202,18 +201,7 @@ fn qemu_guest_detects_corruption_across_boots_on_qemu_storage_daemon() {
     assert_eq!(v.field("read"), Some("8192KiB"), "{v:?}");
 
     // Flip a byte in the payload (past fio's header) of the block at 4 MiB.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&env.image)
-        .expect("open the image");
-    let offset = (4 << 20) + 1000;
-    let mut byte = [0u8; 1];
-    file.read_exact_at(&mut byte, offset)
-        .expect("read the image");
-    byte[0] ^= 0xff;
-    file.write_all_at(&byte, offset).expect("corrupt the image");
-    file.sync_all().expect("sync the image");
+    qemu::flip_image_byte(&env.image, (4 << 20) + 1000);
 
     let v = env.boot(&backend, fio_config("fio-verify-only", SIZE_MIB), false);
     assert!(
