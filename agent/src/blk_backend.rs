@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use blkdev::engine::EngineKind;
+use blkdev::fence::Fence;
+use blkdev::inflight::{InflightError, InflightRegion};
 use blkdev::queue::DiskShared;
 use blkdev::BlkConfig;
 use vhost::vhost_user::message::{
@@ -21,10 +23,23 @@ use vm_memory::GuestAddress;
 
 use crate::dirty_log::LogRegion;
 use crate::memory::{MemoryError, MemoryMap, MAX_MEM_SLOTS};
-use crate::worker::{QueueSetup, Worker, WorkerError};
+use crate::worker::{QueueSetup, StopMode, Worker, WorkerError};
 
 /// virtio device status bit DEVICE_NEEDS_RESET (virtio 1.2, 2.1).
 pub const DEVICE_STATUS_NEEDS_RESET: u8 = 0x40;
+
+/// Protocol feature GET_VRING_BASE_SKIP_DRAIN (bit 23): request 45 suspends
+/// and request 11 drains. Unknown to the vhost crate.
+pub const PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN: u64 = 1 << 23;
+
+/// Which request asked for a ring's base.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GetBase {
+    /// GET_VRING_BASE (11).
+    Plain,
+    /// GET_VRING_BASE_SKIP_DRAIN (45).
+    SkipDrain,
+}
 
 /// A request the handler refused; becomes a NACK or a disconnect at the
 /// protocol layer.
@@ -79,6 +94,24 @@ pub enum BackendError {
     /// The request needs a feature this device does not implement.
     #[error("{0} is not supported by this device")]
     Unsupported(&'static str),
+    /// GET/SET_INFLIGHT_FD described queues this device does not have.
+    #[error("inflight region for {num_queues} queue(s) of {queue_size}; the device has {max_queues} queue(s) of at most {max_size}")]
+    InflightShape {
+        /// Queues described.
+        num_queues: u16,
+        /// Descriptors per queue described.
+        queue_size: u16,
+        /// The device's queues.
+        max_queues: u16,
+        /// The device's largest ring.
+        max_size: u16,
+    },
+    /// The inflight region could not be created or mapped.
+    #[error(transparent)]
+    Inflight(#[from] InflightError),
+    /// A request that needs a protocol feature the front-end did not ack.
+    #[error("{0} without its protocol feature negotiated")]
+    NotNegotiated(&'static str),
 }
 
 impl From<BackendError> for VhostError {
@@ -116,6 +149,12 @@ pub struct BlkBackend {
     /// The front-end's dirty log (SET_LOG_BASE); writes are logged into it
     /// while VHOST_F_LOG_ALL is acked.
     log: Option<Arc<LogRegion>>,
+    /// The inflight region (GET/SET_INFLIGHT_FD).
+    inflight: Option<InflightRegion>,
+    /// The write fence shared with the queues.
+    fence: Arc<Fence>,
+    /// Threads still collecting storage operations of suspended queues.
+    reapers: Vec<std::thread::JoinHandle<()>>,
 }
 
 /// Protocol features a block device offers.
@@ -127,6 +166,9 @@ pub fn blk_protocol_features() -> VhostUserProtocolFeatures {
         | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
         | VhostUserProtocolFeatures::STATUS
         | VhostUserProtocolFeatures::RESET_DEVICE
+        | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT
+        | VhostUserProtocolFeatures::from_bits_retain(PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN)
 }
 
 impl BlkBackend {
@@ -136,6 +178,7 @@ impl BlkBackend {
         config: BlkConfig,
         disk: Arc<DiskShared>,
         engine_kind: EngineKind,
+        fence: Arc<Fence>,
     ) -> BlkBackend {
         let vrings = (0..config.options().num_queues)
             .map(|_| Vring::default())
@@ -152,6 +195,80 @@ impl BlkBackend {
             status: 0,
             needs_reset: Arc::new(AtomicBool::new(false)),
             log: None,
+            inflight: None,
+            fence,
+            reapers: Vec::new(),
+        }
+    }
+
+    /// The disk's write fence (for the control API).
+    pub fn fence(&self) -> &Arc<Fence> {
+        &self.fence
+    }
+
+    /// A front-end connected.
+    pub fn new_session(&mut self) {
+        self.fence.new_session();
+    }
+
+    fn protocol_acked(&self, bits: u64) -> bool {
+        self.acked_protocol_features & bits == bits
+    }
+
+    /// How GET_VRING_BASE (`which`) stops a ring, per the negotiated
+    /// protocol features (PROTOCOL.md, "Decisions"): suspend with
+    /// GET_VRING_BASE_INFLIGHT (which needs INFLIGHT_SHMFD) unless
+    /// GET_VRING_BASE_SKIP_DRAIN moved suspending to request 45.
+    fn stop_mode(&self, which: GetBase) -> StopMode {
+        let suspend_allowed = self.protocol_acked(
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
+        );
+        let skip_drain = self.protocol_acked(PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN);
+        let wants_suspend = match which {
+            GetBase::Plain => suspend_allowed && !skip_drain,
+            GetBase::SkipDrain => suspend_allowed,
+        };
+        if wants_suspend && self.inflight.is_none() {
+            log::warn!(
+                "{}: asked to stop without draining, but there is no inflight region to record the unfinished requests in; draining",
+                self.name
+            );
+            return StopMode::Drain;
+        }
+        if wants_suspend {
+            StopMode::Suspend
+        } else {
+            StopMode::Drain
+        }
+    }
+
+    /// GET_VRING_BASE_SKIP_DRAIN (45), answered by the agent because the
+    /// vhost crate does not know it.
+    pub fn get_vring_base_skip_drain(&mut self, index: u32) -> Result<u16, BackendError> {
+        if !self.protocol_acked(PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN) {
+            return Err(BackendError::NotNegotiated("GET_VRING_BASE_SKIP_DRAIN"));
+        }
+        self.get_base(index, GetBase::SkipDrain)
+    }
+
+    fn get_base(&mut self, index: u32, which: GetBase) -> Result<u16, BackendError> {
+        let mode = self.stop_mode(which);
+        let next_avail = self.stop_vring(index, mode)?;
+        let vring = self.vring(index)?;
+        // The ring is stopped: a new start needs a new kick (spec "Ring states").
+        vring.kick = None;
+        vring.enabled = false;
+        Ok(next_avail)
+    }
+
+    /// Wait for every suspended queue's abandoned storage operations (before
+    /// the process exits, so no write is cut off).
+    pub fn join_reapers(&mut self) {
+        for reaper in self.reapers.drain(..) {
+            if reaper.join().is_err() {
+                log::error!("a suspended queue's worker panicked");
+            }
         }
     }
 
@@ -207,6 +324,7 @@ impl BlkBackend {
     /// requests), forget the memory table and negotiated state.
     pub fn disconnect(&mut self) {
         self.reset_rings();
+        self.inflight = None;
         self.memory.set_log(None);
         self.log = None;
         self.memory.clear();
@@ -216,14 +334,55 @@ impl BlkBackend {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
+    /// Stop every queue. With an inflight region the queues are suspended:
+    /// what they leave unanswered is resubmitted by whoever uses the region
+    /// next (QEMU keeps it across reconnects); without one they drain.
     fn reset_rings(&mut self) {
+        let mode = if self.inflight.is_some() {
+            StopMode::Suspend
+        } else {
+            StopMode::Drain
+        };
         for (index, vring) in self.vrings.iter_mut().enumerate() {
             if let Some(worker) = vring.worker.take() {
-                let exit = worker.stop();
-                log::info!("{}: queue {index} stopped ({:?})", self.name, exit.stats);
+                let stopped = worker.stop(mode);
+                log::info!(
+                    "{}: queue {index} stopped ({:?}{})",
+                    self.name,
+                    stopped.exit.stats,
+                    if stopped.exit.left_in_flight > 0 {
+                        format!(
+                            ", {} request(s) left in the inflight region",
+                            stopped.exit.left_in_flight
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+                self.reapers.extend(stopped.reaper);
             }
             *vring = Vring::default();
         }
+        self.reapers.retain(|reaper| !reaper.is_finished());
+    }
+
+    /// Check an inflight description against the device.
+    fn inflight_shape(&self, inflight: &VhostUserInflight) -> Result<(u16, u16), BackendError> {
+        let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
+        let options = self.config.options();
+        if num_queues == 0
+            || num_queues > options.num_queues
+            || queue_size == 0
+            || queue_size > blkdev::spec::MAX_QUEUE_SIZE
+        {
+            return Err(BackendError::InflightShape {
+                num_queues,
+                queue_size,
+                max_queues: options.num_queues,
+                max_size: options.queue_size,
+            });
+        }
+        Ok((num_queues, queue_size))
     }
 
     fn vring(&mut self, index: u32) -> Result<&mut Vring, BackendError> {
@@ -256,6 +415,22 @@ impl BlkBackend {
         let needs_reset = self.needs_reset.clone();
         let name = self.name.clone();
         let poll = std::time::Duration::from_micros(u64::from(self.config.options().poll_us));
+        let latency = std::time::Duration::from_millis(u64::from(self.config.options().latency_ms));
+        let fence = self.fence.clone();
+        let inflight = match &self.inflight {
+            // index < num_queues <= u16::MAX (checked by vring() below).
+            Some(region) => match region.queue(index as u16) {
+                Some(queue) => Some(queue),
+                None => {
+                    log::warn!(
+                        "{name}: queue {index} is beyond the inflight region's {} queue(s); its requests are not tracked",
+                        region.num_queues()
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
         let vring = self.vring(index)?;
         let (Some(desc_table), Some(avail_ring), Some(used_ring)) =
             (vring.desc_table, vring.avail_ring, vring.used_ring)
@@ -279,6 +454,7 @@ impl BlkBackend {
             next_avail: vring.next_avail,
             event_idx,
             poll,
+            latency,
         };
         let enabled = vring.enabled || start_enabled;
         vring.enabled = enabled;
@@ -291,6 +467,8 @@ impl BlkBackend {
             disk,
             engine_kind,
             needs_reset,
+            inflight,
+            fence,
         )?);
         log::info!(
             "{name}: queue {index} started (size {}, avail {})",
@@ -300,21 +478,35 @@ impl BlkBackend {
         Ok(())
     }
 
-    /// Stop the worker of `index` (draining it) and remember where it left
-    /// the ring.
-    fn stop_vring(&mut self, index: u32) -> Result<u16, BackendError> {
+    /// Stop the worker of `index` and remember where it left the ring.
+    fn stop_vring(&mut self, index: u32, mode: StopMode) -> Result<u16, BackendError> {
         let name = self.name.clone();
         let vring = self.vring(index)?;
+        let mut reaper = None;
         if let Some(worker) = vring.worker.take() {
-            let exit = worker.stop();
+            let stopped = worker.stop(mode);
+            let exit = stopped.exit;
+            reaper = stopped.reaper;
             vring.next_avail = exit.next_avail;
-            log::info!(
-                "{name}: queue {index} stopped at avail {} ({:?})",
-                exit.next_avail,
-                exit.stats
-            );
+            match mode {
+                StopMode::Drain => log::info!(
+                    "{name}: queue {index} stopped at avail {} ({:?})",
+                    exit.next_avail,
+                    exit.stats
+                ),
+                StopMode::Suspend => log::info!(
+                    "{name}: queue {index} suspended at avail {} with {} request(s) left in the inflight region, {} write(s) still on storage ({:?})",
+                    exit.next_avail,
+                    exit.left_in_flight,
+                    exit.abandoned_writes,
+                    exit.stats
+                ),
+            }
         }
-        Ok(vring.next_avail)
+        let next_avail = vring.next_avail;
+        self.reapers.retain(|reaper| !reaper.is_finished());
+        self.reapers.extend(reaper);
+        Ok(next_avail)
     }
 }
 
@@ -334,6 +526,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 
     fn reset_device(&mut self) -> VhostResult<()> {
         self.reset_rings();
+        self.inflight = None;
         self.acked_features = 0;
         self.status = 0;
         self.needs_reset.store(false, Ordering::SeqCst);
@@ -419,18 +612,14 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let next_avail = self.stop_vring(index)?;
-        let vring = self.vring(index)?;
-        // The ring is stopped: a new start needs a new kick (spec "Ring states").
-        vring.kick = None;
-        vring.enabled = false;
+        let next_avail = self.get_base(index, GetBase::Plain)?;
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let index = u32::from(index);
         // A new kick for a running ring restarts its worker where it stood.
-        self.stop_vring(index)?;
+        self.stop_vring(index, StopMode::Drain)?;
         let vring = self.vring(index)?;
         vring.kick = fd;
         self.maybe_start(index).map_err(Into::into)
@@ -530,13 +719,43 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        unsupported("GET_INFLIGHT_FD")
+        let (num_queues, queue_size) = self.inflight_shape(inflight)?;
+        let (region, file) =
+            InflightRegion::create(num_queues, queue_size).map_err(BackendError::from)?;
+        log::info!(
+            "{}: new inflight region for {num_queues} queue(s) of {queue_size} ({} bytes)",
+            self.name,
+            region.mmap_size()
+        );
+        let reply = VhostUserInflight {
+            mmap_size: region.mmap_size(),
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        };
+        self.inflight = Some(region);
+        Ok((reply, file))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
-        unsupported("SET_INFLIGHT_FD")
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
+        let (num_queues, queue_size) = self.inflight_shape(inflight)?;
+        let (size, offset) = (inflight.mmap_size, inflight.mmap_offset);
+        let region = InflightRegion::map(&file, size, offset, num_queues, queue_size)
+            .map_err(BackendError::from)?;
+        log::info!(
+            "{}: inflight region set for {num_queues} queue(s) of {queue_size} ({size} bytes at offset {offset})",
+            self.name
+        );
+        if self.vrings.iter().any(|vring| vring.worker.is_some()) {
+            log::warn!(
+                "{}: SET_INFLIGHT_FD while queues run; it applies from their next start",
+                self.name
+            );
+        }
+        self.inflight = Some(region);
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {

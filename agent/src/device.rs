@@ -82,6 +82,7 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, Devi
         },
         engine.name()
     );
-    let backend = BlkBackend::new(&name, config, disk, engine);
+    let fence = blkdev::fence::Fence::new(spec.options.fence, &spec.image);
+    let backend = BlkBackend::new(&name, config, disk, engine, fence);
     Ok(DeviceServer::bind(&name, &spec.socket, backend)?)
 }

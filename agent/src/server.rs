@@ -167,6 +167,9 @@ impl DeviceServer {
             }
         }
         self.drop_connection(&mut connection);
+        // Suspended queues may still have storage operations running; let
+        // them land before the process goes.
+        lock(&self.backend).join_reapers();
         log::info!("{}: stopped", self.name);
     }
 
@@ -210,6 +213,7 @@ impl DeviceServer {
             CONNECTION,
             Interest::READABLE,
         )?;
+        lock(&self.backend).new_session();
         let handler = BackendReqHandler::from_stream(stream, self.backend.clone());
         Ok(Connection {
             handler,
@@ -317,6 +321,28 @@ impl DeviceServer {
             }
             (40, _) => wire::send_u64(&conn.stream, &header, u64::from(backend.get_status()))
                 .map_err(|e| format!("replying to GET_STATUS: {e}")),
+            (45, _) => {
+                // GET_VRING_BASE_SKIP_DRAIN: a vring state {index u32, num u32};
+                // the reply has the same shape.
+                let index = payload
+                    .get(..4)
+                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+                    .ok_or_else(|| {
+                        format!("{name} with a {}-byte payload", payload.len())
+                    })?;
+                let base = backend
+                    .get_vring_base_skip_drain(index)
+                    .map_err(|e| {
+                        let e = crate::error_chain(&e);
+                        log::error!("{}: {name} refused: {e}", backend.name());
+                        format!("{name} refused: {e}")
+                    })?;
+                let mut reply = [0u8; 8];
+                reply[..4].copy_from_slice(&index.to_le_bytes());
+                reply[4..].copy_from_slice(&u32::from(base).to_le_bytes());
+                wire::send_reply(&conn.stream, &header, &reply)
+                    .map_err(|e| format!("replying to {name}: {e}"))
+            }
             (_, Some(Reply::Ack)) => {
                 log::warn!(
                     "{}: {name} ({code}) is not supported; refusing it",

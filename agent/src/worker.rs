@@ -4,16 +4,25 @@
 //!
 //! The worker owns its `Queue` outright, so the data path takes no locks;
 //! the protocol thread gets the ring indices back when it stops the worker.
+//!
+//! A worker stops in one of two ways ([`StopMode`]): draining (every
+//! request taken from the ring is answered first) or suspending (it answers
+//! nothing more at once, leaves the unanswered requests in the inflight
+//! region, and keeps running only to collect its abandoned storage
+//! operations, writing nothing into guest memory).
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use blkdev::engine::{EngineKind, IoEngine};
+use blkdev::fence::Fence;
+use blkdev::inflight::InflightQueue;
 use blkdev::queue::DiskShared;
 use blkdev::{BlkQueue, QueueStats};
 use mio::unix::SourceFd;
@@ -49,12 +58,25 @@ pub struct QueueSetup {
     pub event_idx: bool,
     /// How long to busy-poll the ring after work before sleeping (0: never).
     pub poll: Duration,
+    /// Added storage latency (the `latency-ms` experiment knob).
+    pub latency: Duration,
+}
+
+/// How to stop a worker.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopMode {
+    /// Answer every request taken from the ring, then stop.
+    Drain,
+    /// Stop at once: unanswered requests stay in the inflight region and
+    /// late storage completions never reach guest memory.
+    Suspend,
 }
 
 /// State shared between the protocol thread and a worker.
 struct Control {
-    wake: EventFd,
+    wake: Arc<EventFd>,
     stop: AtomicBool,
+    suspend: AtomicBool,
     enabled: AtomicBool,
     call: Mutex<Option<Arc<File>>>,
     /// Set when the queue hit a guest error and stopped serving the ring.
@@ -68,12 +90,27 @@ pub struct WorkerExit {
     pub next_avail: u16,
     /// Counters.
     pub stats: QueueStats,
+    /// Requests left unanswered in the inflight region (suspend).
+    pub left_in_flight: usize,
+    /// Of those, storage operations still running that may modify the
+    /// image (the write fence waits for them).
+    pub abandoned_writes: u64,
 }
 
 /// A running queue.
 pub struct Worker {
     control: Arc<Control>,
-    thread: JoinHandle<WorkerExit>,
+    exit: mpsc::Receiver<WorkerExit>,
+    thread: JoinHandle<()>,
+}
+
+/// A stopped worker: where it left the ring and, after a suspend, the
+/// thread still collecting its abandoned storage operations.
+pub struct Stopped {
+    /// Where the ring stands.
+    pub exit: WorkerExit,
+    /// Join it before the process exits, so abandoned writes land first.
+    pub reaper: Option<JoinHandle<()>>,
 }
 
 /// Why a worker could not start.
@@ -102,25 +139,43 @@ impl Worker {
         disk: Arc<DiskShared>,
         engine_kind: EngineKind,
         needs_reset: Arc<AtomicBool>,
+        inflight: Option<InflightQueue>,
+        fence: Arc<Fence>,
     ) -> Result<Worker, WorkerError> {
         let index = setup.index;
         let start_error = |source| WorkerError::Start { index, source };
         let control = Arc::new(Control {
-            wake: EventFd::new(EFD_NONBLOCK).map_err(start_error)?,
+            wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(start_error)?),
             stop: AtomicBool::new(false),
+            suspend: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             call: Mutex::new(call),
             needs_reset,
         });
-        let engine = IoEngine::new(engine_kind, disk.file.clone(), u32::from(setup.size))
-            .map_err(start_error)?;
-        let blk = BlkQueue::new(disk, engine, setup.size);
+        let engine = IoEngine::with_latency(
+            engine_kind,
+            disk.file.clone(),
+            u32::from(setup.size),
+            setup.latency,
+        )
+        .map_err(start_error)?;
+        let blk = BlkQueue::new(disk, engine, setup.size).with_inflight(inflight);
+        fence.add_waker(&control.wake);
         let thread_control = control.clone();
+        let (exit_tx, exit) = mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
             .name(format!("{}-q{}", setup.device, index))
-            .spawn(move || run(setup, kick, blk, memory, &thread_control))
+            .spawn(move || {
+                let exit = run(setup, kick, blk, memory, &thread_control, &fence, &exit_tx);
+                // Already sent after a suspend (then the receiver may be gone).
+                let _ = exit_tx.try_send(exit);
+            })
             .map_err(start_error)?;
-        Ok(Worker { control, thread })
+        Ok(Worker {
+            control,
+            exit,
+            thread,
+        })
     }
 
     /// Start or stop taking requests from the avail ring (SET_VRING_ENABLE).
@@ -134,18 +189,32 @@ impl Worker {
         *self.control.call.lock().unwrap_or_else(|p| p.into_inner()) = call;
     }
 
-    /// Stop: take no new requests, wait for every in-flight request to
-    /// complete and be published, then return where the ring stands.
-    pub fn stop(self) -> WorkerExit {
+    /// Stop taking requests and return where the ring stands: after every
+    /// request is answered ([`StopMode::Drain`]), or at once
+    /// ([`StopMode::Suspend`]).
+    pub fn stop(self, mode: StopMode) -> Stopped {
+        self.control
+            .suspend
+            .store(mode == StopMode::Suspend, Ordering::SeqCst);
         self.control.stop.store(true, Ordering::SeqCst);
         self.wake();
-        match self.thread.join() {
+        let exit = match self.exit.recv() {
             Ok(exit) => exit,
             Err(_) => {
                 log::error!("queue worker panicked; its ring position is lost");
                 WorkerExit::default()
             }
+        };
+        if mode == StopMode::Suspend && exit.abandoned_writes + exit.left_in_flight as u64 > 0 {
+            return Stopped {
+                exit,
+                reaper: Some(self.thread),
+            };
         }
+        if self.thread.join().is_err() {
+            log::error!("queue worker panicked while stopping");
+        }
+        Stopped { exit, reaper: None }
     }
 
     fn wake(&self) {
@@ -204,12 +273,14 @@ fn run(
     mut blk: BlkQueue<GuestRam>,
     memory: GuestMemoryAtomic<GuestRam>,
     control: &Control,
+    fence: &Arc<Fence>,
+    exit_tx: &mpsc::SyncSender<WorkerExit>,
 ) -> WorkerExit {
     let device = setup.device.clone();
     let index = setup.index;
     let mut exit = WorkerExit {
         next_avail: setup.next_avail,
-        stats: QueueStats::default(),
+        ..WorkerExit::default()
     };
     let mem = memory.memory().into_inner();
     let mut queue = match build_queue(&setup, &mem) {
@@ -230,9 +301,44 @@ fn run(
             return exit;
         }
     };
+    let resumed = blk.resume(&mut queue, &mem, || {
+        fence.arm();
+        !fence.is_open()
+    });
+    match resumed {
+        Ok(report) => {
+            if let Some((set, derived)) = report.corrected_avail {
+                log::info!("{device} queue {index}: next avail {derived} from the inflight region (front-end set {set})");
+            }
+            if report.resubmitted > 0 {
+                log::info!(
+                    "{device} queue {index}: resubmitted {} request(s) from the inflight region{}",
+                    report.resubmitted,
+                    if report.held > 0 {
+                        format!(
+                            "; {} write(s) held until the write fence ({}) opens",
+                            report.held,
+                            fence.mode().name()
+                        )
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+        }
+        Err(e) => {
+            log::error!(
+                "{device} queue {index}: cannot resume from the inflight region: {}; the device needs a reset",
+                crate::error_chain(&e)
+            );
+            control.needs_reset.store(true, Ordering::SeqCst);
+            wait_for_stop(control);
+            return exit;
+        }
+    }
     log::debug!(
         "{device} queue {index}: started at avail {} used {}",
-        setup.next_avail,
+        queue.next_avail(),
         queue.next_used()
     );
 
@@ -254,6 +360,19 @@ fn run(
             }
         }
         let stopping = control.stop.load(Ordering::SeqCst);
+        if stopping && control.suspend.load(Ordering::SeqCst) {
+            drop(mem);
+            return suspend(&device, index, &queue, blk, exit, fence, exit_tx);
+        }
+        if blk.held() > 0 && fence.is_open() && !broken {
+            match blk.release_held(&mut queue, &mem) {
+                Ok(needed) => notify |= needed,
+                Err(e) => {
+                    log::error!("{device} queue {index}: {}", crate::error_chain(&e));
+                    broken = true;
+                }
+            }
+        }
         let enabled = control.enabled.load(Ordering::SeqCst);
         if kicked && !stopping && !broken && enabled {
             let result = if polling {
@@ -279,7 +398,7 @@ fn run(
         if notify {
             signal(control);
         }
-        if stopping && blk.in_flight() == 0 {
+        if stopping && blk.in_flight() == 0 && (blk.held() == 0 || broken) {
             break;
         }
 
@@ -352,6 +471,74 @@ fn run(
         exit.next_avail,
         queue.next_used(),
         exit.stats
+    );
+    exit
+}
+
+/// Stop without draining: everything unanswered stays in the inflight
+/// region, the write fence learns of storage operations still running, the
+/// protocol thread gets the ring position at once, and this thread stays
+/// only to collect the abandoned operations, never touching guest memory.
+#[allow(clippy::too_many_arguments)]
+fn suspend(
+    device: &str,
+    index: u16,
+    queue: &Queue,
+    mut blk: BlkQueue<GuestRam>,
+    mut exit: WorkerExit,
+    fence: &Fence,
+    exit_tx: &mpsc::SyncSender<WorkerExit>,
+) -> WorkerExit {
+    let held = blk.held();
+    let abandoned_writes = blk.suspend();
+    if let Err(e) = fence.abandon(abandoned_writes) {
+        log::error!(
+            "{device} queue {index}: cannot take the write fence lock {} ({e}); a destination will not wait for {abandoned_writes} abandoned write(s)",
+            fence.lock_file().display()
+        );
+    }
+    exit.next_avail = queue.next_avail();
+    exit.stats = blk.stats();
+    exit.left_in_flight = blk.in_flight() + held;
+    exit.abandoned_writes = abandoned_writes;
+    log::debug!(
+        "{device} queue {index}: suspended at avail {} used {} with {} request(s) unanswered",
+        exit.next_avail,
+        queue.next_used(),
+        exit.left_in_flight
+    );
+    let _ = exit_tx.try_send(exit);
+
+    let started = Instant::now();
+    let mut poll = match Poll::new() {
+        Ok(poll) => poll,
+        Err(e) => {
+            log::error!("{device} queue {index}: cannot wait for abandoned operations: {e}");
+            return exit;
+        }
+    };
+    if let Err(e) = poll.registry().register(
+        &mut SourceFd(&blk.completion_fd()),
+        COMPLETION,
+        Interest::READABLE,
+    ) {
+        log::error!("{device} queue {index}: cannot wait for abandoned operations: {e}");
+    }
+    let mut events = Events::with_capacity(2);
+    while blk.in_flight() > 0 {
+        drain_completion_fd(&blk);
+        for _ in 0..blk.reap_abandoned() {
+            fence.abandoned_done();
+        }
+        if blk.in_flight() == 0 {
+            break;
+        }
+        // A timeout bounds the wait should a wakeup be missed.
+        let _ = poll.poll(&mut events, Some(Duration::from_millis(100)));
+    }
+    log::debug!(
+        "{device} queue {index}: abandoned operations finished {:?} after the suspend",
+        started.elapsed()
     );
     exit
 }

@@ -20,6 +20,12 @@ pub struct DiskOptions {
     /// Busy-poll a queue for this long after work before sleeping on its
     /// kick eventfd (0 disables polling).
     pub poll_us: u32,
+    /// Added latency in front of every storage operation, in milliseconds.
+    /// An experiment and test knob (e.g. slow storage for handoff tests),
+    /// never for production.
+    pub latency_ms: u32,
+    /// How a migration destination holds resubmitted writes.
+    pub fence: FenceMode,
 }
 
 impl Default for DiskOptions {
@@ -32,6 +38,47 @@ impl Default for DiskOptions {
             serial: String::new(),
             logical_block_size: 512,
             poll_us: 32,
+            latency_ms: 0,
+            fence: FenceMode::Lock,
+        }
+    }
+}
+
+/// How a migration destination learns that the source's abandoned storage
+/// operations have finished, before it lets resubmitted writes go (see
+/// `blkdev::fence`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FenceMode {
+    /// The source holds a lock on `<image>.fence` (next to the image, on
+    /// the same shared storage) until its abandoned operations finish.
+    #[default]
+    Lock,
+    /// Held until the control API call `fence-release`.
+    Api,
+    /// Nothing is held. Unsafe: a stale write may land late; experiments only.
+    None,
+}
+
+impl FenceMode {
+    /// Name as used on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            FenceMode::Lock => "lock",
+            FenceMode::Api => "api",
+            FenceMode::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for FenceMode {
+    type Err = String;
+
+    fn from_str(value: &str) -> Result<FenceMode, String> {
+        match value {
+            "lock" => Ok(FenceMode::Lock),
+            "api" => Ok(FenceMode::Api),
+            "none" => Ok(FenceMode::None),
+            other => Err(format!("fence={other}: expected lock, api or none")),
         }
     }
 }

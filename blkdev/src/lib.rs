@@ -16,6 +16,8 @@
 
 pub mod config;
 pub mod engine;
+pub mod fence;
+pub mod inflight;
 pub mod queue;
 pub mod request;
 pub mod spec;

@@ -15,7 +15,8 @@ use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 
 use crate::engine::{Completion, IoEngine, IoOp};
-use crate::request::{parse_chain, ParseError, Request, RequestKind, Segment};
+use crate::inflight::{InflightError, InflightQueue};
+use crate::request::{parse_chain, parse_head, ParseError, Request, RequestKind, Segment};
 use crate::spec::*;
 
 /// A queue-level failure: the caller stops serving this queue (the device
@@ -28,6 +29,9 @@ pub enum QueueError {
     /// The ring itself could not be accessed (bad addresses, bad index).
     #[error("virtqueue access failed")]
     Ring(#[from] virtio_queue::Error),
+    /// The inflight region cannot be used for this ring.
+    #[error("inflight region unusable")]
+    Inflight(#[from] InflightError),
     /// Guest memory could not be written for a completion.
     #[error("cannot write status byte at {addr:#x}")]
     Status {
@@ -92,6 +96,22 @@ struct InFlight<M> {
     used_len: u32,
     /// Guest ranges the device writes (IN data), marked dirty on completion.
     written: Vec<Segment>,
+    /// The operation may modify the image (write, flush, discard,
+    /// write-zeroes): what the write fence is about.
+    mutating: bool,
+}
+
+/// What [`BlkQueue::resume`] found in the inflight region.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ResumeReport {
+    /// Requests taken from the region (all of them were in flight when the
+    /// previous back-end stopped).
+    pub resubmitted: usize,
+    /// Of those, writes held behind the write fence.
+    pub held: usize,
+    /// Next avail index derived from the region, when it differs from the
+    /// one the front-end set.
+    pub corrected_avail: Option<(u16, u16)>,
 }
 
 /// The processor of one virtqueue. `M` is the guest memory type.
@@ -106,6 +126,10 @@ pub struct BlkQueue<M: GuestMemory> {
     stats: QueueStats,
     /// Used entries published since the last notification decision.
     unsignalled: bool,
+    /// The inflight region's part for this queue, when the front-end set one.
+    inflight: Option<InflightQueue>,
+    /// Resubmitted requests that modify the image, waiting for the write fence.
+    held: Vec<Request>,
 }
 
 impl<M: GuestMemory> BlkQueue<M> {
@@ -119,7 +143,135 @@ impl<M: GuestMemory> BlkQueue<M> {
             completions: Vec::new(),
             stats: QueueStats::default(),
             unsignalled: false,
+            inflight: None,
+            held: Vec::new(),
         }
+    }
+
+    /// Track requests in `inflight` (the queue's part of the region set by
+    /// SET_INFLIGHT_FD). Call [`Self::resume`] before serving the ring.
+    pub fn with_inflight(mut self, inflight: Option<InflightQueue>) -> Self {
+        self.inflight = inflight;
+        self
+    }
+
+    /// Before serving the avail ring: if the inflight region lists
+    /// requests an earlier back-end took and never answered, resubmit them,
+    /// oldest first, and move the ring's next avail index past them. With
+    /// `hold_writes`, resubmitted requests that modify the image wait for
+    /// [`Self::release_held`] (the write fence); reads go at once.
+    pub fn resume(
+        &mut self,
+        queue: &mut Queue,
+        mem: &Arc<M>,
+        hold_writes: impl FnOnce() -> bool,
+    ) -> Result<ResumeReport, QueueError> {
+        let mut report = ResumeReport::default();
+        let Some(inflight) = self.inflight.as_mut() else {
+            return Ok(report);
+        };
+        let used = queue.next_used();
+        let recovery = inflight.begin(queue.size(), used)?;
+        if recovery.fixed_last_batch {
+            log::info!("inflight region: last batch was already published; not resubmitting it");
+        }
+        let heads = recovery.heads;
+        // Requests fetched = used entries published + requests in flight.
+        let derived = used.wrapping_add(heads.len() as u16);
+        if derived != queue.next_avail() {
+            report.corrected_avail = Some((queue.next_avail(), derived));
+            queue.set_next_avail(derived);
+        }
+        let desc_table = GuestAddress(queue.desc_table());
+        let mutating = |request: &Request| {
+            matches!(
+                request.kind,
+                RequestKind::Write
+                    | RequestKind::Flush
+                    | RequestKind::Discard { .. }
+                    | RequestKind::WriteZeroes { .. }
+            )
+        };
+        let mut requests = Vec::with_capacity(heads.len());
+        for head in heads {
+            report.resubmitted += 1;
+            match parse_head(mem.as_ref(), desc_table, queue.size(), head) {
+                Ok(request) => requests.push(request),
+                Err(ParseError::Invalid {
+                    head,
+                    status,
+                    reason,
+                }) => {
+                    log::warn!("resubmitted request head {head}: {reason}; failing it with IOERR");
+                    self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR)?;
+                }
+                Err(broken @ ParseError::Broken { .. }) => {
+                    return Err(QueueError::NeedsReset(broken))
+                }
+            }
+        }
+        let hold = requests.iter().any(mutating) && hold_writes();
+        for request in requests {
+            if hold && mutating(&request) {
+                report.held += 1;
+                self.held.push(request);
+            } else {
+                self.start(queue, mem, request)?;
+            }
+        }
+        self.engine.flush();
+        Ok(report)
+    }
+
+    /// Resubmitted writes waiting for the write fence.
+    pub fn held(&self) -> usize {
+        self.held.len()
+    }
+
+    /// The write fence opened: submit the held requests. Returns whether the
+    /// guest should be notified.
+    pub fn release_held(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
+        for request in std::mem::take(&mut self.held) {
+            self.start(queue, mem, request)?;
+        }
+        self.engine.flush();
+        self.publish_completions(queue, mem)?;
+        self.notify_decision(queue, mem)
+    }
+
+    /// Suspend (stop without draining): forget the held requests and stop
+    /// answering. Everything not answered stays marked in the inflight
+    /// region for the next back-end to resubmit. Returns how many submitted
+    /// operations may still modify the image; from now on only
+    /// [`Self::reap_abandoned`] may be called.
+    pub fn suspend(&mut self) -> u64 {
+        self.held.clear();
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|request| request.mutating)
+            .count() as u64
+    }
+
+    /// After [`Self::suspend`]: collect finished storage operations without
+    /// writing anything into guest memory. Returns how many that modify the
+    /// image finished.
+    pub fn reap_abandoned(&mut self) -> u64 {
+        let mut completions = std::mem::take(&mut self.completions);
+        self.engine.reap(&mut completions);
+        let mut mutating = 0;
+        for completion in completions.drain(..) {
+            let slot = usize::try_from(completion.token)
+                .ok()
+                .and_then(|index| self.slots.get_mut(index))
+                .and_then(Option::take);
+            if let Some(request) = slot {
+                self.in_flight -= 1;
+                mutating += u64::from(request.mutating);
+            }
+        }
+        self.completions = completions;
+        mutating
     }
 
     /// The engine's completion eventfd, to register with the event loop.
@@ -211,6 +363,15 @@ impl<M: GuestMemory> BlkQueue<M> {
                         head,
                         reason: "head descriptor already in flight",
                     }));
+                }
+                if self.held.iter().any(|request| request.head == head) {
+                    return Err(QueueError::NeedsReset(ParseError::Broken {
+                        head,
+                        reason: "head descriptor already in flight (held by the write fence)",
+                    }));
+                }
+                if let Some(inflight) = self.inflight.as_mut() {
+                    inflight.fetched(head);
                 }
                 match parse_chain(chain, mem.as_ref(), queue.size()) {
                     Ok(request) => self.start(queue, mem, request)?,
@@ -320,19 +481,21 @@ impl<M: GuestMemory> BlkQueue<M> {
                 return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_UNSUPP);
             }
         };
-        let (used_len, written) = match op {
-            // data_len is bounded by the 4 GiB chain limit virtio-queue enforces.
+        let (used_len, written, mutating) = match op {
+            // data_len is bounded by the 4 GiB chain limit.
             IoOp::Read { .. } => (
                 u32::try_from(request.data_len + 1).unwrap_or(u32::MAX),
                 request.data,
+                false,
             ),
-            _ => (1, Vec::new()),
+            _ => (1, Vec::new(), true),
         };
         self.slots[usize::from(head)] = Some(InFlight {
             _mem: mem.clone(),
             status,
             used_len,
             written,
+            mutating,
         });
         self.in_flight += 1;
         log::trace!("head {head}: submit {op:?}");
@@ -406,7 +569,13 @@ impl<M: GuestMemory> BlkQueue<M> {
             VIRTIO_BLK_S_UNSUPP => self.stats.unsupported += 1,
             _ => self.stats.io_errors += 1,
         }
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.before_publish(head);
+        }
         queue.add_used(mem, head, used_len)?;
+        if let Some(inflight) = self.inflight.as_mut() {
+            inflight.after_publish(head, queue.next_used());
+        }
         self.unsignalled = true;
         Ok(())
     }

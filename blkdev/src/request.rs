@@ -114,7 +114,91 @@ pub fn parse_chain<T: GuestMemory + ?Sized>(
     mem: &T,
     queue_size: u16,
 ) -> Result<Request, ParseError> {
-    let head = chain.head_index();
+    parse_descriptors(chain.head_index(), chain, mem, queue_size)
+}
+
+/// Parse the chain that starts at `head` in the descriptor table at
+/// `desc_table`, without the avail ring: for requests resubmitted from the
+/// inflight region, whose heads come from the region rather than from the
+/// ring. The same checks as [`parse_chain`] apply.
+pub fn parse_head<T: GuestMemory + ?Sized>(
+    mem: &T,
+    desc_table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+) -> Result<Request, ParseError> {
+    if head >= queue_size {
+        return Err(ParseError::Broken {
+            head,
+            reason: "head index beyond the queue size",
+        });
+    }
+    let walker = ChainWalker {
+        mem,
+        table: desc_table,
+        table_len: queue_size,
+        next: Some(head),
+        ttl: queue_size,
+        indirect: false,
+        bytes: 0,
+    };
+    parse_descriptors(head, walker, mem, queue_size)
+}
+
+/// Walks a descriptor chain like virtio-queue's `DescriptorChain`, whose
+/// constructor is private to that crate: indirect tables are followed (not
+/// nested), and the walk stops (the last yielded descriptor then still has
+/// NEXT set) on an unreadable descriptor, an out-of-table index, more
+/// descriptors than the table holds or more than 4 GiB of buffers.
+struct ChainWalker<'a, T: GuestMemory + ?Sized> {
+    mem: &'a T,
+    table: GuestAddress,
+    table_len: u16,
+    next: Option<u16>,
+    ttl: u16,
+    indirect: bool,
+    /// Bytes yielded so far: a chain may not exceed 4 GiB (virtio 1.2, 2.7.5.2).
+    bytes: u32,
+}
+
+impl<T: GuestMemory + ?Sized> Iterator for ChainWalker<'_, T> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        let index = self.next.take()?;
+        if self.ttl == 0 || index >= self.table_len {
+            return None;
+        }
+        self.ttl -= 1;
+        let addr = self.table.checked_add(u64::from(index) * 16)?;
+        let desc: Descriptor = self.mem.read_obj(addr).ok()?;
+        if desc.refers_to_indirect_table() {
+            // Nested indirect tables and unaligned or oversized tables are
+            // invalid (virtio 1.2, 2.7.5.3.1).
+            if self.indirect || !desc.len().is_multiple_of(16) || desc.len() / 16 > u32::from(u16::MAX) {
+                return None;
+            }
+            self.table = desc.addr();
+            self.table_len = (desc.len() / 16) as u16;
+            self.ttl = self.table_len;
+            self.indirect = true;
+            self.next = Some(0);
+            return self.next();
+        }
+        self.bytes = self.bytes.checked_add(desc.len())?;
+        if desc.has_next() {
+            self.next = Some(desc.next());
+        }
+        Some(desc)
+    }
+}
+
+fn parse_descriptors<T: GuestMemory + ?Sized>(
+    head: u16,
+    chain: impl Iterator<Item = Descriptor>,
+    mem: &T,
+    queue_size: u16,
+) -> Result<Request, ParseError> {
     let broken = |reason| ParseError::Broken { head, reason };
 
     // Walk the chain. virtio-queue stops iterating (returns None) when a

@@ -22,3 +22,6 @@ pub const REQUEST_HEADER_SIZE: u32 = 16;
 pub const DISCARD_SEGMENT_SIZE: u32 = 16;
 /// Write-zeroes segment flag: the device may deallocate the range.
 pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+
+/// Largest split virtqueue (virtio 1.2, 2.7: Queue Size up to 32768).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
