@@ -252,6 +252,17 @@ mod tests {
     }
 
     #[test]
+    fn fence_modes_parse_from_their_names() {
+        for mode in [FenceMode::Lock, FenceMode::Api, FenceMode::None] {
+            assert_eq!(mode.name().parse::<FenceMode>(), Ok(mode));
+        }
+        assert!("Lock".parse::<FenceMode>().is_err());
+        assert!("".parse::<FenceMode>().is_err());
+        let defaults = DiskOptions::default();
+        assert_eq!((defaults.fence, defaults.latency_ms), (FenceMode::Lock, 0));
+    }
+
+    #[test]
     fn only_writeback_is_writable() {
         let mut config = BlkConfig::new(DiskOptions::default(), 4096);
         config.write_config(WRITEBACK_OFFSET, &[0]).unwrap();

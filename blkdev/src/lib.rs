@@ -23,7 +23,7 @@ pub mod request;
 pub mod spec;
 pub mod storage;
 
-pub use config::{BlkConfig, DiskOptions};
+pub use config::{BlkConfig, DiskOptions, FenceMode};
 pub use engine::{EngineKind, IoEngine};
 pub use queue::{BlkQueue, QueueError, QueueStats};
 pub use storage::{Storage, StorageError};

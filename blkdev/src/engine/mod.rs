@@ -4,6 +4,11 @@
 //! Two implementations behind one enum: io_uring (preferred) and a thread
 //! pool for kernels or sandboxes where io_uring is unavailable. The choice is
 //! made once per disk by [`EngineKind::probe`] and logged by the caller.
+//!
+//! For experiments and tests, an engine can add a fixed latency in front of
+//! every operation ([`IoEngine::with_latency`]): the operation starts on
+//! storage only that long after it was submitted, and many delays run in
+//! parallel, as on a slow but deep storage back-end.
 
 mod pool;
 mod uring;
@@ -12,6 +17,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::io::RawFd;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub use pool::ThreadPoolEngine;
 pub use uring::UringEngine;
@@ -117,9 +123,31 @@ impl IoEngine {
     /// Create an engine of `kind` for `file`, able to hold `depth`
     /// operations in flight without queueing in user space.
     pub fn new(kind: EngineKind, file: Arc<File>, depth: u32) -> io::Result<IoEngine> {
+        Self::with_latency(kind, file, depth, Duration::ZERO)
+    }
+
+    /// As [`Self::new`], with `latency` added in front of every operation,
+    /// for experiments and tests: each read, write, flush and fallocate
+    /// starts on storage only `latency` after [`Self::submit`] (so a write's
+    /// data reaches the file that late) and completes after that. Delays of
+    /// many operations overlap rather than add up. `Duration::ZERO` is
+    /// exactly [`Self::new`]. Dropping the engine still waits for every
+    /// outstanding operation, delay included.
+    pub fn with_latency(
+        kind: EngineKind,
+        file: Arc<File>,
+        depth: u32,
+        latency: Duration,
+    ) -> io::Result<IoEngine> {
         Ok(match kind {
-            EngineKind::IoUring => IoEngine::IoUring(Box::new(UringEngine::new(file, depth)?)),
-            EngineKind::ThreadPool => IoEngine::ThreadPool(ThreadPoolEngine::new(file, 4)?),
+            EngineKind::IoUring => {
+                IoEngine::IoUring(Box::new(UringEngine::with_latency(file, depth, latency)?))
+            }
+            // With a latency the wait happens on the pool's scheduler thread,
+            // so four workers are enough for any number of delayed ops.
+            EngineKind::ThreadPool => {
+                IoEngine::ThreadPool(ThreadPoolEngine::with_latency(file, 4, latency)?)
+            }
         })
     }
 
@@ -199,7 +227,251 @@ pub(crate) fn advance_iovecs(iovecs: &mut Vec<libc::iovec>, mut done: usize) {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
+
     use super::*;
+
+    const LATENCY: Duration = Duration::from_millis(50);
+    const BLOCK: usize = 4096;
+
+    fn engines() -> Vec<EngineKind> {
+        let mut kinds = vec![EngineKind::ThreadPool];
+        if EngineKind::probe().0 == EngineKind::IoUring {
+            kinds.push(EngineKind::IoUring);
+        }
+        kinds
+    }
+
+    /// A zeroed image of `blocks` blocks and a read-write handle on it.
+    fn image(blocks: usize) -> (tempfile::NamedTempFile, Arc<File>) {
+        let image = tempfile::NamedTempFile::new().unwrap();
+        image.as_file().set_len((blocks * BLOCK) as u64).unwrap();
+        let file = Arc::new(image.reopen().unwrap());
+        (image, file)
+    }
+
+    /// One block of `byte`, the source of a write.
+    fn pattern(byte: u8) -> Vec<u8> {
+        vec![byte; BLOCK]
+    }
+
+    fn write_op(block: usize, data: &[u8]) -> IoOp {
+        IoOp::Write {
+            offset: (block * BLOCK) as u64,
+            iovecs: vec![libc::iovec {
+                iov_base: data.as_ptr().cast_mut().cast(),
+                iov_len: data.len(),
+            }],
+            dsync: false,
+        }
+    }
+
+    fn read_block(image: &tempfile::NamedTempFile, block: usize) -> Vec<u8> {
+        let mut data = vec![0u8; BLOCK];
+        image
+            .as_file()
+            .read_exact_at(&mut data, (block * BLOCK) as u64)
+            .unwrap();
+        data
+    }
+
+    /// Reap until `count` completions arrived or `timeout` passed, sleeping
+    /// on the completion eventfd in between. Each completion comes with the
+    /// time it was seen (never earlier than it happened).
+    fn wait_for(
+        engine: &mut IoEngine,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<(Completion, Instant)> {
+        let deadline = Instant::now() + timeout;
+        let mut seen = Vec::new();
+        let mut batch = Vec::new();
+        loop {
+            engine.reap(&mut batch);
+            let now = Instant::now();
+            seen.extend(batch.drain(..).map(|completion| (completion, now)));
+            let Some(remaining) = deadline.checked_duration_since(now) else {
+                return seen;
+            };
+            if seen.len() >= count || remaining.is_zero() {
+                return seen;
+            }
+            let mut pollfd = libc::pollfd {
+                fd: engine.completion_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let timeout_ms = i32::try_from(remaining.as_millis() + 1).unwrap_or(i32::MAX);
+            // SAFETY: one pollfd, a local that outlives the call. EINTR
+            // (io_uring task work) just loops.
+            unsafe { libc::poll(&mut pollfd, 1, timeout_ms) };
+            let mut value = 0u64;
+            // SAFETY: reads at most 8 bytes into `value`, a local u64; the
+            // eventfd is non-blocking and open while `engine` lives.
+            unsafe { libc::read(pollfd.fd, (&raw mut value).cast(), 8) };
+        }
+    }
+
+    #[test]
+    fn latency_delays_many_writes_in_parallel_not_in_series() {
+        const WRITES: usize = 64;
+        for kind in engines() {
+            let (image, file) = image(WRITES);
+            // Declared before the engine, so dropped after it.
+            let sources: Vec<Vec<u8>> = (1..=WRITES as u8).map(pattern).collect();
+            let mut engine = IoEngine::with_latency(kind, file, WRITES as u32, LATENCY).unwrap();
+            let start = Instant::now();
+            let mut submitted = Vec::new();
+            for (block, data) in sources.iter().enumerate() {
+                submitted.push(Instant::now());
+                // SAFETY: `sources` outlives the engine, whose drop waits for
+                // outstanding operations; nothing writes to it meanwhile.
+                unsafe { engine.submit(block as u64, write_op(block, data)) };
+            }
+            engine.flush();
+            let completions = wait_for(&mut engine, WRITES, Duration::from_secs(10));
+            let elapsed = start.elapsed();
+            assert_eq!(completions.len(), WRITES, "{kind:?}");
+            // 64 delays of 50 ms in series would take 3.2 s.
+            assert!(elapsed < Duration::from_secs(1), "{kind:?}: {elapsed:?}");
+            for (completion, seen) in &completions {
+                let block = completion.token as usize;
+                assert!(completion.result.is_ok(), "{kind:?}: {completion:?}");
+                let waited = seen.duration_since(submitted[block]);
+                assert!(
+                    waited >= LATENCY,
+                    "{kind:?}: write {block} after {waited:?}"
+                );
+                assert_eq!(read_block(&image, block), sources[block], "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn delayed_write_lands_only_after_the_latency() {
+        for kind in engines() {
+            let (image, file) = image(1);
+            let source = pattern(0xa5);
+            let mut engine = IoEngine::with_latency(kind, file, 8, LATENCY).unwrap();
+            let submitted = Instant::now();
+            // SAFETY: `source` outlives the engine, whose drop waits for
+            // outstanding operations; nothing writes to it meanwhile.
+            unsafe { engine.submit(0, write_op(0, &source)) };
+            engine.flush();
+
+            let early = wait_for(&mut engine, 1, Duration::from_millis(20));
+            let data = read_block(&image, 0);
+            // Read before the clock, so data seen with less than the latency
+            // elapsed really was there too early (a loaded machine may take
+            // us past the latency, which proves nothing either way).
+            if submitted.elapsed() < LATENCY {
+                assert!(early.is_empty(), "{kind:?}: completed early");
+                assert_eq!(data, vec![0; BLOCK], "{kind:?}: data landed early");
+            }
+
+            let completions = wait_for(&mut engine, 1, Duration::from_secs(10));
+            let (completion, seen) = early.into_iter().chain(completions).next().unwrap();
+            assert!(completion.result.is_ok(), "{kind:?}: {completion:?}");
+            assert!(seen.duration_since(submitted) >= LATENCY, "{kind:?}");
+            assert_eq!(read_block(&image, 0), source, "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn every_kind_of_operation_is_delayed() {
+        for kind in engines() {
+            let (image, file) = image(2);
+            let mut destination = vec![0u8; BLOCK];
+            let mut engine = IoEngine::with_latency(kind, file, 8, LATENCY).unwrap();
+            image.as_file().write_all_at(&pattern(7), 0).unwrap();
+            let ops = [
+                IoOp::Read {
+                    offset: 0,
+                    iovecs: vec![libc::iovec {
+                        iov_base: destination.as_mut_ptr().cast(),
+                        iov_len: BLOCK,
+                    }],
+                },
+                IoOp::Flush,
+                IoOp::Fallocate {
+                    offset: BLOCK as u64,
+                    len: BLOCK as u64,
+                    mode: 0,
+                },
+            ];
+            let submitted = Instant::now();
+            for (token, op) in ops.into_iter().enumerate() {
+                // SAFETY: `destination` lives until after the completions
+                // are reaped below (or the engine's drop waited for them).
+                unsafe { engine.submit(token as u64, op) };
+            }
+            engine.flush();
+            let completions = wait_for(&mut engine, 3, Duration::from_secs(10));
+            assert_eq!(completions.len(), 3, "{kind:?}");
+            for (completion, seen) in &completions {
+                assert!(completion.result.is_ok(), "{kind:?}: {completion:?}");
+                let waited = seen.duration_since(submitted);
+                assert!(
+                    waited >= LATENCY,
+                    "{kind:?}: op {} after {waited:?}",
+                    completion.token
+                );
+            }
+            drop(engine);
+            assert_eq!(destination, pattern(7), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn regression_delayed_cached_read_signals_the_completion_fd() {
+        // The timer starts the read from task work on this thread, where a
+        // cached read completes at once: an io_uring eventfd registered as
+        // "async only" (io-wq) never fired for it, and a caller sleeping on
+        // the completion fd slept until something else woke it.
+        for kind in engines() {
+            let (image, file) = image(1);
+            image.as_file().write_all_at(&pattern(9), 0).unwrap();
+            let mut destination = vec![0u8; BLOCK];
+            let mut engine = IoEngine::with_latency(kind, file, 8, LATENCY).unwrap();
+            let read = IoOp::Read {
+                offset: 0,
+                iovecs: vec![libc::iovec {
+                    iov_base: destination.as_mut_ptr().cast(),
+                    iov_len: BLOCK,
+                }],
+            };
+            let submitted = Instant::now();
+            // SAFETY: `destination` is read only after the engine is dropped,
+            // which waits for outstanding operations.
+            unsafe { engine.submit(0, read) };
+            engine.flush();
+            let completions = wait_for(&mut engine, 1, Duration::from_secs(2));
+            let waited = submitted.elapsed();
+            assert_eq!(completions.len(), 1, "{kind:?}");
+            assert!(waited < Duration::from_secs(1), "{kind:?}: {waited:?}");
+            drop(engine);
+            assert_eq!(destination, pattern(9), "{kind:?}");
+        }
+    }
+
+    #[test]
+    fn dropping_the_engine_waits_for_a_delayed_write() {
+        for kind in engines() {
+            let (image, file) = image(1);
+            let source = pattern(0x3c);
+            let mut engine = IoEngine::with_latency(kind, file, 8, LATENCY).unwrap();
+            let submitted = Instant::now();
+            // SAFETY: `source` outlives the engine, whose drop waits for
+            // outstanding operations; nothing writes to it meanwhile.
+            unsafe { engine.submit(0, write_op(0, &source)) };
+            engine.flush();
+            drop(engine);
+            // The abandoned write landed, late, before drop returned.
+            assert!(submitted.elapsed() >= LATENCY, "{kind:?}");
+            assert_eq!(read_block(&image, 0), source, "{kind:?}");
+        }
+    }
 
     #[test]
     fn advance_iovecs_skips_whole_and_partial_buffers() {

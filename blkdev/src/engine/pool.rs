@@ -1,5 +1,10 @@
 //! Thread-pool engine: blocking preadv2/pwritev2/fdatasync/fallocate on a few
 //! worker threads. The fallback where io_uring cannot be used.
+//!
+//! With an added latency, submitted jobs first go to one scheduler thread,
+//! which hands each to the workers when its deadline comes. Sleeping on a
+//! worker instead would serialise the delays: four workers could hold only
+//! four operations in their wait at a time.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -7,6 +12,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -31,15 +37,55 @@ struct Shared {
     file: Arc<File>,
 }
 
+/// A job waiting for its deadline in the scheduler.
+struct Delayed {
+    deadline: Instant,
+    job: Job,
+}
+
+/// Jobs waiting in the scheduler. Every job waits the same latency and
+/// submit() takes `&mut self`, so deadlines arrive in non-decreasing order
+/// (Instant is monotonic): first in, first due, and a FIFO is ordered by
+/// deadline without a heap.
+#[derive(Default)]
+struct DelayQueue {
+    jobs: VecDeque<Delayed>,
+    shutdown: bool,
+}
+
+struct DelayShared {
+    queue: Mutex<DelayQueue>,
+    wakeup: Condvar,
+}
+
+/// The scheduler thread of an engine with an added latency.
+struct DelayLine {
+    latency: Duration,
+    shared: Arc<DelayShared>,
+    thread: JoinHandle<()>,
+}
+
 /// Thread-pool engine; see the module docs.
 pub struct ThreadPoolEngine {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    /// Present when operations start only after an added latency.
+    delay: Option<DelayLine>,
 }
 
 impl ThreadPoolEngine {
     /// Start `threads` workers for `file`.
     pub fn new(file: Arc<File>, threads: usize) -> io::Result<ThreadPoolEngine> {
+        Self::with_latency(file, threads, Duration::ZERO)
+    }
+
+    /// As [`Self::new`], but every operation starts on storage only
+    /// `latency` after it was submitted (see the module docs).
+    pub fn with_latency(
+        file: Arc<File>,
+        threads: usize,
+        latency: Duration,
+    ) -> io::Result<ThreadPoolEngine> {
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
             wakeup: Condvar::new(),
@@ -56,10 +102,28 @@ impl ThreadPoolEngine {
                     .spawn(move || worker(&shared))?,
             );
         }
-        Ok(ThreadPoolEngine {
+        let mut engine = ThreadPoolEngine {
             shared,
             threads: handles,
-        })
+            delay: None,
+        };
+        if !latency.is_zero() {
+            let delay = Arc::new(DelayShared {
+                queue: Mutex::new(DelayQueue::default()),
+                wakeup: Condvar::new(),
+            });
+            let (scheduler_delay, scheduler_shared) = (delay.clone(), engine.shared.clone());
+            // On failure `engine` is dropped, which stops the workers.
+            let thread = std::thread::Builder::new()
+                .name("blk-io-delay".to_string())
+                .spawn(move || scheduler(&scheduler_delay, &scheduler_shared))?;
+            engine.delay = Some(DelayLine {
+                latency,
+                shared: delay,
+                thread,
+            });
+        }
+        Ok(engine)
     }
 
     /// See [`super::IoEngine::submit`].
@@ -67,9 +131,16 @@ impl ThreadPoolEngine {
     /// # Safety
     /// As for [`super::IoEngine::submit`].
     pub unsafe fn submit(&mut self, token: u64, op: IoOp) {
-        let mut queue = lock(&self.shared.queue);
-        queue.jobs.push_back(Job { token, op });
-        drop(queue);
+        let job = Job { token, op };
+        if let Some(delay) = &self.delay {
+            let deadline = Instant::now() + delay.latency;
+            lock(&delay.shared.queue)
+                .jobs
+                .push_back(Delayed { deadline, job });
+            delay.shared.wakeup.notify_one();
+            return;
+        }
+        lock(&self.shared.queue).jobs.push_back(job);
         self.shared.wakeup.notify_one();
     }
 
@@ -92,7 +163,15 @@ impl ThreadPoolEngine {
 impl Drop for ThreadPoolEngine {
     fn drop(&mut self) {
         // Workers finish every queued job before they exit: the jobs point
-        // into guest memory that our owner unmaps after we are gone.
+        // into guest memory that our owner unmaps after we are gone. Delayed
+        // jobs still wait for their deadline (an abandoned write lands late,
+        // as it would on slow storage): the scheduler exits only once it has
+        // handed over its last job, and the workers are told to stop after.
+        if let Some(delay) = self.delay.take() {
+            lock(&delay.shared.queue).shutdown = true;
+            delay.shared.wakeup.notify_one();
+            let _ = delay.thread.join();
+        }
         lock(&self.shared.queue).shutdown = true;
         self.shared.wakeup.notify_all();
         for handle in self.threads.drain(..) {
@@ -108,6 +187,41 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Hand each delayed job to the workers when its deadline comes; return on
+/// shutdown once none is left.
+fn scheduler(delay: &DelayShared, shared: &Shared) {
+    let mut queue = lock(&delay.queue);
+    loop {
+        let now = Instant::now();
+        let Some(first) = queue.jobs.front() else {
+            if queue.shutdown {
+                return;
+            }
+            queue = delay.wakeup.wait(queue).unwrap_or_else(|p| p.into_inner());
+            continue;
+        };
+        if first.deadline > now {
+            let wait = first.deadline - now;
+            queue = match delay.wakeup.wait_timeout(queue, wait) {
+                Ok((queue, _)) => queue,
+                Err(poisoned) => poisoned.into_inner().0,
+            };
+            continue;
+        }
+        // Deadlines are in order: take every job that is due in one go.
+        let due = queue.jobs.iter().take_while(|d| d.deadline <= now).count();
+        let jobs: Vec<Job> = queue.jobs.drain(..due).map(|d| d.job).collect();
+        drop(queue);
+        lock(&shared.queue).jobs.extend(jobs);
+        if due == 1 {
+            shared.wakeup.notify_one();
+        } else {
+            shared.wakeup.notify_all();
+        }
+        queue = lock(&delay.queue);
+    }
 }
 
 fn worker(shared: &Shared) {

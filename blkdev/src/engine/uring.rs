@@ -1,11 +1,18 @@
 //! io_uring engine: one ring per queue, the image registered as fixed file 0,
 //! completions signalled through a registered eventfd.
+//!
+//! With an added latency, every operation goes to the kernel as a pair: an
+//! `IORING_OP_TIMEOUT` of that latency hard-linked to the real SQE, so the
+//! kernel starts the operation only when the timer expires and any number of
+//! delays run in parallel. A hard link, not a normal one: a pure timeout
+//! completes with -ETIME, which would cancel the rest of a normal link.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::Arc;
+use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring, Probe};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -24,6 +31,7 @@ pub(super) fn probe() -> Result<(), String> {
         (opcode::Writev::CODE, "WRITEV"),
         (opcode::Fsync::CODE, "FSYNC"),
         (opcode::Fallocate::CODE, "FALLOCATE"),
+        (opcode::Timeout::CODE, "TIMEOUT"),
     ] {
         if !probe.is_supported(code) {
             return Err(format!("io_uring lacks {name}"));
@@ -32,11 +40,23 @@ pub(super) fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// `user_data` bit marking the CQE of a delay timer. Operation tokens are
+/// below the engine depth, so they never have it set.
+const TIMER_TOKEN: u64 = 1 << 63;
+
 struct Pending {
     op: IoOp,
     /// Bytes transferred so far (reads and writes may complete short).
     done: usize,
     expected: usize,
+    /// The added latency. The timer SQE points here and the kernel reads it
+    /// only when the SQE is submitted, so it lives in the slot, which stays
+    /// put until the operation completes.
+    delay: types::Timespec,
+    /// A timer SQE must go in front of the next SQE pushed for this slot:
+    /// set on submit when the engine has a latency, cleared once pushed (the
+    /// remainder of a short transfer starts at once).
+    needs_timer: bool,
 }
 
 /// io_uring engine; see the module docs.
@@ -51,22 +71,49 @@ pub struct UringEngine {
     backlog: VecDeque<u64>,
     /// SQEs pushed but not yet handed to the kernel.
     unsubmitted: usize,
-    /// Reused buffer for draining the completion queue.
+    /// Completions drained from the completion queue but not yet handled,
+    /// delay timers already left out; reused between reaps.
     finished: Vec<(u64, i32)>,
+    /// Added latency before each operation starts (None: none).
+    latency: Option<types::Timespec>,
 }
 
 impl UringEngine {
     /// A ring with room for `depth` operations on `file`; tokens must be
     /// below `depth`.
     pub fn new(file: Arc<File>, depth: u32) -> io::Result<UringEngine> {
-        let ring = IoUring::builder().build(depth.clamp(8, 4096).next_power_of_two())?;
+        Self::with_latency(file, depth, Duration::ZERO)
+    }
+
+    /// As [`Self::new`], but every operation starts on storage only
+    /// `latency` after it was submitted (see the module docs).
+    pub fn with_latency(file: Arc<File>, depth: u32, latency: Duration) -> io::Result<UringEngine> {
+        // Two SQEs per operation (timer + operation) with a latency. The CQ
+        // is twice the SQ, so both CQEs of every operation fit too.
+        let sqes_per_op = if latency.is_zero() { 1 } else { 2 };
+        let entries = depth
+            .saturating_mul(sqes_per_op)
+            .clamp(8, 4096 * sqes_per_op)
+            .next_power_of_two();
+        let ring = IoUring::builder().build(entries)?;
         ring.submitter().register_files(&[file.as_raw_fd()])?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
-        // Only completions that do not finish inside io_uring_enter signal
-        // the eventfd: the caller reaps right after submitting, so inline
-        // completions (buffered reads of cached pages) cost no extra wakeup.
-        ring.submitter()
-            .register_eventfd_async(eventfd.as_raw_fd())?;
+        if latency.is_zero() {
+            // Only completions that do not finish inside io_uring_enter
+            // signal the eventfd: the caller reaps right after submitting,
+            // so inline completions (buffered reads of cached pages) cost no
+            // extra wakeup.
+            ring.submitter()
+                .register_eventfd_async(eventfd.as_raw_fd())?;
+        } else {
+            // "Async" means posted by an io-wq worker. A delayed operation
+            // is started by its timer, from task work on the submitting
+            // thread, and a cached read or an O_DIRECT transfer then
+            // completes there too: an async-only eventfd would never fire
+            // for it. Nothing completes inline with a delay, so signalling
+            // every CQE costs nothing the async variant would save.
+            ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        }
         Ok(UringEngine {
             ring,
             _file: file,
@@ -76,6 +123,7 @@ impl UringEngine {
             backlog: VecDeque::new(),
             unsubmitted: 0,
             finished: Vec::new(),
+            latency: (!latency.is_zero()).then(|| types::Timespec::from(latency)),
         })
     }
 
@@ -92,6 +140,7 @@ impl UringEngine {
     pub unsafe fn submit(&mut self, token: u64, op: IoOp) {
         let expected = op.expected_bytes();
         let depth = self.pending.len();
+        let latency = self.latency;
         let Some(slot) = self.slot(token) else {
             // A caller bug, not guest input: tokens are head indices below
             // the queue size the engine was created with.
@@ -102,6 +151,8 @@ impl UringEngine {
             op,
             done: 0,
             expected,
+            delay: latency.unwrap_or_default(),
+            needs_timer: latency.is_some(),
         });
         self.in_flight += 1;
         self.backlog.push_back(token);
@@ -140,19 +191,41 @@ impl UringEngine {
         while let Some(&token) = self.backlog.front() {
             let Some(Some(pending)) = usize::try_from(token)
                 .ok()
-                .and_then(|i| self.pending.get(i))
+                .and_then(|i| self.pending.get_mut(i))
             else {
                 self.backlog.pop_front();
                 continue;
             };
             let entry = Self::sqe_for(token, pending);
-            // SAFETY: the SQE points at `pending.op`'s iovec array, a heap
-            // buffer owned by `self.pending` that neither moves nor is freed
-            // until the completion is reaped; the buffers themselves are
-            // covered by the submit() contract.
-            if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            let pushed = if pending.needs_timer {
+                // The timer goes first and is hard-linked to the operation,
+                // so the kernel starts the operation when the timer fires.
+                // count 0: a pure relative timer, not a completion counter.
+                let timer = opcode::Timeout::new(&pending.delay)
+                    .count(0)
+                    .build()
+                    .user_data(token | TIMER_TOKEN)
+                    .flags(squeue::Flags::IO_HARDLINK);
+                // SAFETY: the timer SQE points at `pending.delay` and the
+                // operation SQE at `pending.op`'s iovec array; both live in
+                // the slot of `self.pending` (a Vec that is never resized),
+                // which is neither moved nor overwritten until the
+                // operation's completion is reaped, long after submission.
+                // The buffers themselves are covered by the submit()
+                // contract. push_multiple pushes both or neither, so a link
+                // is never cut in half by a full submission queue.
+                unsafe { self.ring.submission().push_multiple(&[timer, entry]) }
+            } else {
+                // SAFETY: the SQE points at `pending.op`'s iovec array, a heap
+                // buffer owned by `self.pending` that neither moves nor is
+                // freed until the completion is reaped; the buffers
+                // themselves are covered by the submit() contract.
+                unsafe { self.ring.submission().push(&entry) }
+            };
+            if pushed.is_err() {
                 break; // submission queue full: retried after the next reap
             }
+            pending.needs_timer = false;
             self.backlog.pop_front();
             self.unsubmitted += 1;
         }
@@ -187,12 +260,8 @@ impl UringEngine {
     /// transfers (and collects those too when they finish inline).
     pub fn reap(&mut self, out: &mut Vec<Completion>) {
         loop {
+            self.drain_completion_queue();
             let mut finished = std::mem::take(&mut self.finished);
-            finished.extend(
-                self.ring
-                    .completion()
-                    .map(|cqe| (cqe.user_data(), cqe.result())),
-            );
             let drained = !finished.is_empty();
             for (token, result) in finished.drain(..) {
                 let Some(slot) = self.slot(token) else {
@@ -239,9 +308,33 @@ impl UringEngine {
         }
     }
 
-    /// Whether CQEs are waiting.
+    /// Move CQEs into `self.finished`, leaving out those of delay timers.
+    fn drain_completion_queue(&mut self) {
+        self.finished
+            .extend(self.ring.completion().filter_map(|cqe| {
+                let user_data = cqe.user_data();
+                if user_data & TIMER_TOKEN == 0 {
+                    return Some((user_data, cqe.result()));
+                }
+                // -ETIME is a timer that expired; anything else is a timer the
+                // kernel cancelled or refused. Either way the hard-linked
+                // operation completes on its own CQE, which is what counts.
+                if cqe.result() != -libc::ETIME {
+                    log::trace!(
+                        "io_uring delay timer for token {} ended with {}",
+                        user_data & !TIMER_TOKEN,
+                        cqe.result()
+                    );
+                }
+                None
+            }));
+    }
+
+    /// Whether operations finished (a delay timer does not count). Drains
+    /// the completion queue into the buffer the next reap starts from.
     pub fn has_completions(&mut self) -> bool {
-        !self.ring.completion().is_empty()
+        self.drain_completion_queue();
+        !self.finished.is_empty()
     }
 
     /// The registered completion eventfd.
@@ -254,12 +347,21 @@ impl Drop for UringEngine {
     fn drop(&mut self) {
         // Outstanding operations still point into guest memory: wait for them
         // so the memory may be unmapped safely once we are gone.
+        // Reap first: has_completions() may have drained the last CQEs into
+        // `finished` already, and waiting for another would never return.
         let mut sink = Vec::new();
+        self.reap(&mut sink);
         while self.in_flight > 0 {
             self.flush();
-            if let Err(e) = self.ring.submit_and_wait(1) {
-                log::error!("io_uring wait during shutdown failed: {e}");
-                break;
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                // A signal; delayed operations make the wait long enough to
+                // meet one. The operations are still outstanding: wait again.
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::error!("io_uring wait during shutdown failed: {e}");
+                    break;
+                }
             }
             self.reap(&mut sink);
         }
