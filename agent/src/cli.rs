@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::str::FromStr;
 
-use blkdev::DiskOptions;
+use blkdev::{DiskOptions, FenceMode};
 
 /// Storage engine choice on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -45,7 +45,20 @@ Serve a virtio-blk disk: socket=PATH,image=PATH[,KEY=VALUE...]. Keys:
   engine=E          auto | io_uring | threads (default auto)
   poll-us=N         busy-poll each queue for N microseconds after work
                     before sleeping; 0 disables (default 32)
+  fence=MODE        how a migration destination holds the writes it
+                    resubmits until the source can no longer write:
+                    lock: until the source releases a lock file next to
+                    the image on shared storage (default);
+                    api: until the control API call fence-release;
+                    none: no fence (unsafe; experiments only)
+  latency-ms=N      TESTING KNOB: adds N ms before every storage operation
+                    starts; for experiments and tests,
+                    never for production. 0..=60000 (default 0)
 Repeat --blk for several disks.";
+
+/// Largest `latency-ms` accepted: a minute is plenty to make any race
+/// visible, and far beyond what a front-end tolerates anyway.
+const MAX_LATENCY_MS: u32 = 60_000;
 
 fn parse_number<T: FromStr>(key: &str, value: &str) -> Result<T, String> {
     value
@@ -111,6 +124,14 @@ impl FromStr for BlkSpec {
                     }
                     options.poll_us = us;
                 }
+                "latency-ms" => {
+                    let ms: u32 = parse_number(key, &need(value)?)?;
+                    if ms > MAX_LATENCY_MS {
+                        return Err(format!("latency-ms={ms}: at most {MAX_LATENCY_MS}"));
+                    }
+                    options.latency_ms = ms;
+                }
+                "fence" => options.fence = need(value)?.parse::<FenceMode>()?,
                 "serial" => {
                     let serial = need(value)?;
                     if serial.len() > 20 {
@@ -161,6 +182,51 @@ mod tests {
         assert_eq!(spec.options.serial, "abc");
         assert_eq!(spec.engine, EngineChoice::Threads);
         assert_eq!(spec.id.as_deref(), Some("d0"));
+    }
+
+    #[test]
+    fn latency_and_fence_default_to_none_and_lock() {
+        let spec: BlkSpec = "socket=/s,image=/i".parse().unwrap();
+        assert_eq!(spec.options.latency_ms, 0);
+        assert_eq!(spec.options.fence, FenceMode::Lock);
+    }
+
+    #[test]
+    fn latency_and_fence_parse() {
+        let spec: BlkSpec = "socket=/s,image=/i,latency-ms=250,fence=api"
+            .parse()
+            .unwrap();
+        assert_eq!(spec.options.latency_ms, 250);
+        assert_eq!(spec.options.fence, FenceMode::Api);
+        let spec: BlkSpec = "socket=/s,image=/i,latency-ms=60000,fence=none"
+            .parse()
+            .unwrap();
+        assert_eq!(spec.options.latency_ms, 60_000);
+        assert_eq!(spec.options.fence, FenceMode::None);
+    }
+
+    #[test]
+    fn bad_latency_and_fence_name_the_problem() {
+        let err = |s: &str| s.parse::<BlkSpec>().unwrap_err();
+        assert_eq!(
+            err("socket=/s,image=/i,latency-ms=60001"),
+            "latency-ms=60001: at most 60000"
+        );
+        assert!(err("socket=/s,image=/i,latency-ms=-1").contains("not a valid number"));
+        assert!(err("socket=/s,image=/i,latency-ms=1.5").contains("not a valid number"));
+        assert!(err("socket=/s,image=/i,latency-ms").contains("needs a value"));
+        assert_eq!(
+            err("socket=/s,image=/i,fence=lokc"),
+            "fence=lokc: expected lock, api or none"
+        );
+        assert!(err("socket=/s,image=/i,fence").contains("needs a value"));
+    }
+
+    #[test]
+    fn help_lists_latency_and_fence() {
+        assert!(BLK_HELP.contains("latency-ms=N"));
+        assert!(BLK_HELP.contains("never for production"));
+        assert!(BLK_HELP.contains("fence=MODE"));
     }
 
     #[test]
