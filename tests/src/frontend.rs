@@ -572,14 +572,20 @@ pub struct Submitted {
     pub request: BlkRequest,
 }
 
-/// Connect to `socket`, retrying briefly while nobody listens yet (a
-/// restarted back-end).
+/// Connect to `socket`, retrying for up to 5 s while nobody listens yet
+/// (a restarted back-end replacing its stale socket).
 fn connect_stream(socket: &Path) -> UnixStream {
     let mut retries = 50;
     loop {
         match UnixStream::connect(socket) {
             Ok(stream) => return stream,
-            Err(e) if retries > 0 && e.kind() == std::io::ErrorKind::ConnectionRefused => {
+            Err(e)
+                if retries > 0
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+            {
                 retries -= 1;
                 std::thread::sleep(Duration::from_millis(100));
             }
