@@ -327,16 +327,12 @@ impl DeviceServer {
                 let index = payload
                     .get(..4)
                     .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or_else(|| {
-                        format!("{name} with a {}-byte payload", payload.len())
-                    })?;
-                let base = backend
-                    .get_vring_base_skip_drain(index)
-                    .map_err(|e| {
-                        let e = crate::error_chain(&e);
-                        log::error!("{}: {name} refused: {e}", backend.name());
-                        format!("{name} refused: {e}")
-                    })?;
+                    .ok_or_else(|| format!("{name} with a {}-byte payload", payload.len()))?;
+                let base = backend.get_vring_base_skip_drain(index).map_err(|e| {
+                    let e = crate::error_chain(&e);
+                    log::error!("{}: {name} refused: {e}", backend.name());
+                    format!("{name} refused: {e}")
+                })?;
                 let mut reply = [0u8; 8];
                 reply[..4].copy_from_slice(&index.to_le_bytes());
                 reply[4..].copy_from_slice(&u32::from(base).to_le_bytes());

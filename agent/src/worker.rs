@@ -433,6 +433,13 @@ fn run(
                 }
             }
         }
+        // io_uring's eventfd only fires for completions from its worker
+        // threads; others (O_DIRECT, delayed operations) are posted when
+        // this thread enters the kernel, possibly just before it sleeps.
+        // Look once more, so such a completion is not left for the next kick.
+        if blk.in_flight() > 0 && blk.has_work(&queue, &mem, false) {
+            continue;
+        }
         drop(mem);
 
         let mut completed = false;

@@ -108,7 +108,10 @@ impl InflightRegion {
     /// neither grown nor shrunk by anyone who receives it). Returns the
     /// region and the file to hand to the front-end; its size is
     /// [`Self::mmap_size`].
-    pub fn create(num_queues: u16, queue_size: u16) -> Result<(InflightRegion, File), InflightError> {
+    pub fn create(
+        num_queues: u16,
+        queue_size: u16,
+    ) -> Result<(InflightRegion, File), InflightError> {
         let size = Self::needed(num_queues, queue_size)?;
         let name = c"vhost-inflight";
         // SAFETY: memfd_create with a NUL-terminated name; the result is
@@ -373,7 +376,11 @@ impl InflightQueue {
     pub fn before_publish(&mut self, head: u16) {
         let previous = self.load_u16(OFF_LAST_BATCH_HEAD);
         self.slice()
-            .store(previous, Self::desc(head) + DESC_OFF_NEXT, Ordering::Release)
+            .store(
+                previous,
+                Self::desc(head) + DESC_OFF_NEXT,
+                Ordering::Release,
+            )
             .expect("descriptor within the queue part");
         self.store_u16(OFF_LAST_BATCH_HEAD, head);
     }
@@ -461,11 +468,18 @@ mod tests {
         queue.before_publish(3);
         queue.after_publish(3, 6);
         let header = raw(&file, stride, 16);
-        assert_eq!(u16::from_le_bytes([header[12], header[13]]), 3, "last batch");
+        assert_eq!(
+            u16::from_le_bytes([header[12], header[13]]),
+            3,
+            "last batch"
+        );
         assert_eq!(u16::from_le_bytes([header[14], header[15]]), 6, "used_idx");
         assert_eq!(raw(&file, stride + 16 + 16 * 3, 1)[0], 0);
         // Queue 0 is untouched.
-        assert!(raw(&file, 0, stride as usize).iter().skip(16).all(|&b| b == 0));
+        assert!(raw(&file, 0, stride as usize)
+            .iter()
+            .skip(16)
+            .all(|&b| b == 0));
     }
 
     #[test]

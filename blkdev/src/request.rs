@@ -175,7 +175,10 @@ impl<T: GuestMemory + ?Sized> Iterator for ChainWalker<'_, T> {
         if desc.refers_to_indirect_table() {
             // Nested indirect tables and unaligned or oversized tables are
             // invalid (virtio 1.2, 2.7.5.3.1).
-            if self.indirect || !desc.len().is_multiple_of(16) || desc.len() / 16 > u32::from(u16::MAX) {
+            if self.indirect
+                || !desc.len().is_multiple_of(16)
+                || desc.len() / 16 > u32::from(u16::MAX)
+            {
                 return None;
             }
             self.table = desc.addr();
