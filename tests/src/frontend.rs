@@ -720,7 +720,7 @@ impl TestFrontend {
     }
 
     /// Start the device in QEMU's order (vhost_user_blk_start and
-    /// vhost_dev_start): SET_FEATURES, [GET_INFLIGHT_FD], [SET_INFLIGHT_FD],
+    /// vhost_dev_start): SET_FEATURES, GET_INFLIGHT_FD (if asked), SET_INFLIGHT_FD (if any),
     /// SET_VRING_CALL per ring, SET_MEM_TABLE, per ring SET_VRING_NUM /
     /// BASE (`bases[i]`) / ADDR / KICK, then SET_VRING_ENABLE(1) per ring;
     /// then one round trip so the back-end has applied all of it.
