@@ -417,6 +417,11 @@ impl BlkBackend {
         let poll = std::time::Duration::from_micros(u64::from(self.config.options().poll_us));
         let latency = std::time::Duration::from_millis(u64::from(self.config.options().latency_ms));
         let fence = self.fence.clone();
+        // Only a front-end that negotiated suspending can abandon reads.
+        let bounce_reads = self.protocol_acked(
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
+        );
         let inflight = match &self.inflight {
             // index < num_queues <= u16::MAX (checked by vring() below).
             Some(region) => match region.queue(index as u16) {
@@ -455,6 +460,7 @@ impl BlkBackend {
             event_idx,
             poll,
             latency,
+            bounce_reads,
         };
         let enabled = vring.enabled || start_enabled;
         vring.enabled = enabled;

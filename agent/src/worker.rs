@@ -60,6 +60,9 @@ pub struct QueueSetup {
     pub poll: Duration,
     /// Added storage latency (the `latency-ms` experiment knob).
     pub latency: Duration,
+    /// The front-end may suspend this ring: reads go through private
+    /// buffers so nothing lands in guest memory after a suspend.
+    pub bounce_reads: bool,
 }
 
 /// How to stop a worker.
@@ -159,7 +162,9 @@ impl Worker {
             setup.latency,
         )
         .map_err(start_error)?;
-        let blk = BlkQueue::new(disk, engine, setup.size).with_inflight(inflight);
+        let blk = BlkQueue::new(disk, engine, setup.size)
+            .with_inflight(inflight)
+            .with_bounced_reads(setup.bounce_reads);
         fence.add_waker(&control.wake);
         let thread_control = control.clone();
         let (exit_tx, exit) = mpsc::sync_channel(1);

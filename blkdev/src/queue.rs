@@ -99,7 +99,60 @@ struct InFlight<M> {
     /// The operation may modify the image (write, flush, discard,
     /// write-zeroes): what the write fence is about.
     mutating: bool,
+    /// A read that goes through a private buffer, copied into `written`
+    /// only when it is answered.
+    bounce: Option<BounceBuffer>,
 }
+
+/// Largest read that goes through a bounce buffer; larger reads fail with
+/// IOERR while bouncing (Linux guests never issue reads this large).
+pub const MAX_BOUNCE_BYTES: u64 = 32 << 20;
+
+/// A private, page-aligned buffer (O_DIRECT needs the alignment) that a
+/// read lands in before it is copied into guest memory.
+struct BounceBuffer {
+    ptr: std::ptr::NonNull<u8>,
+    layout: std::alloc::Layout,
+}
+
+impl BounceBuffer {
+    /// None when `len` is 0, too large, or the allocation fails: the caller
+    /// fails the request instead of the process.
+    fn new(len: u64) -> Option<BounceBuffer> {
+        if len == 0 || len > MAX_BOUNCE_BYTES {
+            return None;
+        }
+        let layout = std::alloc::Layout::from_size_align(len as usize, 4096).ok()?;
+        // SAFETY: the layout has a non-zero size (checked above).
+        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(BounceBuffer { ptr, layout })
+    }
+
+    fn iovec(&self) -> libc::iovec {
+        libc::iovec {
+            iov_base: self.ptr.as_ptr().cast(),
+            iov_len: self.layout.size(),
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr is a live allocation of layout.size() initialised
+        // (zeroed) bytes; the engine is done with it once the completion is
+        // reaped, which is the only time this is called.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
+    }
+}
+
+impl Drop for BounceBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with this layout and freed only here.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+// SAFETY: the buffer is plain owned memory; moving it to another thread
+// moves that ownership (a Box<[u8]> would be Send too).
+unsafe impl Send for BounceBuffer {}
 
 /// What [`BlkQueue::resume`] found in the inflight region.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -130,6 +183,8 @@ pub struct BlkQueue<M: GuestMemory> {
     inflight: Option<InflightQueue>,
     /// Resubmitted requests that modify the image, waiting for the write fence.
     held: Vec<Request>,
+    /// Reads go through private buffers (see [`Self::with_bounced_reads`]).
+    bounce_reads: bool,
 }
 
 impl<M: GuestMemory> BlkQueue<M> {
@@ -145,7 +200,20 @@ impl<M: GuestMemory> BlkQueue<M> {
             unsignalled: false,
             inflight: None,
             held: Vec::new(),
+            bounce_reads: false,
         }
+    }
+
+    /// Read into private buffers and copy into guest memory only when the
+    /// request is answered. Needed when the queue may be suspended: storage
+    /// cannot be stopped mid-read, and a suspended device must not write
+    /// guest memory after it said it stopped (the destination may already
+    /// have answered that request and the guest reused the buffer). Costs a
+    /// copy per read, so it is used only when the front-end negotiated
+    /// suspending.
+    pub fn with_bounced_reads(mut self, bounce: bool) -> Self {
+        self.bounce_reads = bounce;
+        self
     }
 
     /// Track requests in `inflight` (the queue's part of the region set by
@@ -410,8 +478,24 @@ impl<M: GuestMemory> BlkQueue<M> {
         };
         let head = request.head;
         let status = request.status;
+        let mut bounce = None;
         let op = match request.kind {
             RequestKind::Read => match sector_bytes(request.sector, request.data_len) {
+                Some(offset) if self.bounce_reads && request.data_len > 0 => {
+                    let Some(buffer) = BounceBuffer::new(request.data_len) else {
+                        log::warn!(
+                            "request head {head}: cannot buffer a read of {} bytes (at most {MAX_BOUNCE_BYTES}); failing it",
+                            request.data_len
+                        );
+                        return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR);
+                    };
+                    let op = IoOp::Read {
+                        offset,
+                        iovecs: vec![buffer.iovec()],
+                    };
+                    bounce = Some(buffer);
+                    op
+                }
                 Some(offset) => IoOp::Read {
                     offset,
                     iovecs: iovecs(mem.as_ref(), &request.data, Permissions::Write),
@@ -431,7 +515,8 @@ impl<M: GuestMemory> BlkQueue<M> {
             },
             RequestKind::Flush => IoOp::Flush,
             RequestKind::GetId => {
-                let written = write_segments(mem.as_ref(), &request.data, &self.disk.serial);
+                // At most the 20 serial bytes.
+                let written = write_segments(mem.as_ref(), &request.data, &self.disk.serial) as u32;
                 return self.complete_now(queue, mem, head, status, written, VIRTIO_BLK_S_OK);
             }
             RequestKind::Discard {
@@ -496,6 +581,7 @@ impl<M: GuestMemory> BlkQueue<M> {
             used_len,
             written,
             mutating,
+            bounce,
         });
         self.in_flight += 1;
         log::trace!("head {head}: submit {op:?}");
@@ -605,12 +691,26 @@ impl<M: GuestMemory> BlkQueue<M> {
             };
             self.in_flight -= 1;
             let status_value = match &completion.result {
-                Ok(()) => {
-                    for segment in &request.written {
-                        mark_dirty(mem.as_ref(), segment);
+                Ok(()) => match &request.bounce {
+                    // vm-memory logs these writes itself.
+                    Some(buffer) => {
+                        let data = buffer.bytes();
+                        if write_segments(mem.as_ref(), &request.written, data) == data.len() {
+                            VIRTIO_BLK_S_OK
+                        } else {
+                            log::error!(
+                                "request head {index}: read data no longer fits guest memory"
+                            );
+                            VIRTIO_BLK_S_IOERR
+                        }
                     }
-                    VIRTIO_BLK_S_OK
-                }
+                    None => {
+                        for segment in &request.written {
+                            mark_dirty(mem.as_ref(), segment);
+                        }
+                        VIRTIO_BLK_S_OK
+                    }
+                },
                 Err(e) => {
                     log::error!("request head {index}: storage I/O failed: {e}");
                     VIRTIO_BLK_S_IOERR
@@ -667,7 +767,7 @@ fn iovecs<M: GuestMemory>(mem: &M, segments: &[Segment], access: Permissions) ->
 
 /// Copy `data` into the guest `segments` (up to their total length); returns
 /// the number of bytes written.
-fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) -> u32 {
+fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) -> usize {
     let mut written = 0usize;
     for segment in segments {
         if written == data.len() {
@@ -682,8 +782,7 @@ fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) ->
         }
         written += take;
     }
-    // At most data.len() (20) bytes.
-    written as u32
+    written
 }
 
 /// Record in the memory's dirty bitmap that the device wrote `segment`
