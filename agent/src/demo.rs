@@ -79,7 +79,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     )
     .parse()
     .map_err(anyhow::Error::msg)?;
-    let server = bind_blk(&spec, "demo")?;
+    let server = bind_blk(&spec, "demo")?.server;
     let shutdown = server.shutdown_handle();
     let thread = std::thread::spawn(move || server.run());
     println!("demo: agent serving {}", socket.display());

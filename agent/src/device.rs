@@ -9,6 +9,7 @@ use blkdev::{BlkConfig, Storage, StorageError};
 
 use crate::blk_backend::BlkBackend;
 use crate::cli::{BlkSpec, EngineChoice};
+use crate::registry::{DeviceKind, RegisteredDevice};
 use crate::server::{DeviceServer, ServerError};
 
 /// A disk could not be set up.
@@ -46,9 +47,17 @@ pub fn choose_engine(choice: EngineChoice) -> Result<EngineKind, DeviceError> {
     }
 }
 
+/// A disk whose socket is bound, ready to serve.
+pub struct BoundBlk {
+    /// Its protocol server; `run` it on a thread of its own.
+    pub server: DeviceServer,
+    /// What the control API sees of it (id, socket, image, write fence).
+    pub device: RegisteredDevice,
+}
+
 /// Open the disk and bind its socket; `default_name` is used when the spec
 /// has no id.
-pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, DeviceError> {
+pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<BoundBlk, DeviceError> {
     let name = spec.id.clone().unwrap_or_else(|| default_name.to_string());
     let storage = Storage::open(&spec.image, spec.options.readonly, spec.options.direct)?;
     if storage.size_bytes() < blkdev::spec::SECTOR_SIZE {
@@ -83,6 +92,15 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<DeviceServer, Devi
         engine.name()
     );
     let fence = blkdev::fence::Fence::new(spec.options.fence, &spec.image);
+    let device = RegisteredDevice::new(
+        &name,
+        &spec.socket,
+        DeviceKind::Blk {
+            image: spec.image.clone(),
+            fence: fence.clone(),
+        },
+    );
     let backend = BlkBackend::new(&name, config, disk, engine, fence);
-    Ok(DeviceServer::bind(&name, &spec.socket, backend)?)
+    let server = DeviceServer::bind(&name, &spec.socket, backend)?;
+    Ok(BoundBlk { server, device })
 }

@@ -8,12 +8,14 @@
 //! * [`worker`]: one mio event loop thread per running queue.
 //! * [`memory`]: guest memory from the front-end's memory table.
 //! * [`device`]: building a served disk from command-line options.
+//! * [`registry`]: the served devices by id.
 
 pub mod blk_backend;
 pub mod cli;
 pub mod device;
 pub mod dirty_log;
 pub mod memory;
+pub mod registry;
 pub mod requests;
 pub mod server;
 pub mod wire;

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use vhost_agent::cli::{BlkSpec, BLK_HELP};
 use vhost_agent::device::bind_blk;
+use vhost_agent::registry::Registry;
 
 mod demo;
 
@@ -76,11 +77,15 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
 
 fn serve(args: ServeArgs) -> Result<()> {
     let signals = block_termination_signals()?;
+    let registry = Registry::new();
     let mut servers = Vec::new();
     for (index, spec) in args.blk.iter().enumerate() {
-        let server = bind_blk(spec, &format!("blk{index}"))
+        let bound = bind_blk(spec, &format!("blk{index}"))
             .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
-        servers.push(server);
+        registry
+            .insert(bound.device)
+            .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
+        servers.push(bound.server);
     }
     let mut threads = Vec::new();
     let mut handles = Vec::new();
