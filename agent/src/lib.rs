@@ -9,9 +9,11 @@
 //! * [`memory`]: guest memory from the front-end's memory table.
 //! * [`device`]: building a served disk from command-line options.
 //! * [`registry`]: the served devices by id.
+//! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
 pub mod blk_backend;
 pub mod cli;
+pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod memory;

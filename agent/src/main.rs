@@ -1,10 +1,14 @@
 //! `vhost-agent`: serve virtio-blk disks to QEMU over vhost-user.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vhost_agent::cli::{BlkSpec, BLK_HELP};
+use vhost_agent::control::{self, ControlServer, Reply, Request};
 use vhost_agent::device::bind_blk;
 use vhost_agent::registry::Registry;
 
@@ -23,8 +27,12 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve disks until SIGINT or SIGTERM.
+    /// Serve disks until SIGINT, SIGTERM or the control API's quit.
     Serve(ServeArgs),
+    /// Send one command to a running agent's control socket and print the
+    /// result.
+    #[command(long_about = CTL_ABOUT)]
+    Ctl(CtlArgs),
     /// Create a scratch image, serve it, drive it with libblkio (a real
     /// vhost-user-blk client) and print what happened.
     Demo(demo::DemoArgs),
@@ -34,6 +42,44 @@ enum Command {
 struct ServeArgs {
     #[arg(long = "blk", value_name = "SPEC", help = BLK_HELP, required = true)]
     blk: Vec<BlkSpec>,
+    /// Serve the JSON control API on a unix socket at PATH: QMP-style
+    /// requests, one per line (see docs/control-api.md, or `vhost-agent ctl`
+    /// for a client). The socket is created with mode 0600, so only this
+    /// user (and root) can connect; a stale socket file is replaced.
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
+}
+
+const CTL_ABOUT: &str = "\
+Send one command to a running agent's control socket (serve --control PATH)
+and print the result as JSON on stdout. If the agent answers with an error,
+print its description and class on stderr and exit 1.
+
+Commands (full schema in docs/control-api.md):
+  query-devices                 every served device: id, kind, socket, image,
+                                write fence mode, whether its gate is open,
+                                abandoned writes outstanding and in total
+  fence-release '{\"device\": ID}'
+                                open the write fence of disk ID (fence=api:
+                                a migration destination's held writes go)
+  quit                          shut the agent down as SIGTERM does
+  query-commands                the commands this agent knows
+
+Example:
+  vhost-agent ctl /run/vhost-agent.ctl fence-release '{\"device\": \"blk0\"}'";
+
+/// How long `ctl` waits to send its request and again for the reply.
+const CTL_TIMEOUT: Duration = Duration::from_secs(30);
+
+#[derive(clap::Args, Debug)]
+struct CtlArgs {
+    /// The agent's control socket (its serve --control PATH).
+    socket: PathBuf,
+    /// The command, e.g. query-devices, fence-release, quit.
+    command: String,
+    /// The command's arguments as one JSON object, e.g. '{"device": "blk0"}'.
+    #[arg(value_name = "JSON-ARGUMENTS")]
+    arguments: Option<String>,
 }
 
 fn init_logging(level: &str) {
@@ -75,9 +121,34 @@ fn wait_for_signal(set: &libc::sigset_t) -> i32 {
     signal
 }
 
+/// Why the agent shuts down. Every cause takes the same path.
+enum ShutdownCause {
+    /// SIGINT or SIGTERM.
+    Signal(i32),
+    /// The control API's `quit`.
+    Quit,
+}
+
 fn serve(args: ServeArgs) -> Result<()> {
+    // Before any thread exists, so every thread inherits the mask.
     let signals = block_termination_signals()?;
-    let registry = Registry::new();
+    let registry = Arc::new(Registry::new());
+    let (stop_tx, stop_rx) = mpsc::channel();
+    // The control socket first: once the disks' sockets exist, so does it.
+    let control = match &args.control {
+        Some(path) => {
+            let stop_tx = stop_tx.clone();
+            let on_quit = Box::new(move || {
+                // The receiver lives until serve returns; after that
+                // nobody is left to tell.
+                let _ = stop_tx.send(ShutdownCause::Quit);
+            });
+            let server = ControlServer::bind(path, registry.clone(), on_quit)
+                .with_context(|| format!("setting up --control {}", path.display()))?;
+            Some(server)
+        }
+        None => None,
+    };
     let mut servers = Vec::new();
     for (index, spec) in args.blk.iter().enumerate() {
         let bound = bind_blk(spec, &format!("blk{index}"))
@@ -87,6 +158,14 @@ fn serve(args: ServeArgs) -> Result<()> {
             .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
         servers.push(bound.server);
     }
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || loop {
+            let signal = wait_for_signal(&signals);
+            if stop_tx.send(ShutdownCause::Signal(signal)).is_err() {
+                return;
+            }
+        })?;
     let mut threads = Vec::new();
     let mut handles = Vec::new();
     for server in servers {
@@ -97,16 +176,66 @@ fn serve(args: ServeArgs) -> Result<()> {
                 .spawn(move || server.run())?,
         );
     }
-    let signal = wait_for_signal(&signals);
-    log::info!("signal {signal} received: finishing in-flight requests and shutting down");
+    let control = match control {
+        Some(server) => {
+            let handle = server.shutdown_handle();
+            let thread = std::thread::Builder::new()
+                .name("control".into())
+                .spawn(move || server.run())?;
+            Some((handle, thread))
+        }
+        None => None,
+    };
+    match stop_rx.recv() {
+        Ok(ShutdownCause::Signal(signal)) => {
+            log::info!("signal {signal} received: finishing in-flight requests and shutting down")
+        }
+        Ok(ShutdownCause::Quit) => log::info!(
+            "quit requested through the control API: finishing in-flight requests and shutting down"
+        ),
+        Err(mpsc::RecvError) => bail!("the signal thread is gone"),
+    }
     for handle in &handles {
         handle.shutdown();
     }
     for thread in threads {
         let _ = thread.join();
     }
+    // The control API goes last: a disk whose resubmitted writes wait
+    // behind fence=api cannot finish them, and so cannot stop, until
+    // fence-release arrives.
+    if let Some((handle, thread)) = control {
+        handle.shutdown();
+        let _ = thread.join();
+    }
     log::info!("shutdown complete");
     Ok(())
+}
+
+/// `vhost-agent ctl`: one request, its result on stdout.
+fn ctl(args: CtlArgs) -> Result<()> {
+    let arguments = match &args.arguments {
+        Some(text) => match serde_json::from_str(text) {
+            Ok(serde_json::Value::Object(object)) => Some(object),
+            Ok(_) => bail!("JSON-ARGUMENTS must be a JSON object, like '{{\"device\": \"blk0\"}}'"),
+            Err(e) => bail!("JSON-ARGUMENTS is not valid JSON: {e}"),
+        },
+        None => None,
+    };
+    let request = Request {
+        execute: args.command.clone(),
+        arguments,
+        id: None,
+    };
+    let reply = control::client::execute(&args.socket, &request, CTL_TIMEOUT)
+        .with_context(|| format!("{} on {}", args.command, args.socket.display()))?;
+    match reply {
+        Reply::Return { value, .. } => {
+            println!("{}", serde_json::to_string_pretty(&value)?);
+            Ok(())
+        }
+        Reply::Error { error, .. } => bail!("{} ({})", error.desc, error.class),
+    }
 }
 
 fn main() -> ExitCode {
@@ -114,6 +243,7 @@ fn main() -> ExitCode {
     init_logging(&cli.log_level);
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Ctl(args) => ctl(args),
         Command::Demo(args) => demo::run(args),
     };
     match result {

@@ -90,6 +90,25 @@ fn lock(backend: &Mutex<BlkBackend>) -> std::sync::MutexGuard<'_, BlkBackend> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Make way for a new socket at `path`: a stale socket file (nobody
+/// listening) is removed; a live socket or any other file is an error.
+pub fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
+    if let Ok(metadata) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !metadata.file_type().is_socket() {
+            return Err(ServerError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(ServerError::InUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(|source| ServerError::Listen {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    }
+    Ok(())
+}
+
 impl DeviceServer {
     /// Bind `path` for `backend`. A stale socket file (nobody listening) is
     /// replaced; a live one is an error.
@@ -98,16 +117,7 @@ impl DeviceServer {
             path: path.to_path_buf(),
             source,
         };
-        if let Ok(metadata) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !metadata.file_type().is_socket() {
-                return Err(ServerError::NotASocket(path.to_path_buf()));
-            }
-            if UnixStream::connect(path).is_ok() {
-                return Err(ServerError::InUse(path.to_path_buf()));
-            }
-            std::fs::remove_file(path).map_err(listen_error)?;
-        }
+        remove_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(listen_error)?;
         listener.set_nonblocking(true).map_err(listen_error)?;
         let poll = Poll::new().map_err(listen_error)?;

@@ -1,0 +1,425 @@
+//! The control API: a unix socket (`serve --control PATH`, mode 0600) that
+//! speaks QMP-style JSON, one request per line. Orchestrators use it to
+//! look at the served devices and to drive migrations; `fence-release` is
+//! how a migration destination with `fence=api` learns that the source's
+//! abandoned writes have landed. The protocol and every command are
+//! documented in `docs/control-api.md`.
+//!
+//! * [`protocol`]: the request and reply types on the wire.
+//! * [`dispatch`] (here): one request line in, one reply line out, given
+//!   the device [`Registry`]; every protocol rule lives here, so it is
+//!   tested without a socket.
+//! * `commands`: the command table and the commands themselves. A new
+//!   command is a row there plus its typed arguments.
+//! * [`server`]: the socket and its mio loop on a thread of its own.
+//! * [`client`]: one request and its reply (`vhost-agent ctl`).
+
+use serde_json::Value;
+
+use crate::registry::Registry;
+
+pub mod client;
+mod commands;
+pub mod protocol;
+pub mod server;
+
+pub use protocol::{ErrorClass, Reply, Request, MAX_LINE_BYTES};
+pub use server::{ControlHandle, ControlServer};
+
+/// A request failed; the client gets an error reply of [`Self::class`] and
+/// the connection stays usable (except after [`Self::LineTooLong`]).
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The line is not JSON.
+    #[error("invalid JSON")]
+    Parse(#[source] serde_json::Error),
+    /// The line is JSON but not an object.
+    #[error("a request must be a JSON object")]
+    NotAnObject,
+    /// The object is not a request (no `execute`, unknown members, wrong
+    /// types).
+    #[error("invalid request")]
+    BadRequest(#[source] serde_json::Error),
+    /// No command has this name.
+    #[error("the command {0} has not been found")]
+    CommandNotFound(String),
+    /// The command's arguments do not fit it.
+    #[error("invalid arguments for {command}")]
+    BadArguments {
+        /// The command.
+        command: &'static str,
+        /// What does not fit.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// No device has this id.
+    #[error("device '{0}' not found")]
+    DeviceNotFound(String),
+    /// The request line exceeds [`MAX_LINE_BYTES`]; the connection closes.
+    #[error("request line longer than {limit} bytes; closing the connection")]
+    LineTooLong {
+        /// The limit.
+        limit: usize,
+    },
+    /// A command's result could not be turned into JSON (a bug).
+    #[error("cannot encode the result of {command}")]
+    EncodeResult {
+        /// The command.
+        command: &'static str,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl ControlError {
+    /// The QMP error class the client sees.
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            ControlError::CommandNotFound(_) => ErrorClass::CommandNotFound,
+            ControlError::DeviceNotFound(_) => ErrorClass::DeviceNotFound,
+            ControlError::Parse(_)
+            | ControlError::NotAnObject
+            | ControlError::BadRequest(_)
+            | ControlError::BadArguments { .. }
+            | ControlError::LineTooLong { .. }
+            | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
+        }
+    }
+
+    /// The error reply for this error.
+    pub fn reply(&self, id: Option<Value>) -> Reply {
+        Reply::error(self.class(), crate::error_chain(self), id)
+    }
+}
+
+/// The answer to one request line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Dispatched {
+    /// The reply line, newline included.
+    pub reply: String,
+    /// The request was `quit`: once the reply is on its way, the agent
+    /// shuts down as on SIGTERM.
+    pub quit: bool,
+}
+
+/// Answer one request line (with or without its newline). A blank line
+/// gets no reply (`None`), so people typing at the socket can press Enter.
+/// Never fails: every error becomes an error reply, with the request's
+/// `id` when the request got far enough to have one.
+pub fn dispatch(line: &[u8], registry: &Registry) -> Option<Dispatched> {
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return None;
+    }
+    let (reply, quit) = match execute(line, registry) {
+        Ok((value, effect, id)) => (
+            Reply::Return { value, id },
+            matches!(effect, commands::Effect::Quit),
+        ),
+        Err((error, id)) => {
+            log::debug!("control: request refused: {}", crate::error_chain(&error));
+            (error.reply(id), false)
+        }
+    };
+    Some(Dispatched {
+        reply: reply.to_line(),
+        quit,
+    })
+}
+
+type Executed = (Value, commands::Effect, Option<Value>);
+
+fn execute(line: &[u8], registry: &Registry) -> Result<Executed, (ControlError, Option<Value>)> {
+    // Two steps, so that the id is known (and echoed) even when the rest
+    // of the request is wrong.
+    let value: Value = serde_json::from_slice(line).map_err(|e| (ControlError::Parse(e), None))?;
+    let Value::Object(object) = value else {
+        return Err((ControlError::NotAnObject, None));
+    };
+    let id = object.get("id").cloned();
+    let request: Request = serde_json::from_value(Value::Object(object))
+        .map_err(|e| (ControlError::BadRequest(e), id.clone()))?;
+    let command = commands::find(&request.execute).ok_or_else(|| {
+        (
+            ControlError::CommandNotFound(request.execute.clone()),
+            id.clone(),
+        )
+    })?;
+    let (value, effect) = (command.run)(registry, commands::Arguments::new(request.arguments))
+        .map_err(|e| (e, id.clone()))?;
+    log::debug!("control: {} done", command.name);
+    Ok((value, effect, id))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::{Path, PathBuf};
+    use std::sync::Arc;
+
+    use blkdev::fence::Fence;
+    use blkdev::FenceMode;
+    use serde_json::json;
+
+    use super::*;
+    use crate::registry::{DeviceKind, RegisteredDevice};
+
+    /// A registry with `dst` (fence=api, so its gate starts closed) and
+    /// `src` (fence=lock). Neither fence touches the file system here.
+    fn registry() -> (Registry, Arc<Fence>) {
+        let registry = Registry::new();
+        let image = PathBuf::from("/nonexistent/dst.img");
+        let fence = Fence::new(FenceMode::Api, &image);
+        registry
+            .insert(RegisteredDevice::new(
+                "dst",
+                Path::new("/run/dst.sock"),
+                DeviceKind::Blk {
+                    image,
+                    fence: fence.clone(),
+                },
+            ))
+            .unwrap();
+        let image = PathBuf::from("/nonexistent/src.img");
+        registry
+            .insert(RegisteredDevice::new(
+                "src",
+                Path::new("/run/src.sock"),
+                DeviceKind::Blk {
+                    fence: Fence::new(FenceMode::Lock, &image),
+                    image,
+                },
+            ))
+            .unwrap();
+        (registry, fence)
+    }
+
+    /// Dispatch `line` and parse the reply line back.
+    fn ask(registry: &Registry, line: &str) -> (Value, bool) {
+        let dispatched = dispatch(line.as_bytes(), registry).expect("a reply");
+        assert!(dispatched.reply.ends_with('\n'));
+        assert_eq!(dispatched.reply.matches('\n').count(), 1, "one line");
+        (
+            serde_json::from_str(&dispatched.reply).unwrap(),
+            dispatched.quit,
+        )
+    }
+
+    /// Assert an error reply of `class` whose description contains `text`;
+    /// returns the reply.
+    fn assert_error(registry: &Registry, line: &str, class: &str, text: &str) -> Value {
+        let (reply, quit) = ask(registry, line);
+        assert!(!quit);
+        assert_eq!(reply["error"]["class"], class, "{line} -> {reply}");
+        let desc = reply["error"]["desc"].as_str().unwrap();
+        assert!(desc.contains(text), "{line}: `{text}` not in `{desc}`");
+        assert!(reply.get("return").is_none());
+        reply
+    }
+
+    #[test]
+    fn garbage_is_a_generic_error_without_id() {
+        let (registry, _) = registry();
+        for line in ["this is not json", "{\"execute\": ", "\u{7f}\u{1}", "{}}"] {
+            let reply = assert_error(&registry, line, "GenericError", "invalid JSON");
+            assert!(reply.get("id").is_none());
+        }
+        let invalid_utf8: &[u8] = b"{\"execute\": \"\xff\"}";
+        let dispatched = dispatch(invalid_utf8, &registry).unwrap();
+        assert!(dispatched.reply.contains("GenericError"));
+    }
+
+    #[test]
+    fn a_request_must_be_an_object() {
+        let (registry, _) = registry();
+        for line in ["[1, 2]", "\"query-devices\"", "42", "null"] {
+            assert_error(&registry, line, "GenericError", "must be a JSON object");
+        }
+    }
+
+    #[test]
+    fn blank_lines_get_no_reply() {
+        let (registry, _) = registry();
+        assert_eq!(dispatch(b"", &registry), None);
+        assert_eq!(dispatch(b"  \r\n", &registry), None);
+    }
+
+    #[test]
+    fn malformed_requests_echo_their_id() {
+        let (registry, _) = registry();
+        let reply = assert_error(&registry, r#"{"id": 5}"#, "GenericError", "`execute`");
+        assert_eq!(reply["id"], 5);
+        let reply = assert_error(
+            &registry,
+            r#"{"execute": "quit", "frobnicate": 1, "id": "x"}"#,
+            "GenericError",
+            "frobnicate",
+        );
+        assert_eq!(reply["id"], "x");
+        assert_error(
+            &registry,
+            r#"{"execute": 7}"#,
+            "GenericError",
+            "invalid request",
+        );
+        assert_error(
+            &registry,
+            r#"{"execute": "query-devices", "arguments": [1]}"#,
+            "GenericError",
+            "invalid request",
+        );
+    }
+
+    #[test]
+    fn unknown_command_is_command_not_found() {
+        let (registry, _) = registry();
+        let reply = assert_error(
+            &registry,
+            r#"{"execute": "frobnicate", "id": {"seq": 1}}"#,
+            "CommandNotFound",
+            "frobnicate",
+        );
+        assert_eq!(reply["id"], json!({"seq": 1}));
+    }
+
+    #[test]
+    fn success_echoes_any_id() {
+        let (registry, _) = registry();
+        for id in [json!(1), json!("abc"), json!({"a": [1, 2]})] {
+            let line = json!({"execute": "query-devices", "id": id}).to_string();
+            let (reply, _) = ask(&registry, &line);
+            assert_eq!(reply["id"], id);
+            assert!(reply["return"].is_array());
+        }
+        let (reply, _) = ask(&registry, r#"{"execute": "query-devices"}"#);
+        assert!(reply.get("id").is_none());
+    }
+
+    #[test]
+    fn query_devices_reports_each_disk_and_its_fence() {
+        let (registry, _) = registry();
+        let (reply, quit) = ask(&registry, r#"{"execute": "query-devices"}"#);
+        assert!(!quit);
+        assert_eq!(
+            reply["return"],
+            json!([
+                {
+                    "id": "dst", "kind": "blk", "socket": "/run/dst.sock",
+                    "image": "/nonexistent/dst.img",
+                    "fence": {"mode": "api", "open": false,
+                              "abandoned-outstanding": 0, "abandoned-total": 0}
+                },
+                {
+                    "id": "src", "kind": "blk", "socket": "/run/src.sock",
+                    "image": "/nonexistent/src.img",
+                    "fence": {"mode": "lock", "open": true,
+                              "abandoned-outstanding": 0, "abandoned-total": 0}
+                }
+            ])
+        );
+    }
+
+    #[test]
+    fn commands_without_arguments_refuse_arguments() {
+        let (registry, _) = registry();
+        assert_error(
+            &registry,
+            r#"{"execute": "query-devices", "arguments": {"device": "dst"}}"#,
+            "GenericError",
+            "invalid arguments for query-devices: unknown field `device`",
+        );
+        // An empty object is the same as none.
+        let (reply, _) = ask(&registry, r#"{"execute": "quit", "arguments": {}}"#);
+        assert_eq!(reply["return"], json!({}));
+    }
+
+    #[test]
+    fn fence_release_needs_a_device_string() {
+        let (registry, fence) = registry();
+        assert_error(
+            &registry,
+            r#"{"execute": "fence-release"}"#,
+            "GenericError",
+            "invalid arguments for fence-release: missing field `device`",
+        );
+        assert_error(
+            &registry,
+            r#"{"execute": "fence-release", "arguments": {"device": 3}}"#,
+            "GenericError",
+            "invalid type: integer `3`, expected a string",
+        );
+        assert_error(
+            &registry,
+            r#"{"execute": "fence-release", "arguments": {"device": "dst", "force": true}}"#,
+            "GenericError",
+            "unknown field `force`",
+        );
+        assert!(!fence.is_open(), "refused requests change nothing");
+    }
+
+    #[test]
+    fn fence_release_of_an_unknown_device_is_device_not_found() {
+        let (registry, fence) = registry();
+        let reply = assert_error(
+            &registry,
+            r#"{"execute": "fence-release", "arguments": {"device": "nope"}, "id": 9}"#,
+            "DeviceNotFound",
+            "device 'nope' not found",
+        );
+        assert_eq!(reply["id"], 9);
+        assert!(!fence.is_open());
+    }
+
+    #[test]
+    fn fence_release_opens_the_gate() {
+        let (registry, fence) = registry();
+        let (reply, quit) = ask(
+            &registry,
+            r#"{"execute": "fence-release", "arguments": {"device": "dst"}}"#,
+        );
+        assert_eq!(reply, json!({"return": {}}));
+        assert!(!quit);
+        assert!(fence.is_open());
+        let (devices, _) = ask(&registry, r#"{"execute": "query-devices"}"#);
+        assert_eq!(devices["return"][0]["fence"]["open"], true);
+        // Releasing an open gate is not an error.
+        let (reply, _) = ask(
+            &registry,
+            r#"{"execute": "fence-release", "arguments": {"device": "dst"}}"#,
+        );
+        assert_eq!(reply, json!({"return": {}}));
+    }
+
+    #[test]
+    fn quit_returns_empty_and_asks_for_shutdown() {
+        let (registry, _) = registry();
+        let (reply, quit) = ask(&registry, r#"{"execute": "quit", "id": 1}"#);
+        assert_eq!(reply, json!({"return": {}, "id": 1}));
+        assert!(quit);
+    }
+
+    #[test]
+    fn query_commands_lists_every_command() {
+        let (registry, _) = registry();
+        let (reply, _) = ask(&registry, r#"{"execute": "query-commands"}"#);
+        let names: Vec<&str> = reply["return"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|command| command["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            names,
+            ["query-commands", "query-devices", "fence-release", "quit"]
+        );
+    }
+
+    #[test]
+    fn a_line_too_long_is_a_generic_error() {
+        let error = ControlError::LineTooLong {
+            limit: MAX_LINE_BYTES,
+        };
+        let reply: Value = serde_json::from_str(&error.reply(None).to_line()).unwrap();
+        assert_eq!(reply["error"]["class"], "GenericError");
+        assert!(reply["error"]["desc"].as_str().unwrap().contains("1048576"));
+    }
+}

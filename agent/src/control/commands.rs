@@ -1,0 +1,233 @@
+//! The control API's commands: one row each in [`COMMANDS`], with typed
+//! arguments (serde, unknown members refused) and a typed result.
+//!
+//! Adding a command: write its argument struct (or use [`NoArguments`]),
+//! its result type, a `fn(&Registry, Arguments) -> CommandResult`, add the
+//! row, and document it in `docs/control-api.md`.
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+use blkdev::fence::Fence;
+use blkdev::FenceMode;
+
+use super::ControlError;
+use crate::registry::{DeviceKind, RegisteredDevice, Registry};
+
+/// What the server does after sending a successful reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Effect {
+    /// Nothing more.
+    None,
+    /// Shut the agent down as on SIGTERM.
+    Quit,
+}
+
+/// A command's JSON result and what follows it.
+pub(super) type CommandResult = Result<(Value, Effect), ControlError>;
+
+/// One command.
+pub(super) struct Command {
+    /// Its name (`execute`).
+    pub name: &'static str,
+    /// Runs it.
+    pub run: fn(&Registry, Arguments) -> CommandResult,
+}
+
+/// Every command, in the order `query-commands` lists them.
+static COMMANDS: &[Command] = &[
+    Command {
+        name: "query-commands",
+        run: query_commands,
+    },
+    Command {
+        name: "query-devices",
+        run: query_devices,
+    },
+    Command {
+        name: "fence-release",
+        run: fence_release,
+    },
+    Command {
+        name: "quit",
+        run: quit,
+    },
+];
+
+/// The command named `name`.
+pub(super) fn find(name: &str) -> Option<&'static Command> {
+    COMMANDS.iter().find(|command| command.name == name)
+}
+
+/// A request's `arguments`, not yet typed.
+pub(super) struct Arguments(Option<Map<String, Value>>);
+
+impl Arguments {
+    /// Wrap a request's `arguments`.
+    pub fn new(arguments: Option<Map<String, Value>>) -> Arguments {
+        Arguments(arguments)
+    }
+
+    /// The arguments as `command`'s argument type. Absent arguments are an
+    /// empty object, so a missing required member is reported by name.
+    fn parse<T: DeserializeOwned>(self, command: &'static str) -> Result<T, ControlError> {
+        serde_json::from_value(Value::Object(self.0.unwrap_or_default()))
+            .map_err(|source| ControlError::BadArguments { command, source })
+    }
+}
+
+/// Arguments of a command that takes none: any member is refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoArguments {}
+
+/// Arguments that name one device.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeviceArguments {
+    /// The device's id.
+    device: String,
+}
+
+fn to_json<T: Serialize>(command: &'static str, result: &T) -> Result<Value, ControlError> {
+    serde_json::to_value(result).map_err(|source| ControlError::EncodeResult { command, source })
+}
+
+fn empty() -> Value {
+    Value::Object(Map::new())
+}
+
+fn device(registry: &Registry, id: &str) -> Result<std::sync::Arc<RegisteredDevice>, ControlError> {
+    registry
+        .get(id)
+        .ok_or_else(|| ControlError::DeviceNotFound(id.to_string()))
+}
+
+/// One entry of `query-commands`.
+#[derive(Debug, Serialize)]
+struct CommandInfo {
+    name: &'static str,
+}
+
+fn query_commands(_: &Registry, arguments: Arguments) -> CommandResult {
+    let NoArguments {} = arguments.parse("query-commands")?;
+    let names: Vec<CommandInfo> = COMMANDS
+        .iter()
+        .map(|command| CommandInfo { name: command.name })
+        .collect();
+    Ok((to_json("query-commands", &names)?, Effect::None))
+}
+
+/// One entry of `query-devices`.
+#[derive(Debug, Serialize)]
+struct DeviceInfo {
+    id: String,
+    /// `"blk"` (later also `"net"`).
+    kind: &'static str,
+    /// The vhost-user socket.
+    socket: String,
+    /// Members that depend on the kind.
+    #[serde(flatten)]
+    details: KindInfo,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum KindInfo {
+    Blk { image: String, fence: FenceInfo },
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct FenceInfo {
+    /// `lock`, `api` or `none`.
+    mode: &'static str,
+    /// Held (resubmitted) writes may go: the destination-side gate.
+    open: bool,
+    /// Source side: abandoned storage operations that may still modify
+    /// the image. Zero means a destination's fence may be released.
+    abandoned_outstanding: u64,
+    /// Source side: operations abandoned since the agent started.
+    abandoned_total: u64,
+}
+
+impl FenceInfo {
+    fn of(fence: &Fence) -> FenceInfo {
+        FenceInfo {
+            mode: fence.mode().name(),
+            open: fence.is_open(),
+            abandoned_outstanding: fence.abandoned_outstanding(),
+            abandoned_total: fence.abandoned_total(),
+        }
+    }
+}
+
+fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let NoArguments {} = arguments.parse("query-devices")?;
+    let devices: Vec<DeviceInfo> = registry
+        .list()
+        .iter()
+        .map(|device| DeviceInfo {
+            id: device.id().to_string(),
+            kind: device.kind().name(),
+            socket: device.socket().to_string_lossy().into_owned(),
+            details: match device.kind() {
+                DeviceKind::Blk { image, fence } => KindInfo::Blk {
+                    image: image.to_string_lossy().into_owned(),
+                    fence: FenceInfo::of(fence),
+                },
+            },
+        })
+        .collect();
+    Ok((to_json("query-devices", &devices)?, Effect::None))
+}
+
+/// Open a disk's write fence gate. In `api` mode this is the release the
+/// gate waits for; in `lock` mode it overrides the wait for the source's
+/// lock; in `none` mode the gate is always open. See docs/control-api.md.
+fn fence_release(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let DeviceArguments { device: id } = arguments.parse("fence-release")?;
+    let device = device(registry, &id)?;
+    match device.kind() {
+        DeviceKind::Blk { fence, .. } => {
+            let mode = fence.mode();
+            if fence.is_open() {
+                log::info!(
+                    "{id}: fence-release: the write fence ({}) is already open",
+                    mode.name()
+                );
+            } else {
+                if mode == FenceMode::Lock {
+                    log::warn!(
+                        "{id}: fence-release overrides the lock fence: held writes go without waiting for the source's lock on {}",
+                        fence.lock_file().display()
+                    );
+                }
+                fence.release(&format!("{id}: fence-release through the control API"));
+            }
+        }
+    }
+    Ok((empty(), Effect::None))
+}
+
+fn quit(_: &Registry, arguments: Arguments) -> CommandResult {
+    let NoArguments {} = arguments.parse("quit")?;
+    // The shutdown itself is logged by whoever carries it out.
+    Ok((empty(), Effect::Quit))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_command_appears_once() {
+        for command in COMMANDS {
+            let count = COMMANDS.iter().filter(|c| c.name == command.name).count();
+            assert_eq!(count, 1, "{} appears {count} times", command.name);
+            assert!(std::ptr::eq(find(command.name).unwrap(), command));
+        }
+        assert!(find("Quit").is_none(), "names are case-sensitive, like QMP");
+    }
+}

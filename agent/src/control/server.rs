@@ -1,0 +1,660 @@
+//! The control socket: a mio loop on a thread of its own that serves
+//! several clients at once, one request per line, each answered by
+//! [`super::dispatch`].
+//!
+//! Every client is bounded: a request line may be at most
+//! [`MAX_LINE_BYTES`], and a client that does not read its replies is not
+//! read from either once [`MAX_PENDING_OUTPUT`] bytes wait for it. At most
+//! [`MAX_CLIENTS`] are served at once.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::ops::Range;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::{dispatch, ControlError, Reply, MAX_LINE_BYTES};
+use crate::registry::Registry;
+use crate::server::{remove_stale_socket, ServerError};
+
+/// Most clients served at once; one more is told so and disconnected.
+pub const MAX_CLIENTS: usize = 32;
+/// Reply bytes that may wait for a client before its requests are no
+/// longer read.
+pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
+/// Permissions of the socket file: only the agent's user may connect.
+pub const SOCKET_MODE: u32 = 0o600;
+
+const LISTENER: Token = Token(0);
+const SHUTDOWN: Token = Token(1);
+const FIRST_CLIENT: usize = 2;
+const READ_CHUNK: usize = 64 * 1024;
+
+/// Stops a running [`ControlServer`] from another thread.
+#[derive(Clone)]
+pub struct ControlHandle {
+    waker: Arc<Waker>,
+}
+
+impl ControlHandle {
+    /// Ask the server to stop: pending replies are flushed as far as the
+    /// clients take them without waiting, then the socket file is removed.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.waker.wake() {
+            log::error!("control: cannot wake the control server for shutdown: {e}");
+        }
+    }
+}
+
+/// The control socket and its clients.
+pub struct ControlServer {
+    path: PathBuf,
+    listener: UnixListener,
+    poll: Poll,
+    waker: Arc<Waker>,
+    registry: Arc<Registry>,
+    on_quit: Box<dyn Fn() + Send>,
+    clients: HashMap<Token, Client>,
+    next_token: usize,
+}
+
+impl ControlServer {
+    /// Listen on `path` (mode 0600; a stale socket file is replaced, a live
+    /// one is an error) for commands about the devices in `registry`.
+    /// `on_quit` runs on the server's thread after the reply to `quit` is
+    /// sent; it must start the agent's shutdown.
+    pub fn bind(
+        path: &Path,
+        registry: Arc<Registry>,
+        on_quit: Box<dyn Fn() + Send>,
+    ) -> Result<ControlServer, ServerError> {
+        let listen_error = |source| ServerError::Listen {
+            path: path.to_path_buf(),
+            source,
+        };
+        remove_stale_socket(path)?;
+        let listener = listen_private(path).map_err(listen_error)?;
+        // From here on the socket file exists; `server` removes it when
+        // dropped, including on the error paths below.
+        let poll = Poll::new().map_err(listen_error)?;
+        let waker = Arc::new(Waker::new(poll.registry(), SHUTDOWN).map_err(listen_error)?);
+        let mut server = ControlServer {
+            path: path.to_path_buf(),
+            listener: UnixListener::from_std(listener),
+            poll,
+            waker,
+            registry,
+            on_quit,
+            clients: HashMap::new(),
+            next_token: FIRST_CLIENT,
+        };
+        server
+            .poll
+            .registry()
+            .register(&mut server.listener, LISTENER, Interest::READABLE)
+            .map_err(listen_error)?;
+        Ok(server)
+    }
+
+    /// A handle that stops [`Self::run`].
+    pub fn shutdown_handle(&self) -> ControlHandle {
+        ControlHandle {
+            waker: self.waker.clone(),
+        }
+    }
+
+    /// Serve clients until shut down. A client's errors end only that
+    /// client's connection.
+    pub fn run(mut self) {
+        log::info!("control: listening on {}", self.path.display());
+        let mut events = Events::with_capacity(64);
+        let mut scratch = vec![0u8; READ_CHUNK];
+        loop {
+            if let Err(e) = self.poll.poll(&mut events, None) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("control: event loop failed: {e}; the control API is gone");
+                break;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    SHUTDOWN => {
+                        self.close_all();
+                        log::info!("control: stopped");
+                        return;
+                    }
+                    LISTENER => self.accept(),
+                    token => {
+                        let Some(client) = self.clients.get_mut(&token) else {
+                            continue;
+                        };
+                        let next = client.drive(&self.registry, &*self.on_quit, &mut scratch);
+                        if next == Next::Close {
+                            self.remove(token);
+                        }
+                    }
+                }
+            }
+        }
+        self.close_all();
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let mut stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("control: accept failed: {e}");
+                    return;
+                }
+            };
+            if self.clients.len() >= MAX_CLIENTS {
+                log::warn!("control: refusing a client: {MAX_CLIENTS} are connected already");
+                let reply = Reply::error(
+                    super::ErrorClass::GenericError,
+                    format!("too many control clients (at most {MAX_CLIENTS})"),
+                    None,
+                );
+                // Best effort: a fresh socket's buffer takes one short line.
+                let _ = stream.write_all(reply.to_line().as_bytes());
+                continue;
+            }
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::error!("control: cannot watch a new client: {e}");
+                continue;
+            }
+            log::debug!("control: client {} connected", token.0);
+            // Registration reports the socket writable at once, so the new
+            // client is driven (and anything it sent already is read) on
+            // the next poll.
+            self.clients.insert(token, Client::new(stream, token));
+        }
+    }
+
+    fn remove(&mut self, token: Token) {
+        if let Some(mut client) = self.clients.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut client.stream);
+            log::debug!("control: client {} disconnected", token.0);
+        }
+    }
+
+    fn close_all(&mut self) {
+        let tokens: Vec<Token> = self.clients.keys().copied().collect();
+        for token in tokens {
+            if let Some(client) = self.clients.get_mut(&token) {
+                // A reply just queued (the one to `quit`, say) goes out if
+                // the client's socket takes it now; nobody waits for it.
+                let _ = client.flush();
+            }
+            self.remove(token);
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    /// The socket file goes with the server, whether it ran or not.
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            log::warn!("control: cannot remove {}: {e}", self.path.display());
+        }
+    }
+}
+
+/// What the loop does with a client after driving it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    /// Wait for its next readiness event.
+    Wait,
+    /// Drop the connection.
+    Close,
+}
+
+/// Where the next request line is in a client's input.
+enum Line {
+    /// A whole line (without its newline).
+    Complete(Range<usize>),
+    /// No newline yet; more input may complete it.
+    Partial,
+    /// Longer than [`MAX_LINE_BYTES`].
+    TooLong,
+}
+
+/// One connected client.
+struct Client {
+    stream: UnixStream,
+    token: Token,
+    /// Bytes read; `input[consumed..]` is not handled yet.
+    input: Vec<u8>,
+    consumed: usize,
+    /// `input[consumed..scanned]` holds no newline.
+    scanned: usize,
+    /// Reply bytes not yet written.
+    output: Vec<u8>,
+    /// The client shut down its side: handle what is left, then close.
+    peer_closed: bool,
+    /// Send what is queued, then close.
+    closing: bool,
+}
+
+impl Client {
+    fn new(stream: UnixStream, token: Token) -> Client {
+        Client {
+            stream,
+            token,
+            input: Vec::new(),
+            consumed: 0,
+            scanned: 0,
+            output: Vec::new(),
+            peer_closed: false,
+            closing: false,
+        }
+    }
+
+    /// Do everything that can be done without blocking: write replies,
+    /// answer complete lines, read more. The poll is edge-triggered, so
+    /// this returns [`Next::Wait`] only once a read or write would block.
+    fn drive(&mut self, registry: &Registry, on_quit: &dyn Fn(), scratch: &mut [u8]) -> Next {
+        loop {
+            if let Err(e) = self.flush() {
+                log::debug!("control: client {}: write failed: {e}", self.token.0);
+                return Next::Close;
+            }
+            if self.closing {
+                return if self.output.is_empty() {
+                    Next::Close
+                } else {
+                    Next::Wait
+                };
+            }
+            if self.output.len() >= MAX_PENDING_OUTPUT {
+                // The flush above would block: a writable event resumes.
+                return Next::Wait;
+            }
+            match self.next_line() {
+                Line::Complete(range) => {
+                    self.answer(range, registry, on_quit);
+                    continue;
+                }
+                Line::TooLong => {
+                    log::warn!(
+                        "control: client {}: request line longer than {MAX_LINE_BYTES} bytes; closing the connection",
+                        self.token.0
+                    );
+                    let error = ControlError::LineTooLong {
+                        limit: MAX_LINE_BYTES,
+                    };
+                    self.output
+                        .extend_from_slice(error.reply(None).to_line().as_bytes());
+                    self.closing = true;
+                    continue;
+                }
+                Line::Partial => {}
+            }
+            if self.peer_closed {
+                // A last request without its newline still counts.
+                let rest = self.consumed..self.input.len();
+                self.answer(rest, registry, on_quit);
+                self.closing = true;
+                continue;
+            }
+            self.compact();
+            match self.stream.read(scratch) {
+                Ok(0) => self.peer_closed = true,
+                Ok(count) => self.input.extend_from_slice(&scratch[..count]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Next::Wait,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    log::debug!("control: client {}: read failed: {e}", self.token.0);
+                    return Next::Close;
+                }
+            }
+        }
+    }
+
+    /// Answer `input[range]` and mark it (and its newline) consumed.
+    fn answer(&mut self, range: Range<usize>, registry: &Registry, on_quit: &dyn Fn()) {
+        let end = range.end;
+        let dispatched = self
+            .input
+            .get(range)
+            .and_then(|line| dispatch(line, registry));
+        self.consumed = (end + 1).min(self.input.len());
+        self.scanned = self.consumed;
+        let Some(dispatched) = dispatched else {
+            return;
+        };
+        self.output.extend_from_slice(dispatched.reply.as_bytes());
+        if dispatched.quit {
+            // Reply first, so the client hears that its quit was taken
+            // before the agent starts going away.
+            let _ = self.flush();
+            on_quit();
+        }
+    }
+
+    fn next_line(&mut self) -> Line {
+        let unscanned = self.input.get(self.scanned..).unwrap_or_default();
+        match unscanned.iter().position(|&byte| byte == b'\n') {
+            Some(offset) => {
+                let end = self.scanned + offset;
+                if end - self.consumed > MAX_LINE_BYTES {
+                    Line::TooLong
+                } else {
+                    Line::Complete(self.consumed..end)
+                }
+            }
+            None => {
+                self.scanned = self.input.len();
+                if self.input.len() - self.consumed > MAX_LINE_BYTES {
+                    Line::TooLong
+                } else {
+                    Line::Partial
+                }
+            }
+        }
+    }
+
+    /// Drop the consumed input (once per read, not once per line).
+    fn compact(&mut self) {
+        self.input.drain(..self.consumed);
+        self.scanned -= self.consumed;
+        self.consumed = 0;
+    }
+
+    /// Write queued replies until done or the socket would block.
+    fn flush(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        let result = loop {
+            let Some(pending) = self.output.get(written..).filter(|rest| !rest.is_empty()) else {
+                break Ok(());
+            };
+            match self.stream.write(pending) {
+                Ok(0) => break Err(io::ErrorKind::WriteZero.into()),
+                Ok(count) => written += count,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        self.output.drain(..written);
+        result
+    }
+}
+
+/// A listening unix socket at `path` whose file has mode [`SOCKET_MODE`]
+/// from the moment it exists (see [`bind_private`]). A chmod after bind
+/// then makes the mode exactly 0600, whatever the umask took away.
+fn listen_private(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let listener = bind_private(path)?;
+    let finish = || -> io::Result<()> {
+        // SAFETY: listen(2) on a bound socket we own; no pointers.
+        if unsafe { libc::listen(listener.as_raw_fd(), 128) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(SOCKET_MODE))
+    };
+    if let Err(e) = finish() {
+        let _ = std::fs::remove_file(path);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+/// A unix socket bound (not yet listening) at `path`. Linux gives the file
+/// bind(2) creates the mode of the socket's own inode less the umask, so
+/// the mode is set on the socket before bind: there is no moment in which
+/// others could connect, and no process-wide umask is touched (other
+/// threads may be creating files meanwhile).
+fn bind_private(path: &Path) -> io::Result<std::os::unix::net::UnixListener> {
+    let (address, length) = socket_address(path)?;
+    // SAFETY: socket(2) takes no pointers; the result is checked below.
+    let raw = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `raw` is a descriptor socket(2) just returned; nothing else
+    // owns it, so the OwnedFd is its only owner and closes it.
+    let socket = unsafe { OwnedFd::from_raw_fd(raw) };
+    // SAFETY: fchmod on a descriptor this function owns; no memory is
+    // passed.
+    if unsafe { libc::fchmod(socket.as_raw_fd(), SOCKET_MODE as libc::mode_t) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `address` is an initialised sockaddr_un that outlives the
+    // call, and `length` (from socket_address) covers the family and the
+    // NUL-terminated path, within the struct.
+    let bound = unsafe {
+        libc::bind(
+            socket.as_raw_fd(),
+            std::ptr::addr_of!(address).cast::<libc::sockaddr>(),
+            length,
+        )
+    };
+    if bound != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(std::os::unix::net::UnixListener::from(socket))
+}
+
+/// `path` as a `sockaddr_un` and the length to pass with it.
+fn socket_address(path: &Path) -> io::Result<(libc::sockaddr_un, libc::socklen_t)> {
+    // SAFETY: sockaddr_un is plain data, for which all zeroes is a valid
+    // value (and NUL-terminates any path shorter than sun_path).
+    let mut address: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    address.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.is_empty() || bytes.contains(&0) || bytes.len() >= address.sun_path.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "a socket path must be 1 to {} bytes without NUL",
+                address.sun_path.len() - 1
+            ),
+        ));
+    }
+    for (slot, byte) in address.sun_path.iter_mut().zip(bytes) {
+        *slot = libc::c_char::from_ne_bytes([*byte]);
+    }
+    let length = std::mem::size_of::<libc::sa_family_t>() + bytes.len() + 1;
+    let length = libc::socklen_t::try_from(length)
+        .expect("the length was checked against sun_path, far below socklen_t::MAX");
+    Ok((address, length))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::fs::FileTypeExt;
+    use std::os::unix::net::UnixStream as StdStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A server on a temporary socket, running on its own thread; quit
+    /// requests arrive on the returned receiver.
+    fn start() -> (
+        tempfile::TempDir,
+        PathBuf,
+        ControlHandle,
+        std::thread::JoinHandle<()>,
+        mpsc::Receiver<()>,
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let (quit_tx, quit_rx) = mpsc::channel();
+        let server = ControlServer::bind(
+            &path,
+            Arc::new(Registry::new()),
+            Box::new(move || {
+                let _ = quit_tx.send(());
+            }),
+        )
+        .unwrap();
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+        (dir, path, handle, thread, quit_rx)
+    }
+
+    fn connect(path: &Path) -> (StdStream, BufReader<StdStream>) {
+        let stream = StdStream::connect(path).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        (stream, reader)
+    }
+
+    fn read_line(reader: &mut BufReader<StdStream>) -> String {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        line
+    }
+
+    #[test]
+    fn the_socket_is_private_and_removed_at_shutdown() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let metadata = std::fs::symlink_metadata(&path).unwrap();
+        assert!(metadata.file_type().is_socket());
+        assert_eq!(metadata.permissions().mode() & 0o7777, SOCKET_MODE);
+        handle.shutdown();
+        thread.join().unwrap();
+        assert!(!path.exists());
+    }
+
+    /// The socket file is private from bind on, before the chmod that
+    /// follows: the process umask (022 here, unless the test runner set a
+    /// stricter one) would have left it readable and executable by all.
+    #[test]
+    fn the_socket_file_is_private_from_bind_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bound.sock");
+        let _listener = bind_private(&path).unwrap();
+        let mode = std::fs::symlink_metadata(&path)
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "mode {mode:o} lets others in");
+    }
+
+    #[test]
+    fn a_live_socket_is_not_taken_over() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let second = ControlServer::bind(&path, Arc::new(Registry::new()), Box::new(|| {}));
+        assert!(matches!(second, Err(ServerError::InUse(_))));
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn requests_split_and_batched_across_writes_are_all_answered() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let (mut stream, mut reader) = connect(&path);
+        // One request in two pieces, then two in one write, then a blank line.
+        stream.write_all(b"{\"execute\": \"query-").unwrap();
+        stream.flush().unwrap();
+        stream
+            .write_all(b"devices\", \"id\": 1}\n{\"id\": 2, \"execute\": \"query-devices\"}\n\n{\"id\": 3, \"execute\": \"x\"}\n")
+            .unwrap();
+        assert_eq!(read_line(&mut reader), "{\"return\":[],\"id\":1}\n");
+        assert_eq!(read_line(&mut reader), "{\"return\":[],\"id\":2}\n");
+        assert!(read_line(&mut reader).contains("CommandNotFound"));
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_line_too_long_closes_only_its_connection() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let (mut other, mut other_reader) = connect(&path);
+        let (mut stream, mut reader) = connect(&path);
+        let long = vec![b' '; MAX_LINE_BYTES + 2];
+        // The server may close before taking all of it.
+        let _ = stream.write_all(&long);
+        let line = read_line(&mut reader);
+        assert!(line.contains("longer than 1048576 bytes"), "{line}");
+        let mut rest = String::new();
+        assert!(matches!(reader.read_line(&mut rest), Ok(0) | Err(_)));
+        other
+            .write_all(b"{\"execute\": \"query-devices\"}\n")
+            .unwrap();
+        assert_eq!(read_line(&mut other_reader), "{\"return\":[]}\n");
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn quit_is_answered_before_the_hook_runs() {
+        let (_dir, path, handle, thread, quit) = start();
+        let (mut stream, mut reader) = connect(&path);
+        stream.write_all(b"{\"execute\": \"quit\"}\n").unwrap();
+        assert_eq!(read_line(&mut reader), "{\"return\":{}}\n");
+        quit.recv_timeout(Duration::from_secs(10)).unwrap();
+        // The server keeps serving until the agent shuts it down.
+        stream
+            .write_all(b"{\"execute\": \"query-devices\"}\n")
+            .unwrap();
+        assert_eq!(read_line(&mut reader), "{\"return\":[]}\n");
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_last_request_without_newline_is_answered() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let (mut stream, mut reader) = connect(&path);
+        stream
+            .write_all(b"{\"execute\": \"query-devices\"}")
+            .unwrap();
+        stream.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(read_line(&mut reader), "{\"return\":[]}\n");
+        assert_eq!(read_line(&mut reader), "");
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn clients_beyond_the_limit_are_told_and_closed() {
+        let (_dir, path, handle, thread, _quit) = start();
+        let mut clients: Vec<_> = (0..MAX_CLIENTS).map(|_| connect(&path)).collect();
+        // Each of these is connected and served before the next connects.
+        for (stream, reader) in &mut clients {
+            stream
+                .write_all(b"{\"execute\": \"query-devices\"}\n")
+                .unwrap();
+            assert_eq!(read_line(reader), "{\"return\":[]}\n");
+        }
+        let (_extra, mut extra_reader) = connect(&path);
+        assert!(read_line(&mut extra_reader).contains("too many control clients"));
+        assert_eq!(read_line(&mut extra_reader), "");
+        handle.shutdown();
+        thread.join().unwrap();
+    }
+
+    #[test]
+    fn overlong_socket_paths_are_refused() {
+        let long = PathBuf::from(format!("/tmp/{}", "x".repeat(200)));
+        let error = listen_private(&long).unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
+    }
+}
