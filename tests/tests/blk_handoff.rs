@@ -123,6 +123,19 @@ impl Host {
     /// Start an agent named `name` on `socket` (a dead agent's socket is
     /// removed first, so the wait for the socket means the new one).
     fn agent_on(&mut self, socket: &Path, name: &str, keys: &str) -> Agent {
+        self.agent_with_args(socket, name, keys, &[])
+    }
+
+    /// Like [`Self::agent`], with the control API on `<name>.ctl`.
+    fn agent_with_control(&mut self, name: &str, keys: &str) -> (Agent, PathBuf) {
+        let socket = self.dir.path().join(format!("{name}.sock"));
+        let control = self.dir.path().join(format!("{name}.ctl"));
+        let control_arg = control.display().to_string();
+        let agent = self.agent_with_args(&socket, name, keys, &["--control", &control_arg]);
+        (agent, control)
+    }
+
+    fn agent_with_args(&mut self, socket: &Path, name: &str, keys: &str, args: &[&str]) -> Agent {
         let _ = std::fs::remove_file(socket);
         let socket = socket.to_path_buf();
         let log = self.dir.path().join(format!("{name}.log"));
@@ -134,7 +147,9 @@ impl Host {
         if !keys.is_empty() {
             spec = format!("{spec},{keys}");
         }
-        let guard = spawn_agent(&[spec], &["--log-level", "debug"], Some(&log));
+        let mut all_args = vec!["--log-level", "debug"];
+        all_args.extend_from_slice(args);
+        let guard = spawn_agent(&[spec], &all_args, Some(&log));
         self.logs.push(log);
         Agent { guard, socket }
     }
@@ -600,6 +615,94 @@ fn without_the_fence_an_abandoned_write_overwrites_a_newer_one() {
         "fence=none: the source's abandoned W1 (A) landed after the guest's \
          newer W2 (B): lost write, the corruption the write fence prevents"
     );
+}
+
+/// One control API call (a JSON line each way); returns `"return"`.
+fn control(path: &Path, execute: &str, arguments: serde_json::Value) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Write};
+    let stream = std::os::unix::net::UnixStream::connect(path)
+        .unwrap_or_else(|e| panic!("connect to {}: {e}", path.display()));
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let request = serde_json::json!({ "execute": execute, "arguments": arguments });
+    (&stream)
+        .write_all(format!("{request}\n").as_bytes())
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    reply
+        .get("return")
+        .cloned()
+        .unwrap_or_else(|| panic!("{execute} failed: {reply}"))
+}
+
+/// The `fence` object `query-devices` reports for the agent's only disk.
+fn fence_state(path: &Path) -> serde_json::Value {
+    control(path, "query-devices", serde_json::json!({}))[0]["fence"].clone()
+}
+
+/// `fence=api`: the destination holds the resubmitted W1 until an
+/// orchestrator, having seen on the source's control API that its
+/// abandoned operations are done, calls `fence-release` on the destination.
+#[test]
+fn api_fence_holds_resubmitted_writes_until_fence_release() {
+    const S: u64 = 9;
+    let mut host = Host::new();
+    let (source, source_ctl) = host.agent_with_control("source", "latency-ms=100,fence=api");
+    let (destination, destination_ctl) = host.agent_with_control("destination", "fence=api");
+    let options = StartOptions::with_protocol(1, QUEUE_SIZE, PROTOCOL_SUSPEND);
+    let mut src = TestFrontend::start(&source.socket, &options);
+    src.fill(0, &pattern(0xa, S));
+    let w1 = src.submit(
+        0,
+        &[BlkRequest::write(0, S * SECTORS_PER_BLOCK, BLOCK as u32)],
+    );
+    wait_taken(&src, 0, 1);
+    let stopped = src.stop(StopRequest::GetVringBase);
+    let stop = Instant::now();
+    assert_eq!(
+        fence_state(&source_ctl)["abandoned-outstanding"],
+        1,
+        "the source reports its abandoned write"
+    );
+    let region = src.region().migrate();
+    let mut dst = TestFrontend::resume(&destination.socket, &options, &src, region, &stopped.bases);
+    // Held: nothing completes while the gate is closed.
+    let early = dst.collect_used(0, 1, QUIET_WINDOW);
+    assert!(early.is_empty(), "W1 completed with the api fence closed");
+    assert_eq!(fence_state(&destination_ctl)["open"], false);
+    // The orchestrator: wait for the source, then release the destination.
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            fence_state(&source_ctl)["abandoned-outstanding"] == 0
+        }),
+        "the source's abandoned write never finished"
+    );
+    let source_done = stop.elapsed();
+    control(
+        &destination_ctl,
+        "fence-release",
+        serde_json::json!({ "device": "destination" }),
+    );
+    let heads = dst.collect_used(0, 1, COMPLETE_TIMEOUT);
+    assert_eq!(heads, [w1[0].head], "W1 completed once after the release");
+    assert_eq!(dst.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(fence_state(&destination_ctl)["open"], true);
+    dst.fill(1, &pattern(0xb, S));
+    let w2 = dst.request(0, 1, VIRTIO_BLK_T_OUT, S * SECTORS_PER_BLOCK, BLOCK as u32);
+    assert_eq!(w2, Some(VIRTIO_BLK_S_OK), "W2");
+    std::thread::sleep(QUIET_WINDOW);
+    assert!(
+        host.image_block(S) == pattern(0xb, S),
+        "block S does not hold W2's data"
+    );
+    println!(
+        "fence=api: the source reported its abandoned write finished {} ms after its stop; W1 went after fence-release",
+        source_done.as_millis()
+    );
+    drop((source, destination));
 }
 
 #[test]
