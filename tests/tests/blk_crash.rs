@@ -204,10 +204,21 @@ fn agent_crash_recovery(kills: usize) {
             &format!("vhost-agent start {restarted}"),
             &env.log(restarted),
         );
-        // QEMU reconnects and the guest goes on: one more round completes.
+        // QEMU reconnects and starts the ring on the new agent (a round
+        // marker alone proves nothing: the round may have finished its I/O
+        // before the kill), then the guest goes on: one more round.
+        let log = env.log(restarted);
+        let deadline = Instant::now() + RECOVERY_TIMEOUT;
+        while count_lines(&log, "queue 0 started") == 0 {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU did not start the ring on the restarted agent within {RECOVERY_TIMEOUT:?}\n{}",
+                vm.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let after = vm.wait_rounds(rounds + 1, RECOVERY_TIMEOUT);
         rounds = after.len();
-        let log = env.log(restarted);
         let resubmitted: usize = std::fs::read_to_string(&log)
             .unwrap_or_default()
             .lines()
