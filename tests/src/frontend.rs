@@ -353,15 +353,7 @@ impl DriverQueue {
             if now >= deadline {
                 return None;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let wait_ms = (deadline - now).as_millis().min(100) as i32;
-            // SAFETY: one valid pollfd on the stack for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, wait_ms) };
-            let _ = self.call.read();
+            self.wait_call((deadline - now).min(Duration::from_millis(100)));
         }
     }
 
@@ -406,16 +398,20 @@ impl DriverQueue {
             if entries.len() >= count || now >= deadline {
                 return entries;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.call.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let wait_ms = (deadline - now).as_millis().min(10) as i32;
-            // SAFETY: one valid pollfd on the stack for the duration of the call.
-            unsafe { libc::poll(&mut pfd, 1, wait_ms) };
-            let _ = self.call.read();
+            self.wait_call((deadline - now).min(Duration::from_millis(10)));
         }
+    }
+
+    /// Wait up to `timeout` for the device's interrupt, and consume it.
+    fn wait_call(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.call.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd on the stack for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
+        let _ = self.call.read();
     }
 }
 
