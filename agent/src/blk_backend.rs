@@ -334,18 +334,13 @@ impl BlkBackend {
         self.needs_reset.store(false, Ordering::SeqCst);
     }
 
-    /// Stop every queue. With an inflight region the queues are suspended:
-    /// what they leave unanswered is resubmitted by whoever uses the region
-    /// next (QEMU keeps it across reconnects); without one they drain.
+    /// Stop every queue, answering what storage already has. Writes the
+    /// write fence still holds stay in the inflight region (QEMU keeps it
+    /// across reconnects and hands it to the next back-end).
     fn reset_rings(&mut self) {
-        let mode = if self.inflight.is_some() {
-            StopMode::Suspend
-        } else {
-            StopMode::Drain
-        };
         for (index, vring) in self.vrings.iter_mut().enumerate() {
             if let Some(worker) = vring.worker.take() {
-                let stopped = worker.stop(mode);
+                let stopped = worker.stop(StopMode::Detach);
                 log::info!(
                     "{}: queue {index} stopped ({:?}{})",
                     self.name,
@@ -495,7 +490,7 @@ impl BlkBackend {
             reaper = stopped.reaper;
             vring.next_avail = exit.next_avail;
             match mode {
-                StopMode::Drain => log::info!(
+                StopMode::Drain | StopMode::Detach => log::info!(
                     "{name}: queue {index} stopped at avail {} ({:?})",
                     exit.next_avail,
                     exit.stats

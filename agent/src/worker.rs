@@ -73,6 +73,11 @@ pub enum StopMode {
     /// Stop at once: unanswered requests stay in the inflight region and
     /// late storage completions never reach guest memory.
     Suspend,
+    /// The front-end went away: answer what storage already has (so no
+    /// operation outlives the stop and lands later), but leave requests
+    /// held by the write fence in the inflight region for whoever uses it
+    /// next, instead of waiting for a gate that may never open.
+    Detach,
 }
 
 /// State shared between the protocol thread and a worker.
@@ -80,6 +85,8 @@ struct Control {
     wake: Arc<EventFd>,
     stop: AtomicBool,
     suspend: AtomicBool,
+    /// Stop without waiting for requests the write fence holds.
+    leave_held: AtomicBool,
     enabled: AtomicBool,
     call: Mutex<Option<Arc<File>>>,
     /// Set when the queue hit a guest error and stopped serving the ring.
@@ -151,6 +158,7 @@ impl Worker {
             wake: Arc::new(EventFd::new(EFD_NONBLOCK).map_err(start_error)?),
             stop: AtomicBool::new(false),
             suspend: AtomicBool::new(false),
+            leave_held: AtomicBool::new(false),
             enabled: AtomicBool::new(enabled),
             call: Mutex::new(call),
             needs_reset,
@@ -194,13 +202,15 @@ impl Worker {
         *self.control.call.lock().unwrap_or_else(|p| p.into_inner()) = call;
     }
 
-    /// Stop taking requests and return where the ring stands: after every
-    /// request is answered ([`StopMode::Drain`]), or at once
-    /// ([`StopMode::Suspend`]).
+    /// Stop taking requests and return where the ring stands (see
+    /// [`StopMode`]).
     pub fn stop(self, mode: StopMode) -> Stopped {
         self.control
             .suspend
             .store(mode == StopMode::Suspend, Ordering::SeqCst);
+        self.control
+            .leave_held
+            .store(mode == StopMode::Detach, Ordering::SeqCst);
         self.control.stop.store(true, Ordering::SeqCst);
         self.wake();
         let exit = match self.exit.recv() {
@@ -403,7 +413,11 @@ fn run(
         if notify {
             signal(control);
         }
-        if stopping && blk.in_flight() == 0 && (blk.held() == 0 || broken) {
+        if stopping
+            && blk.in_flight() == 0
+            && (blk.held() == 0 || broken || control.leave_held.load(Ordering::SeqCst))
+        {
+            exit.left_in_flight = blk.held();
             break;
         }
 
