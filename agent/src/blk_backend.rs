@@ -155,6 +155,9 @@ pub struct BlkBackend {
     fence: Arc<Fence>,
     /// Threads still collecting storage operations of suspended queues.
     reapers: Vec<std::thread::JoinHandle<()>>,
+    /// Log lines held back until the reply is sent (see
+    /// [`Self::flush_deferred_logs`]).
+    deferred_logs: Vec<String>,
 }
 
 /// Protocol features a block device offers.
@@ -198,6 +201,16 @@ impl BlkBackend {
             inflight: None,
             fence,
             reapers: Vec::new(),
+            deferred_logs: Vec::new(),
+        }
+    }
+
+    /// Write the log lines of the last request. A suspending GET_VRING_BASE
+    /// must reply at once, and a log write can stall on a busy disk, so its
+    /// lines wait until the protocol layer has sent the reply.
+    pub fn flush_deferred_logs(&mut self) {
+        for line in self.deferred_logs.drain(..) {
+            log::info!("{line}");
         }
     }
 
@@ -483,31 +496,29 @@ impl BlkBackend {
     fn stop_vring(&mut self, index: u32, mode: StopMode) -> Result<u16, BackendError> {
         let name = self.name.clone();
         let vring = self.vring(index)?;
-        let mut reaper = None;
-        if let Some(worker) = vring.worker.take() {
-            let stopped = worker.stop(mode);
-            let exit = stopped.exit;
-            reaper = stopped.reaper;
-            vring.next_avail = exit.next_avail;
-            match mode {
-                StopMode::Drain | StopMode::Detach => log::info!(
-                    "{name}: queue {index} stopped at avail {} ({:?})",
-                    exit.next_avail,
-                    exit.stats
-                ),
-                StopMode::Suspend => log::info!(
-                    "{name}: queue {index} suspended at avail {} with {} request(s) left in the inflight region, {} write(s) still on storage ({:?})",
-                    exit.next_avail,
-                    exit.left_in_flight,
-                    exit.abandoned_writes,
-                    exit.stats
-                ),
-            }
+        let Some(worker) = vring.worker.take() else {
+            return Ok(vring.next_avail);
+        };
+        let stopped = worker.stop(mode);
+        let exit = stopped.exit;
+        vring.next_avail = exit.next_avail;
+        match mode {
+            StopMode::Drain | StopMode::Detach => log::info!(
+                "{name}: queue {index} stopped at avail {} ({:?})",
+                exit.next_avail,
+                exit.stats
+            ),
+            StopMode::Suspend => self.deferred_logs.push(format!(
+                "{name}: queue {index} suspended at avail {} with {} request(s) left in the inflight region, {} write(s) still on storage ({:?})",
+                exit.next_avail,
+                exit.left_in_flight,
+                exit.abandoned_writes,
+                exit.stats
+            )),
         }
-        let next_avail = vring.next_avail;
         self.reapers.retain(|reaper| !reaper.is_finished());
-        self.reapers.extend(reaper);
-        Ok(next_avail)
+        self.reapers.extend(stopped.reaper);
+        Ok(exit.next_avail)
     }
 }
 
@@ -648,6 +659,13 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
         log::info!("{}: protocol features acked {features:#x}", self.name);
         self.acked_protocol_features = features;
+        if self.protocol_acked(
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
+        ) {
+            // Suspends are possible from now on: have the fence ready.
+            self.fence.prepare();
+        }
         Ok(())
     }
 

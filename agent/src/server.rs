@@ -261,6 +261,7 @@ impl DeviceServer {
                 },
                 _ => self.handle_own(conn, header.code),
             };
+            lock(&self.backend).flush_deferred_logs();
             log::debug!(
                 "{}: {name} ({}) size {} -> {} in {:?}",
                 self.name,

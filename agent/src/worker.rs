@@ -515,25 +515,33 @@ fn suspend(
     fence: &Fence,
     exit_tx: &mpsc::SyncSender<WorkerExit>,
 ) -> WorkerExit {
+    // Nothing on the way to the reply may block: no logging until the
+    // protocol thread has the exit (a log write can stall on a busy disk).
     let held = blk.held();
     let abandoned_writes = blk.suspend();
-    if let Err(e) = fence.abandon(abandoned_writes) {
-        log::error!(
-            "{device} queue {index}: cannot take the write fence lock {} ({e}); a destination will not wait for {abandoned_writes} abandoned write(s)",
-            fence.lock_file().display()
-        );
-    }
+    let fenced = fence.abandon(abandoned_writes);
     exit.next_avail = queue.next_avail();
     exit.stats = blk.stats();
     exit.left_in_flight = blk.in_flight() + held;
     exit.abandoned_writes = abandoned_writes;
+    let _ = exit_tx.try_send(exit);
+    match fenced {
+        Ok(()) if abandoned_writes > 0 && fence.mode() == blkdev::FenceMode::Lock => log::info!(
+            "{device} queue {index}: holding {} until {abandoned_writes} abandoned write(s) finish",
+            fence.lock_file().display()
+        ),
+        Ok(()) => {}
+        Err(e) => log::error!(
+            "{device} queue {index}: cannot take the write fence lock {} ({e}); a destination will not wait for {abandoned_writes} abandoned write(s)",
+            fence.lock_file().display()
+        ),
+    }
     log::debug!(
         "{device} queue {index}: suspended at avail {} used {} with {} request(s) unanswered",
         exit.next_avail,
         queue.next_used(),
         exit.left_in_flight
     );
-    let _ = exit_tx.try_send(exit);
 
     let started = Instant::now();
     let mut poll = match Poll::new() {

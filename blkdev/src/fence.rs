@@ -58,8 +58,11 @@ pub struct Fence {
 struct SourceState {
     /// Abandoned operations that may still modify the image.
     outstanding: u64,
-    /// The locked file while `outstanding > 0` (lock mode).
-    lock: Option<File>,
+    /// The lock file, opened ahead of time (see [`Fence::prepare`]) and
+    /// kept open, so a suspend only takes the lock.
+    file: Option<File>,
+    /// The file is locked (lock mode, `outstanding > 0`).
+    locked: bool,
 }
 
 impl Fence {
@@ -170,7 +173,7 @@ impl Fence {
     /// Source side: a queue stopped without draining and left `count`
     /// operations that may still modify the image. In `lock` mode the lock
     /// is taken before this returns, i.e. before the front-end learns the
-    /// queue stopped.
+    /// queue stopped. It does not log (it is on that critical path).
     pub fn abandon(&self, count: u64) -> io::Result<()> {
         if count == 0 {
             return Ok(());
@@ -178,13 +181,13 @@ impl Fence {
         self.abandoned_total.fetch_add(count, Ordering::Relaxed);
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
         source.outstanding += count;
-        if self.mode == FenceMode::Lock && source.lock.is_none() {
-            source.lock = Some(acquire_exclusive(&self.lock_path)?);
-            log::info!(
-                "fence: holding {} until {} abandoned operation(s) finish",
-                self.lock_path.display(),
-                source.outstanding
-            );
+        if self.mode == FenceMode::Lock && !source.locked {
+            if source.file.is_none() {
+                source.file = Some(open_lock_file(&self.lock_path)?);
+            }
+            let file = source.file.as_ref().expect("opened above");
+            ofd_lock(file, libc::F_WRLCK as libc::c_short, true)?;
+            source.locked = true;
         }
         Ok(())
     }
@@ -193,15 +196,37 @@ impl Fence {
     pub fn abandoned_done(&self) {
         let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
         source.outstanding = source.outstanding.saturating_sub(1);
-        if source.outstanding == 0 {
-            if let Some(file) = source.lock.take() {
+        if source.outstanding == 0 && source.locked {
+            source.locked = false;
+            let file = source.file.take().expect("a locked file is open");
+            match ofd_lock(&file, libc::F_UNLCK as libc::c_short, false) {
+                Ok(()) => source.file = Some(file),
                 // Closing the only descriptor of the open file description
-                // releases its OFD lock.
-                drop(file);
-                log::info!(
-                    "fence: abandoned operations finished; released {}",
+                // releases its OFD lock too.
+                Err(e) => log::warn!("fence: unlocking failed ({e}); closing the lock file"),
+            }
+            log::info!(
+                "fence: abandoned operations finished; released {}",
+                self.lock_path.display()
+            );
+        }
+    }
+
+    /// The front-end negotiated suspending: open (creating) the lock file
+    /// now, off the critical path of a later suspend. A failure is logged
+    /// and retried at the suspend.
+    pub fn prepare(&self) {
+        if self.mode != FenceMode::Lock {
+            return;
+        }
+        let mut source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        if source.file.is_none() {
+            match open_lock_file(&self.lock_path) {
+                Ok(file) => source.file = Some(file),
+                Err(e) => log::warn!(
+                    "fence: cannot open {} ahead of a suspend: {e}",
                     self.lock_path.display()
-                );
+                ),
             }
         }
     }
@@ -244,19 +269,17 @@ fn ofd_lock(file: &File, kind: libc::c_short, wait: bool) -> io::Result<()> {
     }
 }
 
-/// Take the source's write lock (creating the file), blocking briefly if a
-/// destination holds its read lock for a moment.
-fn acquire_exclusive(path: &Path) -> io::Result<File> {
-    let file = OpenOptions::new()
+/// Open the lock file for the source's write lock, creating it. (Taking
+/// the lock may block briefly if a destination holds its read lock.)
+fn open_lock_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o644)
         .custom_flags(libc::O_CLOEXEC)
-        .open(path)?;
-    ofd_lock(&file, libc::F_WRLCK as libc::c_short, true)?;
-    Ok(file)
+        .open(path)
 }
 
 /// Wait until no source holds the lock (a missing file means none ever did).
@@ -322,6 +345,18 @@ mod tests {
         }
         assert_eq!(source.abandoned_total(), 2);
         assert_eq!(source.abandoned_outstanding(), 0);
+        // The lock file stays open for the next handoff, unlocked.
+        source.prepare();
+        source.abandon(1).unwrap();
+        destination.arm();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!destination.is_open(), "a second handoff holds again");
+        source.abandoned_done();
+        let start = Instant::now();
+        while !destination.is_open() {
+            assert!(start.elapsed() < Duration::from_secs(5));
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]
