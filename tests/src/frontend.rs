@@ -336,18 +336,8 @@ impl DriverQueue {
     ) -> Option<Vec<(u32, u32)>> {
         let deadline = Instant::now() + timeout;
         loop {
-            let used_idx: u16 = ram.mem.read_obj(GuestAddress(self.used_ring + 2)).unwrap();
-            if used_idx.wrapping_sub(self.last_used) >= count {
-                let mut entries = Vec::new();
-                for _ in 0..count {
-                    let slot = u64::from(self.last_used % self.size);
-                    let at = self.used_ring + 4 + 8 * slot;
-                    let id: u32 = ram.mem.read_obj(GuestAddress(at)).unwrap();
-                    let len: u32 = ram.mem.read_obj(GuestAddress(at + 4)).unwrap();
-                    entries.push((id, len));
-                    self.last_used = self.last_used.wrapping_add(1);
-                }
-                return Some(entries);
+            if self.pending_used(ram) >= count {
+                return Some(self.take_entries(ram, count));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -370,8 +360,14 @@ impl DriverQueue {
     /// Take every used entry published so far; (id, len) for each.
     pub fn take_used(&mut self, ram: &GuestRam) -> Vec<(u32, u32)> {
         let pending = self.pending_used(ram);
-        let mut entries = Vec::with_capacity(usize::from(pending));
-        for _ in 0..pending {
+        self.take_entries(ram, pending)
+    }
+
+    /// Take the next `count` used entries (the caller checked they are
+    /// published); (id, len) for each.
+    fn take_entries(&mut self, ram: &GuestRam, count: u16) -> Vec<(u32, u32)> {
+        let mut entries = Vec::with_capacity(usize::from(count));
+        for _ in 0..count {
             let slot = u64::from(self.last_used % self.size);
             let at = self.used_ring + 4 + 8 * slot;
             let id: u32 = ram.mem.read_obj(GuestAddress(at)).unwrap();
