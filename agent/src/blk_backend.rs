@@ -228,15 +228,21 @@ impl BlkBackend {
         self.acked_protocol_features & bits == bits
     }
 
+    /// GET_VRING_BASE_INFLIGHT with INFLIGHT_SHMFD: the front-end may have
+    /// rings suspended instead of drained.
+    fn suspend_negotiated(&self) -> bool {
+        self.protocol_acked(
+            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
+                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
+        )
+    }
+
     /// How GET_VRING_BASE (`which`) stops a ring, per the negotiated
     /// protocol features (PROTOCOL.md, "Decisions"): suspend with
     /// GET_VRING_BASE_INFLIGHT (which needs INFLIGHT_SHMFD) unless
     /// GET_VRING_BASE_SKIP_DRAIN moved suspending to request 45.
     fn stop_mode(&self, which: GetBase) -> StopMode {
-        let suspend_allowed = self.protocol_acked(
-            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
-                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
-        );
+        let suspend_allowed = self.suspend_negotiated();
         let skip_drain = self.protocol_acked(PROTOCOL_F_GET_VRING_BASE_SKIP_DRAIN);
         let wants_suspend = match which {
             GetBase::Plain => suspend_allowed && !skip_drain,
@@ -426,10 +432,7 @@ impl BlkBackend {
         let latency = std::time::Duration::from_millis(u64::from(self.config.options().latency_ms));
         let fence = self.fence.clone();
         // Only a front-end that negotiated suspending can abandon reads.
-        let bounce_reads = self.protocol_acked(
-            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
-                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
-        );
+        let bounce_reads = self.suspend_negotiated();
         let inflight = match &self.inflight {
             // index < num_queues <= u16::MAX (checked by vring() below).
             Some(region) => match region.queue(index as u16) {
@@ -659,10 +662,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
         log::info!("{}: protocol features acked {features:#x}", self.name);
         self.acked_protocol_features = features;
-        if self.protocol_acked(
-            VhostUserProtocolFeatures::INFLIGHT_SHMFD.bits()
-                | VhostUserProtocolFeatures::GET_VRING_BASE_INFLIGHT.bits(),
-        ) {
+        if self.suspend_negotiated() {
             // Suspends are possible from now on: have the fence ready.
             self.fence.prepare();
         }

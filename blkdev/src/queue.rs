@@ -251,15 +251,6 @@ impl<M: GuestMemory> BlkQueue<M> {
             queue.set_next_avail(derived);
         }
         let desc_table = GuestAddress(queue.desc_table());
-        let mutating = |request: &Request| {
-            matches!(
-                request.kind,
-                RequestKind::Write
-                    | RequestKind::Flush
-                    | RequestKind::Discard { .. }
-                    | RequestKind::WriteZeroes { .. }
-            )
-        };
         let mut requests = Vec::with_capacity(heads.len());
         for head in heads {
             report.resubmitted += 1;
@@ -278,9 +269,9 @@ impl<M: GuestMemory> BlkQueue<M> {
                 }
             }
         }
-        let hold = requests.iter().any(mutating) && hold_writes();
+        let hold = requests.iter().any(|r| r.kind.modifies_image()) && hold_writes();
         for request in requests {
-            if hold && mutating(&request) {
+            if hold && request.kind.modifies_image() {
                 report.held += 1;
                 self.held.push(request);
             } else {

@@ -53,6 +53,20 @@ pub enum RequestKind {
     Unsupported(u32),
 }
 
+impl RequestKind {
+    /// Whether the request may change the image (what the write fence of
+    /// an in-flight handoff holds back).
+    pub fn modifies_image(&self) -> bool {
+        matches!(
+            self,
+            RequestKind::Write
+                | RequestKind::Flush
+                | RequestKind::Discard { .. }
+                | RequestKind::WriteZeroes { .. }
+        )
+    }
+}
+
 /// A parsed request whose status byte is known to be writable.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Request {
