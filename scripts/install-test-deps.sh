@@ -3,7 +3,12 @@
 #   * QEMU 10 (qemu-system-x86_64) and qemu-storage-daemon (package qemu-utils)
 #     from bookworm-backports;
 #   * the tools tests/guest/build-guest.sh uses to make the guest kernel and
-#     initramfs: busybox-static, fio, cpio, kmod (depmod), zstd, dpkg, apt.
+#     initramfs: busybox-static, fio, cpio, kmod (depmod), zstd, dpkg, apt;
+#   * DPDK 22.11 from bookworm: dpdk-testpmd (package dpdk-dev) and the
+#     drivers the net tests load (vhost and virtio_user PMDs, tap, the ring
+#     mempool), for tests/tests/net_dpdk.rs and benches/net_pps.rs;
+#   * iproute2 (ip) and iputils-ping (ping) for the tap/bridge tests, which
+#     build private network namespaces.
 #
 # Run as root. Idempotent: when everything is already there it returns in a
 # fraction of a second without touching apt.
@@ -12,7 +17,11 @@ set -euo pipefail
 BACKPORTS_FILE=/etc/apt/sources.list.d/backports.sources
 QEMU_MIN_MAJOR=10
 # Plain (non-backports) packages the guest build and the tests need.
-BASE_PACKAGES=(busybox-static fio cpio kmod zstd dpkg apt libc-bin)
+BASE_PACKAGES=(busybox-static fio cpio kmod zstd dpkg apt libc-bin iproute2 iputils-ping)
+# DPDK 22.11 (bookworm main). dpdk-dev carries dpdk-testpmd; the PMDs are
+# separate packages that testpmd loads as plugins from the driver directory.
+# Without recommends: dpdk-dev would otherwise pull in every PMD and kmod.
+DPDK_PACKAGES=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-net-tap23 librte-mempool-ring23)
 APT_OPTS=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
 
 log() { echo "install-test-deps: $*" >&2; }
@@ -56,6 +65,10 @@ missing_base=()
 for p in "${BASE_PACKAGES[@]}"; do
     pkg_installed "$p" || missing_base+=("$p")
 done
+missing_dpdk=()
+for p in "${DPDK_PACKAGES[@]}"; do
+    pkg_installed "$p" || missing_dpdk+=("$p")
+done
 
 backports_ok=false
 if [[ -f "$BACKPORTS_FILE" ]] && cmp -s "$BACKPORTS_FILE" <(backports_wanted); then
@@ -70,8 +83,15 @@ if compgen -G '/var/lib/apt/lists/*_dists_bookworm_main_binary-amd64_Packages*' 
     lists_ok=true
 fi
 
-if $backports_ok && $lists_ok && qemu_ok && [[ ${#missing_base[@]} -eq 0 ]]; then
-    log "all test dependencies present: $(qemu-system-x86_64 --version | head -n1)"
+# The packages can be installed while the binary is not where the tests
+# look for it (a diverted or removed file): check the command too.
+dpdk_ok() {
+    command -v dpdk-testpmd >/dev/null 2>&1
+}
+
+if $backports_ok && $lists_ok && qemu_ok && dpdk_ok &&
+    [[ ${#missing_base[@]} -eq 0 && ${#missing_dpdk[@]} -eq 0 ]]; then
+    log "all test dependencies present: $(qemu-system-x86_64 --version | head -n1); DPDK $(dpkg-query -W -f='${Version}' dpdk-dev)"
     exit 0
 fi
 
@@ -95,8 +115,18 @@ if [[ ${#missing_base[@]} -gt 0 ]]; then
     apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${missing_base[@]}"
 fi
 
+if [[ ${#missing_dpdk[@]} -gt 0 ]] || ! dpdk_ok; then
+    # All of them when the command is missing: reinstalling puts it back.
+    log "installing DPDK 22.11: ${DPDK_PACKAGES[*]}"
+    apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${DPDK_PACKAGES[@]}"
+fi
+
 if ! qemu_ok; then
     log "QEMU >= $QEMU_MIN_MAJOR with qemu-storage-daemon is still missing after the install"
     exit 1
 fi
-log "done: $(qemu-system-x86_64 --version | head -n1); $(qemu-storage-daemon --version | head -n1)"
+if ! dpdk_ok; then
+    log "dpdk-testpmd is still missing after installing ${DPDK_PACKAGES[*]}"
+    exit 1
+fi
+log "done: $(qemu-system-x86_64 --version | head -n1); $(qemu-storage-daemon --version | head -n1); DPDK $(dpkg-query -W -f='${Version}' dpdk-dev)"
