@@ -842,3 +842,63 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         Ok(())
     }
 }
+
+impl crate::server::ServedBackend for BlkBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn new_session(&mut self) {
+        BlkBackend::new_session(self);
+    }
+
+    fn disconnect(&mut self) {
+        BlkBackend::disconnect(self);
+    }
+
+    /// Suspended queues may still have storage operations running; let them
+    /// land before the process goes.
+    fn shut_down(&mut self) {
+        self.join_reapers();
+    }
+
+    fn flush_deferred_logs(&mut self) {
+        BlkBackend::flush_deferred_logs(self);
+    }
+
+    fn reply_ack_enabled(&self) -> bool {
+        BlkBackend::reply_ack_enabled(self)
+    }
+
+    fn set_status(&mut self, status: u8) {
+        BlkBackend::set_status(self, status);
+    }
+
+    fn get_status(&self) -> u8 {
+        BlkBackend::get_status(self)
+    }
+
+    fn handle_own(&mut self, code: u32, payload: &[u8]) -> crate::server::OwnRequest {
+        use crate::server::OwnRequest;
+        if code != 45 {
+            return OwnRequest::Unknown;
+        }
+        // GET_VRING_BASE_SKIP_DRAIN: a vring state {index u32, num u32}; the
+        // reply has the same shape.
+        let Some(index) = payload
+            .get(..4)
+            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
+        else {
+            return OwnRequest::Fail(format!("a {}-byte payload", payload.len()));
+        };
+        match self.get_vring_base_skip_drain(index) {
+            Ok(base) => {
+                let mut reply = Vec::with_capacity(8);
+                reply.extend_from_slice(&index.to_le_bytes());
+                reply.extend_from_slice(&u32::from(base).to_le_bytes());
+                OwnRequest::Reply(reply)
+            }
+            Err(e) => OwnRequest::Fail(crate::error_chain(&e)),
+        }
+    }
+}

@@ -1,9 +1,13 @@
-//! Command-line syntax: `--blk socket=PATH,image=PATH[,key=value...]`.
+//! Command-line syntax: `--blk socket=PATH,image=PATH[,key=value...]` and
+//! `--net socket=PATH,dataplane=DP[,key=value...]`.
 
 use std::path::PathBuf;
 use std::str::FromStr;
 
 use blkdev::{DiskOptions, FenceMode};
+use netdev::dataplane::DataplaneSpec;
+use netdev::rss::RssConfig;
+use netdev::spec::MacAddress;
 
 /// Storage engine choice on the command line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -164,6 +168,154 @@ impl FromStr for BlkSpec {
     }
 }
 
+/// How a net device steers received frames to RX queues.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RssChoice {
+    /// No RSS: a frame goes to the RX queue of the pair it belongs to.
+    Off,
+    /// RSS over every queue pair with the default key and hash types.
+    Spread,
+    /// RSS as a JSON file (`RssConfig`) describes it.
+    File(PathBuf),
+}
+
+/// One `--net` option.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetSpec {
+    /// Device name for logs (default `netN`).
+    pub id: Option<String>,
+    /// vhost-user socket to listen on.
+    pub socket: PathBuf,
+    /// Where frames go.
+    pub dataplane: DataplaneSpec,
+    /// Queue pairs (VIRTIO_NET_F_MQ).
+    pub queue_pairs: u16,
+    /// MTU (VIRTIO_NET_F_MTU, and the tap's MTU).
+    pub mtu: u16,
+    /// MAC address in the config space (DPDK reads it; QEMU has its own).
+    pub mac: MacAddress,
+    /// Busy-poll time after work, microseconds.
+    pub poll_us: u32,
+    /// Receive steering.
+    pub rss: RssChoice,
+}
+
+impl NetSpec {
+    /// The RSS configuration to start with, if any.
+    pub fn rss_config(&self) -> Result<Option<RssConfig>, String> {
+        match &self.rss {
+            RssChoice::Off => Ok(None),
+            RssChoice::Spread => Ok(Some(RssConfig::spread(self.queue_pairs))),
+            RssChoice::File(path) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    format!("cannot read RSS configuration {}: {e}", path.display())
+                })?;
+                serde_json::from_str(&text)
+                    .map(Some)
+                    .map_err(|e| format!("RSS configuration {}: {e}", path.display()))
+            }
+        }
+    }
+}
+
+/// Help text for the `--net` value, shown by `--help`.
+pub const NET_HELP: &str = "\
+Serve a virtio-net device: socket=PATH,dataplane=DP[,KEY=VALUE...]. Keys:
+  socket=PATH       vhost-user socket to listen on (required)
+  dataplane=DP      where frames go (required):
+                    loop: every frame the guest sends comes back to it
+                    (tests, benchmarks);
+                    tap:IFNAME: a kernel tap device, created (or attached
+                    to) at start-up, one tap queue per queue pair, with a
+                    virtio-net header so checksum/TSO offloads work;
+                    sim:PROFILE.json: like loop, but configuration steps
+                    cost what the profile says (a simulated hardware NIC
+                    for downtime experiments)
+  id=NAME           name used in logs (default net0, net1, ...)
+  queue-pairs=N     RX/TX queue pairs, 1..=127 (default 1)
+  mtu=N             MTU offered to the guest and set on a tap, 68..=65535
+                    (default 1500)
+  mac=MAC           MAC address in the device config space (default
+                    52:54:00:12:34:56; QEMU uses its own -device mac=)
+  poll-us=N         busy-poll the rings for N microseconds after work
+                    before sleeping; 0 disables (default 0)
+  rss=on|off|FILE   steer received frames by Toeplitz hash over the queue
+                    pairs: on = default key, IPv4/IPv6/TCP/UDP hash types,
+                    table spread over all pairs; FILE = a JSON RssConfig
+                    {hash_types, key, indirection_table, default_queue}
+                    (default off: a frame stays on its pair)
+Repeat --net for several devices.";
+
+impl FromStr for NetSpec {
+    type Err = String;
+
+    fn from_str(spec: &str) -> Result<NetSpec, String> {
+        let mut id = None;
+        let mut socket = None;
+        let mut dataplane = None;
+        let mut queue_pairs = 1u16;
+        let mut mtu = 1500u16;
+        let mut mac = MacAddress::DEFAULT;
+        let mut poll_us = 0u32;
+        let mut rss = RssChoice::Off;
+        for item in spec.split(',').filter(|item| !item.is_empty()) {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("{item} needs a value ({item}=...)"))?;
+            match key {
+                "id" => id = Some(value.to_string()),
+                "socket" => socket = Some(PathBuf::from(value)),
+                "dataplane" => dataplane = Some(value.parse::<DataplaneSpec>()?),
+                "queue-pairs" => {
+                    let n: u16 = parse_number(key, value)?;
+                    if !(1..=netdev::spec::MAX_QUEUE_PAIRS).contains(&n) {
+                        return Err(format!(
+                            "queue-pairs={n}: must be 1..={}",
+                            netdev::spec::MAX_QUEUE_PAIRS
+                        ));
+                    }
+                    queue_pairs = n;
+                }
+                "mtu" => {
+                    let n: u32 = parse_number(key, value)?;
+                    if n < u32::from(netdev::spec::MIN_MTU) || n > 65535 {
+                        return Err(format!("mtu={n}: must be 68..=65535"));
+                    }
+                    mtu = n as u16;
+                }
+                "mac" => mac = value.parse().map_err(|e| format!("mac={value}: {e}"))?,
+                "poll-us" => {
+                    let us: u32 = parse_number(key, value)?;
+                    if us > 1_000_000 {
+                        return Err(format!("poll-us={us}: at most 1000000"));
+                    }
+                    poll_us = us;
+                }
+                "rss" => {
+                    rss = match value {
+                        "on" => RssChoice::Spread,
+                        "off" => RssChoice::Off,
+                        "" => return Err("rss needs a value (on, off or a file)".to_string()),
+                        path => RssChoice::File(PathBuf::from(path)),
+                    }
+                }
+                other => return Err(format!("unknown --net key `{other}`")),
+            }
+        }
+        Ok(NetSpec {
+            id,
+            socket: socket.ok_or("missing socket=PATH")?,
+            dataplane: dataplane
+                .ok_or("missing dataplane=DP (loop, tap:IFNAME or sim:PROFILE.json)")?,
+            queue_pairs,
+            mtu,
+            mac,
+            poll_us,
+            rss,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +379,39 @@ mod tests {
         assert!(BLK_HELP.contains("latency-ms=N"));
         assert!(BLK_HELP.contains("never for production"));
         assert!(BLK_HELP.contains("fence=MODE"));
+    }
+
+    #[test]
+    fn net_spec_parses_with_defaults() {
+        let spec: NetSpec = "socket=/s,dataplane=loop".parse().unwrap();
+        assert_eq!(spec.dataplane, DataplaneSpec::Loop);
+        assert_eq!((spec.queue_pairs, spec.mtu, spec.poll_us), (1, 1500, 0));
+        assert_eq!(spec.mac, MacAddress::DEFAULT);
+        assert_eq!(spec.rss, RssChoice::Off);
+        let spec: NetSpec =
+            "socket=/s,dataplane=tap:vh0,queue-pairs=4,mtu=9000,mac=02:00:00:00:00:01,poll-us=50,rss=on,id=n"
+                .parse()
+                .unwrap();
+        assert_eq!(spec.dataplane, DataplaneSpec::Tap("vh0".into()));
+        assert_eq!((spec.queue_pairs, spec.mtu, spec.poll_us), (4, 9000, 50));
+        assert_eq!(spec.mac.to_string(), "02:00:00:00:00:01");
+        assert_eq!(spec.rss, RssChoice::Spread);
+        assert_eq!(spec.rss_config().unwrap().unwrap().indirection_table[3], 3);
+    }
+
+    #[test]
+    fn bad_net_specs_name_the_problem() {
+        let err = |s: &str| s.parse::<NetSpec>().unwrap_err();
+        assert!(err("dataplane=loop").contains("socket"));
+        assert!(err("socket=/s").contains("dataplane"));
+        assert!(err("socket=/s,dataplane=vdpa").contains("unknown dataplane"));
+        assert!(err("socket=/s,dataplane=loop,queue-pairs=0").contains("1..=127"));
+        assert!(err("socket=/s,dataplane=loop,queue-pairs=128").contains("1..=127"));
+        assert!(err("socket=/s,dataplane=loop,mtu=67").contains("68..=65535"));
+        assert!(err("socket=/s,dataplane=loop,mtu=65536").contains("68..=65535"));
+        assert!(err("socket=/s,dataplane=loop,mac=zz").contains("mac=zz"));
+        assert!(err("socket=/s,dataplane=loop,bogus=1").contains("unknown --net key"));
+        assert!(err("socket=/s,dataplane=loop,readonly").contains("needs a value"));
     }
 
     #[test]

@@ -55,6 +55,18 @@ pub enum ControlError {
     /// No device has this id.
     #[error("device '{0}' not found")]
     DeviceNotFound(String),
+    /// The command does not apply to this kind of device.
+    #[error("{id} is a {kind} device; {command} applies to {applies_to} devices")]
+    WrongKind {
+        /// The command.
+        command: &'static str,
+        /// The device id.
+        id: String,
+        /// Its kind.
+        kind: &'static str,
+        /// The kind the command is for.
+        applies_to: &'static str,
+    },
     /// The request line exceeds [`MAX_LINE_BYTES`]; the connection closes.
     #[error("request line longer than {limit} bytes; closing the connection")]
     LineTooLong {
@@ -83,6 +95,7 @@ impl ControlError {
             | ControlError::BadRequest(_)
             | ControlError::BadArguments { .. }
             | ControlError::LineTooLong { .. }
+            | ControlError::WrongKind { .. }
             | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
         }
     }

@@ -50,7 +50,7 @@ pub fn choose_engine(choice: EngineChoice) -> Result<EngineKind, DeviceError> {
 /// A disk whose socket is bound, ready to serve.
 pub struct BoundBlk {
     /// Its protocol server; `run` it on a thread of its own.
-    pub server: DeviceServer,
+    pub server: DeviceServer<BlkBackend>,
     /// What the control API sees of it (id, socket, image, write fence).
     pub device: RegisteredDevice,
 }
@@ -103,4 +103,81 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<BoundBlk, DeviceEr
     let backend = BlkBackend::new(&name, config, disk, engine, fence);
     let server = DeviceServer::bind(&name, &spec.socket, backend)?;
     Ok(BoundBlk { server, device })
+}
+
+/// A net device could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NetDeviceError {
+    /// The dataplane (tap, sim profile) could not be opened.
+    #[error("cannot set up dataplane {dataplane}")]
+    Dataplane {
+        /// The dataplane as given.
+        dataplane: String,
+        /// Cause.
+        #[source]
+        source: netdev::dataplane::DataplaneError,
+    },
+    /// The RSS configuration is unusable.
+    #[error("{0}")]
+    Rss(String),
+    /// The data path thread could not start.
+    #[error(transparent)]
+    Worker(#[from] crate::net_worker::NetWorkerError),
+    /// The socket could not be bound.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+}
+
+/// A net device whose socket is bound, ready to serve.
+pub struct BoundNet {
+    /// Its protocol server; `run` it on a thread of its own.
+    pub server: DeviceServer<crate::net_backend::NetBackend>,
+    /// What the control API sees of it.
+    pub device: RegisteredDevice,
+}
+
+/// Open the dataplane (a tap exists from here on) and bind the socket;
+/// `default_name` is used when the spec has no id.
+pub fn bind_net(
+    spec: &crate::cli::NetSpec,
+    default_name: &str,
+) -> Result<BoundNet, NetDeviceError> {
+    use crate::net_backend::{NetBackend, NetOptions};
+    let name = spec.id.clone().unwrap_or_else(|| default_name.to_string());
+    let rss = spec.rss_config().map_err(NetDeviceError::Rss)?;
+    if let Some(config) = &rss {
+        config
+            .validate(spec.queue_pairs)
+            .map_err(|e| NetDeviceError::Rss(format!("RSS configuration: {e}")))?;
+    }
+    let dataplane = netdev::dataplane::Dataplane::open(&spec.dataplane, spec.queue_pairs, spec.mtu)
+        .map_err(|source| NetDeviceError::Dataplane {
+            dataplane: spec.dataplane.to_string(),
+            source,
+        })?;
+    log::info!(
+        "{name}: virtio-net on {}, {} queue pair(s), MTU {}, MAC {}{}",
+        dataplane.describe(),
+        spec.queue_pairs,
+        spec.mtu,
+        spec.mac,
+        if rss.is_some() { ", RSS on" } else { "" }
+    );
+    let options = NetOptions {
+        queue_pairs: spec.queue_pairs,
+        mtu: spec.mtu,
+        mac: spec.mac,
+        poll: std::time::Duration::from_micros(u64::from(spec.poll_us)),
+        rss,
+    };
+    let backend = NetBackend::new(&name, options, dataplane)?;
+    let device = RegisteredDevice::new(
+        &name,
+        &spec.socket,
+        DeviceKind::Net {
+            shared: backend.shared(),
+        },
+    );
+    let server = DeviceServer::bind(&name, &spec.socket, backend)?;
+    Ok(BoundNet { server, device })
 }

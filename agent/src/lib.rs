@@ -17,9 +17,12 @@ pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod memory;
+pub mod net_backend;
+pub mod net_worker;
 pub mod registry;
 pub mod requests;
 pub mod server;
+pub mod vring;
 pub mod wire;
 pub mod worker;
 

@@ -1,4 +1,5 @@
-//! `vhost-agent`: serve virtio-blk disks to QEMU over vhost-user.
+//! `vhost-agent`: serve virtio-blk and virtio-net devices to QEMU over
+//! vhost-user.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -7,14 +8,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vhost_agent::cli::{BlkSpec, BLK_HELP};
+use vhost_agent::cli::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
 use vhost_agent::control::{self, ControlServer, Reply, Request};
-use vhost_agent::device::bind_blk;
+use vhost_agent::device::{bind_blk, bind_net};
 use vhost_agent::registry::Registry;
 
 mod demo;
 
-/// vhost-user back-end for virtio-blk, built for low-downtime live migration.
+/// vhost-user back-end for virtio-blk and virtio-net, built for
+/// low-downtime live migration.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
@@ -27,7 +29,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Serve disks until SIGINT, SIGTERM or the control API's quit.
+    /// Serve disks and net devices until SIGINT, SIGTERM or the control
+    /// API's quit.
     Serve(ServeArgs),
     /// Send one command to a running agent's control socket and print the
     /// result.
@@ -40,8 +43,10 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    #[arg(long = "blk", value_name = "SPEC", help = BLK_HELP, required = true)]
+    #[arg(long = "blk", value_name = "SPEC", help = BLK_HELP, required_unless_present = "net")]
     blk: Vec<BlkSpec>,
+    #[arg(long = "net", value_name = "SPEC", help = NET_HELP)]
+    net: Vec<NetSpec>,
     /// Serve the JSON control API on a unix socket at PATH: QMP-style
     /// requests, one per line (see docs/control-api.md, or `vhost-agent ctl`
     /// for a client). The socket is created with mode 0600, so only this
@@ -149,14 +154,27 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         None => None,
     };
-    let mut servers = Vec::new();
+    let mut servers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
+    let mut handles = Vec::new();
     for (index, spec) in args.blk.iter().enumerate() {
         let bound = bind_blk(spec, &format!("blk{index}"))
             .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
         registry
             .insert(bound.device)
             .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
-        servers.push(bound.server);
+        handles.push(bound.server.shutdown_handle());
+        let server = bound.server;
+        servers.push(Box::new(move || server.run()));
+    }
+    for (index, spec) in args.net.iter().enumerate() {
+        let bound = bind_net(spec, &format!("net{index}"))
+            .with_context(|| format!("setting up --net {}", spec.socket.display()))?;
+        registry
+            .insert(bound.device)
+            .with_context(|| format!("setting up --net {}", spec.socket.display()))?;
+        handles.push(bound.server.shutdown_handle());
+        let server = bound.server;
+        servers.push(Box::new(move || server.run()));
     }
     std::thread::Builder::new()
         .name("signals".into())
@@ -167,13 +185,11 @@ fn serve(args: ServeArgs) -> Result<()> {
             }
         })?;
     let mut threads = Vec::new();
-    let mut handles = Vec::new();
-    for server in servers {
-        handles.push(server.shutdown_handle());
+    for run in servers {
         threads.push(
             std::thread::Builder::new()
                 .name("protocol".into())
-                .spawn(move || server.run())?,
+                .spawn(run)?,
         );
     }
     let control = match control {

@@ -13,7 +13,7 @@ use blkdev::fence::Fence;
 pub enum RegistryError {
     /// Another device already has this id; the control API addresses
     /// devices by id, so ids must be unique.
-    #[error("two devices are named {0}; give each --blk a distinct id=")]
+    #[error("two devices are named {0}; give each --blk and --net a distinct id=")]
     DuplicateId(String),
 }
 
@@ -28,13 +28,19 @@ pub enum DeviceKind {
         /// The disk's write fence, shared with its queues.
         fence: Arc<Fence>,
     },
+    /// A virtio-net device.
+    Net {
+        /// Its counters and agent-side state.
+        shared: Arc<crate::net_backend::NetShared>,
+    },
 }
 
 impl DeviceKind {
-    /// The kind's name in the control API (`"blk"`).
+    /// The kind's name in the control API (`"blk"` or `"net"`).
     pub fn name(&self) -> &'static str {
         match self {
             DeviceKind::Blk { .. } => "blk",
+            DeviceKind::Net { .. } => "net",
         }
     }
 }

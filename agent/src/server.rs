@@ -12,9 +12,8 @@ use std::time::Instant;
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vhost::vhost_user::{BackendReqHandler, Error as VhostError, VhostUserBackendReqHandlerMut};
 
-use crate::blk_backend::BlkBackend;
 use crate::requests::{self, HandledBy, Reply};
 use crate::wire::{self, Peek};
 
@@ -24,6 +23,47 @@ pub const MESSAGE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 const LISTENER: Token = Token(0);
 const CONNECTION: Token = Token(1);
 const SHUTDOWN: Token = Token(2);
+
+/// What the protocol loop needs from a device back-end besides the vhost
+/// crate's handler trait: session events and the requests the agent reads
+/// and answers itself (the crate cannot, see [`requests::REQUESTS`]).
+pub trait ServedBackend: VhostUserBackendReqHandlerMut + Send + 'static {
+    /// Device name for logs.
+    fn name(&self) -> &str;
+    /// A front-end connected.
+    fn new_session(&mut self) {}
+    /// The front-end went away: stop the rings, forget its state.
+    fn disconnect(&mut self);
+    /// The server stops: wait for anything that must finish first.
+    fn shut_down(&mut self) {}
+    /// Log lines held back until a reply went out.
+    fn flush_deferred_logs(&mut self) {}
+    /// Whether REPLY_ACK was negotiated.
+    fn reply_ack_enabled(&self) -> bool;
+    /// SET_STATUS.
+    fn set_status(&mut self, status: u8);
+    /// GET_STATUS.
+    fn get_status(&self) -> u8;
+    /// A request the agent answers itself, other than SET/GET_STATUS.
+    fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {
+        let _ = (code, payload);
+        OwnRequest::Unknown
+    }
+}
+
+/// How a device answered a request the agent handles itself.
+#[derive(Debug)]
+pub enum OwnRequest {
+    /// Done; acknowledge with this result if the front-end asked for an ack.
+    Ack(bool),
+    /// Done; send this reply payload.
+    Reply(Vec<u8>),
+    /// Failed where the front-end waits for a reply we cannot give: the
+    /// connection must go.
+    Fail(String),
+    /// Not a request this device handles.
+    Unknown,
+}
 
 /// Setting up a device's socket failed.
 #[derive(Debug, thiserror::Error)]
@@ -62,18 +102,18 @@ impl ShutdownHandle {
 }
 
 /// A device's listening socket and protocol loop.
-pub struct DeviceServer {
+pub struct DeviceServer<B: ServedBackend> {
     name: String,
     path: PathBuf,
     listener: UnixListener,
     poll: Poll,
     waker: Arc<Waker>,
-    backend: Arc<Mutex<BlkBackend>>,
+    backend: Arc<Mutex<B>>,
 }
 
 /// The connected front-end.
-struct Connection {
-    handler: BackendReqHandler<Mutex<BlkBackend>>,
+struct Connection<B: ServedBackend> {
+    handler: BackendReqHandler<Mutex<B>>,
     /// A dup of the connection for peeking and for the requests the agent
     /// answers itself.
     stream: UnixStream,
@@ -84,7 +124,7 @@ enum Outcome {
     Disconnect(String),
 }
 
-fn lock(backend: &Mutex<BlkBackend>) -> std::sync::MutexGuard<'_, BlkBackend> {
+fn lock<B>(backend: &Mutex<B>) -> std::sync::MutexGuard<'_, B> {
     backend
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -109,10 +149,10 @@ pub fn remove_stale_socket(path: &Path) -> Result<(), ServerError> {
     Ok(())
 }
 
-impl DeviceServer {
+impl<B: ServedBackend> DeviceServer<B> {
     /// Bind `path` for `backend`. A stale socket file (nobody listening) is
     /// replaced; a live one is an error.
-    pub fn bind(name: &str, path: &Path, backend: BlkBackend) -> Result<DeviceServer, ServerError> {
+    pub fn bind(name: &str, path: &Path, backend: B) -> Result<DeviceServer<B>, ServerError> {
         let listen_error = |source| ServerError::Listen {
             path: path.to_path_buf(),
             source,
@@ -151,7 +191,7 @@ impl DeviceServer {
     pub fn run(mut self) {
         log::info!("{}: listening on {}", self.name, self.path.display());
         let mut events = Events::with_capacity(8);
-        let mut connection: Option<Connection> = None;
+        let mut connection: Option<Connection<B>> = None;
         'serve: loop {
             if let Err(e) = self.poll.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
@@ -179,11 +219,11 @@ impl DeviceServer {
         self.drop_connection(&mut connection);
         // Suspended queues may still have storage operations running; let
         // them land before the process goes.
-        lock(&self.backend).join_reapers();
+        lock(&self.backend).shut_down();
         log::info!("{}: stopped", self.name);
     }
 
-    fn accept(&mut self, connection: &mut Option<Connection>) {
+    fn accept(&mut self, connection: &mut Option<Connection<B>>) {
         loop {
             let stream = match self.listener.accept() {
                 Ok((stream, _)) => stream,
@@ -210,7 +250,7 @@ impl DeviceServer {
         }
     }
 
-    fn connect(&self, stream: UnixStream) -> io::Result<Connection> {
+    fn connect(&self, stream: UnixStream) -> io::Result<Connection<B>> {
         stream.set_nonblocking(false)?;
         // A front-end writes each message whole; one that stops half-way
         // through (or stops reading our replies) must cost its connection,
@@ -231,7 +271,7 @@ impl DeviceServer {
         })
     }
 
-    fn drop_connection(&self, connection: &mut Option<Connection>) {
+    fn drop_connection(&self, connection: &mut Option<Connection<B>>) {
         if let Some(conn) = connection.take() {
             let _ = self
                 .poll
@@ -243,7 +283,7 @@ impl DeviceServer {
     }
 
     /// Handle every message that is waiting (the poll is edge-triggered).
-    fn serve_ready(&self, conn: &mut Connection) -> Outcome {
+    fn serve_ready(&self, conn: &mut Connection<B>) -> Outcome {
         loop {
             let header = match wire::peek_header(&conn.stream) {
                 Ok(Peek::Header(header)) => header,
@@ -304,20 +344,20 @@ impl DeviceServer {
     }
 
     /// Requests the crate cannot handle (see [`requests::REQUESTS`]).
-    fn handle_own(&self, conn: &Connection, code: u32) -> Result<(), String> {
+    fn handle_own(&self, conn: &Connection<B>, code: u32) -> Result<(), String> {
         let name = requests::name(code);
         let (header, payload, _files) = wire::read_message(&conn.stream)
             .map_err(|e| format!("reading {name} ({code}): {e}"))?;
         let mut backend = lock(&self.backend);
-        let ack = |backend: &BlkBackend, ok: bool| -> Result<(), String> {
+        let ack = |backend: &B, ok: bool| -> Result<(), String> {
             if header.need_reply() && backend.reply_ack_enabled() {
                 wire::send_u64(&conn.stream, &header, u64::from(!ok))
                     .map_err(|e| format!("replying to {name}: {e}"))?;
             }
             Ok(())
         };
-        match (code, requests::lookup(code).map(|info| info.reply)) {
-            (39, _) => {
+        match code {
+            39 => {
                 // SET_STATUS: u64 payload, the low byte is the status.
                 let Some(status) = wire::payload_u64(&payload) else {
                     log::warn!(
@@ -330,32 +370,36 @@ impl DeviceServer {
                 backend.set_status((status & 0xff) as u8);
                 ack(&backend, true)
             }
-            (40, _) => wire::send_u64(&conn.stream, &header, u64::from(backend.get_status()))
+            40 => wire::send_u64(&conn.stream, &header, u64::from(backend.get_status()))
                 .map_err(|e| format!("replying to GET_STATUS: {e}")),
-            (45, _) => {
-                // GET_VRING_BASE_SKIP_DRAIN: a vring state {index u32, num u32};
-                // the reply has the same shape.
-                let index = payload
-                    .get(..4)
-                    .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")))
-                    .ok_or_else(|| format!("{name} with a {}-byte payload", payload.len()))?;
-                let base = backend.get_vring_base_skip_drain(index).map_err(|e| {
-                    let e = crate::error_chain(&e);
-                    log::error!("{}: {name} refused: {e}", backend.name());
-                    format!("{name} refused: {e}")
-                })?;
-                let mut reply = [0u8; 8];
-                reply[..4].copy_from_slice(&index.to_le_bytes());
-                reply[4..].copy_from_slice(&u32::from(base).to_le_bytes());
-                wire::send_reply(&conn.stream, &header, &reply)
-                    .map_err(|e| format!("replying to {name}: {e}"))
-            }
-            (_, Some(Reply::Ack)) => {
+            _ => match backend.handle_own(code, &payload) {
+                OwnRequest::Ack(ok) => ack(&backend, ok),
+                OwnRequest::Reply(reply) => wire::send_reply(&conn.stream, &header, &reply)
+                    .map_err(|e| format!("replying to {name}: {e}")),
+                OwnRequest::Fail(reason) => {
+                    log::error!("{}: {name} failed: {reason}", backend.name());
+                    Err(format!("{name} failed: {reason}"))
+                }
+                OwnRequest::Unknown => Self::unhandled(&backend, name, code, ack),
+            },
+        }
+    }
+
+    /// A request nobody handles: refused if it needs only an ack, else the
+    /// connection goes (we cannot make up a reply).
+    fn unhandled(
+        backend: &B,
+        name: &str,
+        code: u32,
+        ack: impl Fn(&B, bool) -> Result<(), String>,
+    ) -> Result<(), String> {
+        match requests::lookup(code).map(|info| info.reply) {
+            Some(Reply::Ack) => {
                 log::warn!(
                     "{}: {name} ({code}) is not supported; refusing it",
                     backend.name()
                 );
-                ack(&backend, false)
+                ack(backend, false)
             }
             _ => {
                 log::error!(
@@ -370,7 +414,7 @@ impl DeviceServer {
     }
 }
 
-impl Drop for DeviceServer {
+impl<B: ServedBackend> Drop for DeviceServer<B> {
     /// The socket file goes with the server, whether it ran or not.
     fn drop(&mut self) {
         if let Err(e) = std::fs::remove_file(&self.path) {

@@ -12,7 +12,7 @@
 //! operations, writing nothing into guest memory).
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -32,6 +32,7 @@ use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestRam;
+use crate::vring::{drain_eventfd, notify};
 
 const KICK: Token = Token(0);
 const COMPLETION: Token = Token(1);
@@ -239,47 +240,17 @@ impl Worker {
     }
 }
 
-fn drain_eventfd(mut file: &File) {
-    let mut counter = [0u8; 8];
-    // The fd was reported readable, so this returns at once; an error only
-    // means another reader got there first.
-    let _ = file.read(&mut counter);
-}
-
 fn signal(control: &Control) {
     let call = control.call.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(file) = call.as_ref() {
-        if let Err(e) = (&**file).write_all(&1u64.to_ne_bytes()) {
-            log::warn!("cannot signal guest: {e}");
-        }
+        notify(file);
     }
 }
 
-/// Build the virtio-queue `Queue` for `setup`; the used index starts where
-/// the guest's used ring says (it survives reconnects).
+/// Build the virtio-queue `Queue` for `setup`.
 fn build_queue(setup: &QueueSetup, mem: &GuestRam) -> Result<Queue, String> {
-    let mut queue =
-        Queue::new(setup.size).map_err(|e| format!("bad ring size {}: {e}", setup.size))?;
-    queue
-        .try_set_desc_table_address(setup.desc_table)
-        .map_err(|e| e.to_string())?;
-    queue
-        .try_set_avail_ring_address(setup.avail_ring)
-        .map_err(|e| e.to_string())?;
-    queue
-        .try_set_used_ring_address(setup.used_ring)
-        .map_err(|e| e.to_string())?;
-    queue.set_event_idx(setup.event_idx);
-    queue.set_ready(true);
-    if !queue.is_valid(mem) {
-        return Err("ring addresses are outside guest memory or misaligned".to_string());
-    }
-    queue.set_next_avail(setup.next_avail);
-    let used = queue
-        .used_idx(mem, Ordering::Acquire)
-        .map_err(|e| format!("cannot read used index: {e}"))?;
-    queue.set_next_used(used.0);
-    Ok(queue)
+    let rings = (setup.desc_table, setup.avail_ring, setup.used_ring);
+    crate::vring::build_queue(setup.size, rings, setup.next_avail, setup.event_idx, mem)
 }
 
 fn run(

@@ -135,7 +135,21 @@ struct DeviceInfo {
 #[derive(Debug, Serialize)]
 #[serde(untagged)]
 enum KindInfo {
-    Blk { image: String, fence: FenceInfo },
+    Blk {
+        image: String,
+        fence: FenceInfo,
+    },
+    Net {
+        dataplane: String,
+        #[serde(rename = "queue-pairs")]
+        queue_pairs: u16,
+        mtu: u16,
+        mac: String,
+        /// RSS steering in force, if any.
+        rss: Option<netdev::rss::RssConfig>,
+        /// Counters per queue pair, in pair order.
+        pairs: Vec<netdev::stats::PairCounts>,
+    },
 }
 
 #[derive(Debug, Serialize)]
@@ -177,6 +191,21 @@ fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
                     image: image.to_string_lossy().into_owned(),
                     fence: FenceInfo::of(fence),
                 },
+                DeviceKind::Net { shared } => {
+                    let state = shared
+                        .state
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone();
+                    KindInfo::Net {
+                        dataplane: shared.dataplane.clone(),
+                        queue_pairs: state.queue_pairs,
+                        mtu: state.mtu,
+                        mac: state.mac.to_string(),
+                        rss: state.rss,
+                        pairs: shared.stats.iter().map(|s| s.snapshot()).collect(),
+                    }
+                }
             },
         })
         .collect();
@@ -206,6 +235,14 @@ fn fence_release(registry: &Registry, arguments: Arguments) -> CommandResult {
                 }
                 fence.release(&format!("{id}: fence-release through the control API"));
             }
+        }
+        DeviceKind::Net { .. } => {
+            return Err(ControlError::WrongKind {
+                command: "fence-release",
+                id,
+                kind: "net",
+                applies_to: "blk",
+            })
         }
     }
     Ok((empty(), Effect::None))
