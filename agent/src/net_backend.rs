@@ -89,6 +89,8 @@ pub struct NetShared {
     pub dataplane: String,
     /// Agent-side state (RSS, MTU, MAC).
     pub state: Mutex<NetState>,
+    /// What a `sim` dataplane charged so far (`None` for others).
+    pub sim: Arc<Mutex<Option<crate::net_worker::SimReport>>>,
 }
 
 /// The vhost-user back-end of one net device.
@@ -137,7 +139,9 @@ impl NetBackend {
         let stats: Arc<[PairStats]> = (0..pairs).map(|_| PairStats::default()).collect();
         let needs_reset = Arc::new(AtomicBool::new(false));
         let offered_offloads = dataplane.offload_features();
+        let sim = Arc::new(Mutex::new(None));
         let shared = Arc::new(NetShared {
+            sim: sim.clone(),
             stats: stats.clone(),
             dataplane: dataplane.describe(),
             state: Mutex::new(NetState {
@@ -155,6 +159,7 @@ impl NetBackend {
             pairs,
             atomic,
             stats,
+            sim,
             needs_reset.clone(),
             options.poll,
         )?;

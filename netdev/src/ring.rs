@@ -14,9 +14,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{
-    Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError,
-};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
 use crate::spec::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
 
@@ -359,7 +357,11 @@ impl Source<'_> {
 
 /// Copy guest memory at `addr` into `dest`: one region lookup in the usual
 /// case, the general path across region boundaries.
-fn read_guest<M: GuestMemory>(mem: &M, addr: GuestAddress, dest: &mut [u8]) -> Result<(), RingError> {
+fn read_guest<M: GuestMemory>(
+    mem: &M,
+    addr: GuestAddress,
+    dest: &mut [u8],
+) -> Result<(), RingError> {
     match mem
         .physical_memory()
         .and_then(|phys| phys.get_slice(addr, dest.len()).ok())
