@@ -32,7 +32,7 @@ use vm_memory::GuestMemoryAtomic;
 use crate::blk_backend::{BackendError, DEVICE_STATUS_NEEDS_RESET};
 use crate::dirty_log::LogRegion;
 use crate::memory::{GuestRam, MemoryMap, MAX_MEM_SLOTS};
-use crate::net_worker::{NetWorker, NetWorkerError, RingStart};
+use crate::net_worker::{DataPathOutputs, NetWorker, NetWorkerError, RingStart};
 use crate::server::OwnRequest;
 use crate::vring::{build_queue, VringConfig};
 
@@ -158,9 +158,11 @@ impl NetBackend {
             dataplane,
             pairs,
             atomic,
-            stats,
-            sim,
-            needs_reset.clone(),
+            DataPathOutputs {
+                stats,
+                sim_report: sim,
+                needs_reset: needs_reset.clone(),
+            },
             options.poll,
         )?;
         let mut backend = NetBackend {

@@ -74,6 +74,16 @@ impl SimReport {
     }
 }
 
+/// What the data path reports to the rest of the agent.
+pub struct DataPathOutputs {
+    /// Per-pair counters.
+    pub stats: Arc<[PairStats]>,
+    /// The sim dataplane's accounting.
+    pub sim_report: Arc<Mutex<Option<SimReport>>>,
+    /// Set when a ring breaks (the device needs a reset).
+    pub needs_reset: Arc<AtomicBool>,
+}
+
 /// A ring ready to serve, handed to the worker.
 pub struct RingStart {
     /// Virtqueue index (2p is RX of pair p, 2p+1 its TX).
@@ -127,11 +137,14 @@ impl NetWorker {
         dataplane: Dataplane,
         pairs: u16,
         memory: GuestMemoryAtomic<GuestRam>,
-        stats: Arc<[PairStats]>,
-        sim_report: Arc<Mutex<Option<SimReport>>>,
-        needs_reset: Arc<AtomicBool>,
+        outputs: DataPathOutputs,
         poll: Duration,
     ) -> Result<NetWorker, NetWorkerError> {
+        let DataPathOutputs {
+            stats,
+            sim_report,
+            needs_reset,
+        } = outputs;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetWorkerError::Setup)?);
         let poller = Poll::new().map_err(NetWorkerError::Setup)?;
         poller
