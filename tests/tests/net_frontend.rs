@@ -20,7 +20,7 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vhost_agent_tests::frontend::{raw, Desc, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
-use vhost_agent_tests::support::{agent_binary, spawn_net_agent, ChildGuard};
+use vhost_agent_tests::support::{agent_binary, spawn_net_agent, workspace_root, ChildGuard};
 use vm_memory::{Bytes, GuestAddress};
 
 const HDR: usize = 12;
@@ -44,12 +44,22 @@ impl Rig {
     /// An agent with one net device (`extra` appended to its spec) and a
     /// front-end that started `pairs` queue pairs.
     fn start(pairs: usize, extra: &str, protocol: VhostUserProtocolFeatures) -> Rig {
+        Self::start_on("loop", pairs, extra, protocol)
+    }
+
+    /// Like [`Self::start`] on dataplane `dataplane`.
+    fn start_on(
+        dataplane: &str,
+        pairs: usize,
+        extra: &str,
+        protocol: VhostUserProtocolFeatures,
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("net.sock");
         let control = dir.path().join("control.sock");
         let agent = spawn_net_agent(
             &[format!(
-                "socket={},dataplane=loop,queue-pairs={pairs}{extra}",
+                "socket={},dataplane={dataplane},queue-pairs={pairs}{extra}",
                 socket.display()
             )],
             &["--control", control.to_str().unwrap()],
@@ -533,4 +543,37 @@ fn what_the_device_writes_is_dirty_logged() {
         (0x1_0000..0x2_0000).step_by(PAGE as usize).any(&dirty),
         "TX used ring not logged"
     );
+}
+
+#[test]
+fn the_sim_dataplane_charges_its_profile_and_moves_frames_like_loop() {
+    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let started = std::time::Instant::now();
+    let mut rig = Rig::start_on(
+        &format!("sim:{}", profile.display()),
+        1,
+        "",
+        VhostUserProtocolFeatures::empty(),
+    );
+    let elapsed = started.elapsed();
+    // Two virtqueues created at 40 ms each (the profile's create_queue).
+    assert!(
+        elapsed >= Duration::from_millis(80),
+        "start took {elapsed:?}"
+    );
+    let sim = &rig.device()["sim"];
+    assert_eq!(sim["profile"], "vdpa-191ms", "{sim}");
+    assert_eq!(sim["charged"]["create_queue"]["count"], 2, "{sim}");
+    assert!(sim["charged"]["create_queue"]["us"].as_u64().unwrap() >= 80_000);
+    // Frames move as with loop.
+    let rx = rig.post_rx(0, 1, 2048);
+    let frame = udp_frame(5, 6, 300);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+    // Stopping destroys both queues.
+    rig.frontend.frontend.get_vring_base(0).unwrap();
+    rig.frontend.frontend.get_vring_base(1).unwrap();
+    assert_eq!(rig.device()["sim"]["charged"]["destroy_queue"]["count"], 2);
 }
