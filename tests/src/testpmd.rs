@@ -721,11 +721,13 @@ impl Testpmd {
             None => Err(std::io::Error::other("stdin already closed")),
         };
         if let Err(e) = written {
-            // Most likely testpmd is gone: report that, with its output.
-            self.wait_for(&during, from, Duration::from_secs(2), |_| false)?;
-            return Err(TestpmdError::Spawn(format!(
-                "writing {command:?} to its stdin: {e}"
-            )));
+            // Most likely testpmd is gone: say so, with all it printed.
+            let status = self.child.wait_timeout(Duration::from_secs(2));
+            return Err(TestpmdError::Exited {
+                during: format!("{during} (writing it to stdin failed: {e})"),
+                status,
+                output: self.output(),
+            });
         }
         // The mark is echoed when testpmd reads it: after `command` is done.
         self.wait_for(&during, from, timeout, |text| text.contains(&mark))?;

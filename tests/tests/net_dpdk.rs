@@ -21,7 +21,8 @@
 //! The `anchor_*` tests run the same session against testpmd's own
 //! `net_vhost` back-end instead: they are the control that proves the
 //! harness and the checks right, so a failing agent test points at the
-//! agent.
+//! agent. One more checks the harness' failure path: a client with no
+//! back-end fails with testpmd's own explanation.
 //!
 //! Multiqueue needs no `cq=1` in 22.11: `net_virtio_user` turns its control
 //! queue on by itself when `queues` > 1 and emulates it locally; the
@@ -447,6 +448,23 @@ fn agent_serves_a_restarted_client() {
     let client = rig.client.take().unwrap();
     ok(client.quit(Duration::from_secs(15)), "testpmd quit");
     finish(rig);
+}
+
+#[test]
+fn a_client_without_a_back_end_fails_with_testpmds_own_words() {
+    require_dpdk();
+    let _serial = serial();
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let socket = dir.path().join("nobody.sock");
+    let err = match Testpmd::spawn(TestpmdOptions::client(&socket, 1)) {
+        Ok(_) => panic!("testpmd made a port for a socket nobody listens on"),
+        Err(e) => e.to_string(),
+    };
+    eprintln!("as expected: {err}");
+    assert!(
+        err.contains(socket.to_str().unwrap()) && err.contains("virtio_user"),
+        "the error should carry testpmd's words about the socket: {err}"
+    );
 }
 
 #[test]
