@@ -1,6 +1,7 @@
 //! Traffic ends on the host side of the net tests, inside a test's
 //! namespace ([`Netns::run_in`]): a TCP sink and a TCP source for the
-//! guest's `nc` streams and a TCP sender for a listening guest (the ICMP
+//! guest's `nc` streams, a TCP sender for a listening guest, and a watch
+//! for the frames a back-end announces a migrated guest with (the ICMP
 //! pinger is in `crate::pinger`).
 //!
 //! Checksums are SHA-256 computed by coreutils' `sha256sum`, the same
@@ -8,6 +9,7 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddr, SocketAddrV4, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -331,4 +333,153 @@ pub fn send_tcp(ns: &Netns, addr: SocketAddrV4, data: &[u8]) -> Result<Duration,
             Err(e) => return Err(format!("waiting for {addr} to close: {e}")),
         }
     }
+}
+
+/// EtherType of RARP, the frame QEMU and vhost-user back-ends announce a
+/// migrated guest's MAC with (`VHOST_USER_SEND_RARP`).
+pub const ETH_P_RARP: u16 = 0x8035;
+
+/// `52:54:00:12:34:56` as bytes.
+pub fn parse_mac(mac: &str) -> [u8; 6] {
+    let bytes: Vec<u8> = mac
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap_or_else(|e| panic!("bad MAC {mac}: {e}")))
+        .collect();
+    bytes
+        .try_into()
+        .unwrap_or_else(|b: Vec<u8>| panic!("bad MAC {mac}: {} bytes", b.len()))
+}
+
+/// Counts the frames of one EtherType from one source MAC that enter the
+/// host through a link (frames the host sends out of it are ignored): e.g.
+/// the RARP a back-end puts on its tap to announce a migrated guest.
+pub struct FrameWatch {
+    seen: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FrameWatch {
+    /// Watch `ifname` in `ns` for frames of `ethertype` from `src_mac`.
+    pub fn start(ns: &Netns, ifname: &str, ethertype: u16, src_mac: [u8; 6]) -> FrameWatch {
+        let name = ifname.to_string();
+        let fd = ns.run_in(move || packet_socket(&name));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    // SAFETY: all-zero bytes are a valid sockaddr_ll.
+                    let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+                    let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+                    // SAFETY: `buf` and `from` are valid for writes of the
+                    // lengths passed, for the whole call.
+                    let n = unsafe {
+                        libc::recvfrom(
+                            fd.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            0,
+                            (&mut from as *mut libc::sockaddr_ll).cast(),
+                            &mut from_len,
+                        )
+                    };
+                    let at = Instant::now();
+                    let Ok(n) = usize::try_from(n) else {
+                        continue; // timeout (EAGAIN) or EINTR
+                    };
+                    let frame = &buf[..n];
+                    if from.sll_pkttype == libc::PACKET_OUTGOING || frame.len() < 14 {
+                        continue;
+                    }
+                    if frame[6..12] == src_mac
+                        && u16::from_be_bytes([frame[12], frame[13]]) == ethertype
+                    {
+                        seen.lock().expect("frame list lock").push(at);
+                    }
+                }
+            })
+        };
+        FrameWatch {
+            seen,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// When each matching frame arrived, so far.
+    pub fn seen(&self) -> Vec<Instant> {
+        self.seen.lock().expect("frame list lock").clone()
+    }
+}
+
+impl Drop for FrameWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A packet socket for every EtherType, bound to `ifname` of the calling
+/// thread's namespace, with a 100 ms receive timeout.
+fn packet_socket(ifname: &str) -> OwnedFd {
+    let c_name = std::ffi::CString::new(ifname).expect("an interface name has no NUL");
+    // SAFETY: `c_name` is a valid NUL-terminated string for the call.
+    let index = unsafe { libc::if_nametoindex(c_name.as_ptr()) };
+    assert!(
+        index != 0,
+        "no interface {ifname}: {}",
+        std::io::Error::last_os_error()
+    );
+    let all = (libc::ETH_P_ALL as u16).to_be();
+    // SAFETY: socket(2) takes no pointers; the fd is checked below and owned
+    // by the OwnedFd from then on.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(
+        fd >= 0,
+        "packet socket: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: `fd` is a socket we just created and nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: all-zero bytes are a valid sockaddr_ll.
+    let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    addr.sll_family = libc::AF_PACKET as u16;
+    addr.sll_protocol = all;
+    addr.sll_ifindex = i32::try_from(index).expect("interface indexes fit an i32");
+    // SAFETY: `addr` is a valid sockaddr_ll for the length passed.
+    let rc = unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(
+        rc,
+        0,
+        "bind to {ifname}: {}",
+        std::io::Error::last_os_error()
+    );
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: the option value is a valid timeval that outlives the call,
+    // and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    fd
 }
