@@ -32,7 +32,7 @@ use vm_memory::GuestMemoryAtomic;
 use crate::blk_backend::{BackendError, DEVICE_STATUS_NEEDS_RESET};
 use crate::dirty_log::LogRegion;
 use crate::memory::{GuestRam, MemoryMap, MAX_MEM_SLOTS};
-use crate::net_worker::{NetWorker, NetWorkerError, RingStart};
+use crate::net_worker::{DataPathOutputs, NetWorker, NetWorkerError, RingStart};
 use crate::server::OwnRequest;
 use crate::vring::{build_queue, VringConfig};
 
@@ -89,6 +89,8 @@ pub struct NetShared {
     pub dataplane: String,
     /// Agent-side state (RSS, MTU, MAC).
     pub state: Mutex<NetState>,
+    /// What a `sim` dataplane charged so far (`None` for others).
+    pub sim: Arc<Mutex<Option<crate::net_worker::SimReport>>>,
 }
 
 /// The vhost-user back-end of one net device.
@@ -137,7 +139,9 @@ impl NetBackend {
         let stats: Arc<[PairStats]> = (0..pairs).map(|_| PairStats::default()).collect();
         let needs_reset = Arc::new(AtomicBool::new(false));
         let offered_offloads = dataplane.offload_features();
+        let sim = Arc::new(Mutex::new(None));
         let shared = Arc::new(NetShared {
+            sim: sim.clone(),
             stats: stats.clone(),
             dataplane: dataplane.describe(),
             state: Mutex::new(NetState {
@@ -154,8 +158,11 @@ impl NetBackend {
             dataplane,
             pairs,
             atomic,
-            stats,
-            needs_reset.clone(),
+            DataPathOutputs {
+                stats,
+                sim_report: sim,
+                needs_reset: needs_reset.clone(),
+            },
             options.poll,
         )?;
         let mut backend = NetBackend {

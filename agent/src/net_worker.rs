@@ -14,7 +14,7 @@ use std::io;
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,51 @@ const BURST: usize = 64;
 const CONTROL: Token = Token(usize::MAX);
 /// Tokens from here on are dataplane fds, by pair.
 const DATAPLANE_BASE: usize = 1 << 16;
+
+/// What the `sim` dataplane charged so far, per operation: a simulated
+/// hardware's configuration cost, for the control API and experiments.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimReport {
+    /// The profile's name.
+    pub profile: String,
+    /// Per operation (`create_queue`, ...): how often and the time spent.
+    pub charged: std::collections::BTreeMap<&'static str, SimCharge>,
+}
+
+/// One operation's total in a [`SimReport`].
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct SimCharge {
+    /// Times performed.
+    pub count: u64,
+    /// Microseconds spent.
+    pub us: u64,
+}
+
+impl SimReport {
+    fn of(hw: &netdev::sim::SimHardware) -> SimReport {
+        SimReport {
+            profile: hw.profile().name.clone(),
+            charged: hw
+                .charged()
+                .iter()
+                .map(|(op, (count, spent))| {
+                    let us = u64::try_from(spent.as_micros()).unwrap_or(u64::MAX);
+                    (op.name(), SimCharge { count: *count, us })
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What the data path reports to the rest of the agent.
+pub struct DataPathOutputs {
+    /// Per-pair counters.
+    pub stats: Arc<[PairStats]>,
+    /// The sim dataplane's accounting.
+    pub sim_report: Arc<Mutex<Option<SimReport>>>,
+    /// Set when a ring breaks (the device needs a reset).
+    pub needs_reset: Arc<AtomicBool>,
+}
 
 /// A ring ready to serve, handed to the worker.
 pub struct RingStart {
@@ -65,7 +110,6 @@ enum Command {
     SetRss(Option<Rss>, Reply<()>),
     Announce(MacAddress, Reply<Result<bool, String>>),
     MapMemory(Reply<()>),
-    Sim(Reply<Option<serde_json::Value>>),
     Exit,
 }
 
@@ -93,10 +137,14 @@ impl NetWorker {
         dataplane: Dataplane,
         pairs: u16,
         memory: GuestMemoryAtomic<GuestRam>,
-        stats: Arc<[PairStats]>,
-        needs_reset: Arc<AtomicBool>,
+        outputs: DataPathOutputs,
         poll: Duration,
     ) -> Result<NetWorker, NetWorkerError> {
+        let DataPathOutputs {
+            stats,
+            sim_report,
+            needs_reset,
+        } = outputs;
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(NetWorkerError::Setup)?);
         let poller = Poll::new().map_err(NetWorkerError::Setup)?;
         poller
@@ -119,6 +167,9 @@ impl NetWorker {
                     .map_err(NetWorkerError::Setup)?;
             }
         }
+        if let Some(hw) = dataplane.sim() {
+            *sim_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(SimReport::of(hw));
+        }
         let (commands, receiver) = mpsc::channel();
         let state = DataPath {
             name: name.clone(),
@@ -137,6 +188,7 @@ impl NetWorker {
             needs_reset,
             poll,
             warned: 0,
+            sim_report,
         };
         let wake_thread = wake.clone();
         let thread = std::thread::Builder::new()
@@ -214,11 +266,6 @@ impl NetWorker {
     pub fn map_memory(&self) {
         self.call(Command::MapMemory);
     }
-
-    /// The sim dataplane's accounting as JSON (`None` for other dataplanes).
-    pub fn sim_report(&self) -> Option<serde_json::Value> {
-        self.call(Command::Sim).flatten()
-    }
 }
 
 impl Drop for NetWorker {
@@ -275,6 +322,8 @@ struct DataPath {
     poll: Duration,
     /// Log lines about guest errors so far (rate limit).
     warned: u32,
+    /// The sim dataplane's accounting, for the control API.
+    sim_report: Arc<Mutex<Option<SimReport>>>,
 }
 
 fn tx_index(pair: u16) -> usize {
@@ -709,6 +758,14 @@ impl DataPath {
     }
 
     fn command(&mut self, command: Command, poller: &Poll) {
+        self.apply(command, poller);
+        if let Some(hw) = self.dataplane.sim() {
+            let report = SimReport::of(hw);
+            *self.sim_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
+        }
+    }
+
+    fn apply(&mut self, command: Command, poller: &Poll) {
         match command {
             Command::Start(start, reply) => {
                 self.start(start, poller);
@@ -778,22 +835,6 @@ impl DataPath {
             Command::MapMemory(reply) => {
                 self.dataplane.map_memory();
                 let _ = reply.send(());
-            }
-            Command::Sim(reply) => {
-                let report = self.dataplane.sim().map(|hw| {
-                    let ops: serde_json::Map<String, serde_json::Value> = hw
-                        .charged()
-                        .iter()
-                        .map(|(op, (count, spent))| {
-                            (
-                                op.name().to_string(),
-                                serde_json::json!({"count": count, "us": spent.as_micros() as u64}),
-                            )
-                        })
-                        .collect();
-                    serde_json::json!({"profile": hw.profile().name, "charged": ops})
-                });
-                let _ = reply.send(report);
             }
             Command::Exit => {}
         }

@@ -14,7 +14,7 @@ use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
 use crate::spec::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
 
@@ -207,7 +207,7 @@ impl NetRing {
                     reason: "TX frame larger than the largest Ethernet frame",
                 });
             };
-            if mem.read_slice(dest, desc.addr()).is_err() {
+            if read_guest(mem, desc.addr(), dest).is_err() {
                 return Some(TxChain::Bad {
                     head,
                     reason: "TX buffer outside guest memory",
@@ -306,25 +306,70 @@ struct Source<'a> {
 }
 
 impl Source<'_> {
+    /// Copy the next `len` bytes into guest memory at `addr`: one region
+    /// lookup for the whole segment (the usual case: header and frame go
+    /// into one buffer), byte-wise lookups only across a region boundary.
     fn write_to<M: GuestMemory>(
         &mut self,
         mem: &M,
         addr: GuestAddress,
-        mut len: usize,
+        len: usize,
     ) -> Result<(), RingError> {
-        let mut addr = addr;
-        while len > 0 && self.part < self.parts.len() {
-            let part = self.parts[self.part];
-            let chunk = (part.len() - self.offset).min(len);
-            mem.write_slice(&part[self.offset..self.offset + chunk], addr)?;
-            self.offset += chunk;
-            len -= chunk;
-            addr = addr.unchecked_add(chunk as u64);
-            if self.offset == part.len() {
-                self.part += 1;
-                self.offset = 0;
+        if let Some(slice) = mem
+            .physical_memory()
+            .and_then(|phys| phys.get_slice(addr, len).ok())
+        {
+            let mut offset = 0;
+            while offset < len && self.part < self.parts.len() {
+                let chunk = self.next_chunk(len - offset);
+                slice
+                    .subslice(offset, chunk.len())
+                    .map_err(GuestMemoryError::from)?
+                    .copy_from(chunk);
+                offset += chunk.len();
             }
+            return Ok(());
+        }
+        let mut addr = addr;
+        let mut left = len;
+        while left > 0 && self.part < self.parts.len() {
+            let chunk = self.next_chunk(left);
+            mem.write_slice(chunk, addr)?;
+            left -= chunk.len();
+            addr = addr.unchecked_add(chunk.len() as u64);
         }
         Ok(())
+    }
+
+    /// Up to `max` bytes of the current part, advancing past them.
+    fn next_chunk(&mut self, max: usize) -> &[u8] {
+        let part = self.parts[self.part];
+        let chunk = (part.len() - self.offset).min(max);
+        let start = self.offset;
+        self.offset += chunk;
+        if self.offset == part.len() {
+            self.part += 1;
+            self.offset = 0;
+        }
+        &part[start..start + chunk]
+    }
+}
+
+/// Copy guest memory at `addr` into `dest`: one region lookup in the usual
+/// case, the general path across region boundaries.
+fn read_guest<M: GuestMemory>(
+    mem: &M,
+    addr: GuestAddress,
+    dest: &mut [u8],
+) -> Result<(), RingError> {
+    match mem
+        .physical_memory()
+        .and_then(|phys| phys.get_slice(addr, dest.len()).ok())
+    {
+        Some(slice) => {
+            slice.copy_to(dest);
+            Ok(())
+        }
+        None => Ok(mem.read_slice(dest, addr)?),
     }
 }

@@ -456,6 +456,9 @@ pub struct StartOptions {
     /// Start with GET_INFLIGHT_FD + SET_INFLIGHT_FD, like QEMU's
     /// vhost-user-blk when INFLIGHT_SHMFD is negotiated.
     pub get_inflight: bool,
+    /// Virtqueues per unit of GET_QUEUE_NUM: 1 for block (queues), 2 for
+    /// net (queue pairs, as QEMU and DPDK read it).
+    pub queues_per_unit: usize,
 }
 
 impl StartOptions {
@@ -467,6 +470,7 @@ impl StartOptions {
             protocol: 0,
             require_protocol: false,
             get_inflight: false,
+            queues_per_unit: 1,
         }
     }
 
@@ -478,6 +482,7 @@ impl StartOptions {
             queue_size,
             protocol,
             require_protocol: true,
+            queues_per_unit: 1,
             get_inflight: protocol & PROTOCOL_F_INFLIGHT_SHMFD != 0,
         }
     }
@@ -692,9 +697,13 @@ impl TestFrontend {
             .set_protocol_features(VhostUserProtocolFeatures::from_bits_retain(protocol))
             .expect("SET_PROTOCOL_FEATURES");
         if protocol & VhostUserProtocolFeatures::MQ.bits() != 0 {
-            let queue_num = frontend.get_queue_num().expect("GET_QUEUE_NUM");
+            // Raw, because the crate's front-end takes the answer as its
+            // queue limit, which is wrong for net (the answer counts pairs).
+            let queue_num = raw_exchange(&raw_stream, raw::GET_QUEUE_NUM, &[])
+                .u64()
+                .expect("GET_QUEUE_NUM reply is a u64");
             assert!(
-                queue_num >= options.num_queues as u64,
+                queue_num * options.queues_per_unit as u64 >= options.num_queues as u64,
                 "the back-end has {queue_num} queues, the test wants {}",
                 options.num_queues
             );

@@ -195,3 +195,28 @@ pub fn control_execute(
         None => Err(format!("{command}: {value}")),
     }
 }
+
+/// Spawn `vhost-agent serve` with `--net` specs (each like
+/// `socket=PATH,dataplane=loop`) and extra arguments, and wait until every
+/// socket exists. Agent stderr goes to `log_path` when given.
+pub fn spawn_net_agent(
+    net_specs: &[String],
+    extra_args: &[&str],
+    log_path: Option<&Path>,
+) -> ChildGuard {
+    let mut args: Vec<&str> = Vec::new();
+    for spec in net_specs {
+        args.push("--net");
+        args.push(spec);
+    }
+    args.extend_from_slice(extra_args);
+    let mut guard = spawn_agent(&[], &args, log_path);
+    for spec in net_specs {
+        let socket = spec
+            .split(',')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .expect("every --net spec names its socket");
+        wait_for_path(Path::new(socket), Duration::from_secs(20), &mut guard);
+    }
+    guard
+}

@@ -149,6 +149,9 @@ enum KindInfo {
         rss: Option<netdev::rss::RssConfig>,
         /// Counters per queue pair, in pair order.
         pairs: Vec<netdev::stats::PairCounts>,
+        /// What a `sim` dataplane charged (absent for others).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sim: Option<crate::net_worker::SimReport>,
     },
 }
 
@@ -204,6 +207,7 @@ fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
                         mac: state.mac.to_string(),
                         rss: state.rss,
                         pairs: shared.stats.iter().map(|s| s.snapshot()).collect(),
+                        sim: shared.sim.lock().unwrap_or_else(|p| p.into_inner()).clone(),
                     }
                 }
             },

@@ -20,6 +20,8 @@ pub const FLAG_NEED_REPLY: u32 = 0x8;
 pub const GET_VRING_BASE: u32 = 11;
 /// VHOST_USER_GET_PROTOCOL_FEATURES.
 pub const GET_PROTOCOL_FEATURES: u32 = 15;
+/// VHOST_USER_GET_QUEUE_NUM.
+pub const GET_QUEUE_NUM: u32 = 17;
 /// VHOST_USER_GET_VRING_BASE_SKIP_DRAIN: GET_VRING_BASE that suspends
 /// instead of draining (needs protocol bit 23).
 pub const GET_VRING_BASE_SKIP_DRAIN: u32 = 45;

@@ -1,0 +1,579 @@
+//! The net device through the real agent process, driven by the test
+//! front-end (a QEMU stand-in that owns guest RAM and the driver side of
+//! the rings): frames reflected by the `loop` dataplane with a fresh
+//! header, merged RX buffers, drops, hostile TX chains, exact ring indices
+//! across a stop, RSS steering checked against the Toeplitz hash, the
+//! agent-handled NET_SET_MTU / SEND_RARP, device state moving to another
+//! agent, and dirty logging of what the device writes.
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::Value;
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserProtocolFeatures,
+};
+use vhost::vhost_user::VhostUserFrontend;
+use vhost::{VhostBackend, VhostUserDirtyLogRegion};
+use vhost_agent_tests::frontend::{raw, Desc, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
+use vhost_agent_tests::support::{agent_binary, spawn_net_agent, workspace_root, ChildGuard};
+use vm_memory::{Bytes, GuestAddress};
+
+const HDR: usize = 12;
+const QUEUE_SIZE: u16 = 256;
+const WAIT: Duration = Duration::from_secs(5);
+const PAGE: u64 = 4096;
+/// VHOST_USER_SEND_RARP and VHOST_USER_NET_SET_MTU (the crate's front-end
+/// cannot send them).
+const SEND_RARP: u32 = 19;
+const NET_SET_MTU: u32 = 20;
+
+struct Rig {
+    dir: tempfile::TempDir,
+    _agent: ChildGuard,
+    frontend: TestFrontend,
+    /// Next free 64 KiB buffer slot.
+    next_slot: u64,
+}
+
+impl Rig {
+    /// An agent with one net device (`extra` appended to its spec) and a
+    /// front-end that started `pairs` queue pairs.
+    fn start(pairs: usize, extra: &str, protocol: VhostUserProtocolFeatures) -> Rig {
+        Self::start_on("loop", pairs, extra, protocol)
+    }
+
+    /// Like [`Self::start`] on dataplane `dataplane`.
+    fn start_on(
+        dataplane: &str,
+        pairs: usize,
+        extra: &str,
+        protocol: VhostUserProtocolFeatures,
+    ) -> Rig {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("net.sock");
+        let control = dir.path().join("control.sock");
+        let agent = spawn_net_agent(
+            &[format!(
+                "socket={},dataplane={dataplane},queue-pairs={pairs}{extra}",
+                socket.display()
+            )],
+            &["--control", control.to_str().unwrap()],
+            Some(&dir.path().join("agent.log")),
+        );
+        let mut options = StartOptions::plain(2 * pairs, QUEUE_SIZE);
+        options.queues_per_unit = 2;
+        options.protocol = protocol.bits();
+        let frontend = TestFrontend::start(&socket, &options);
+        Rig {
+            dir,
+            _agent: agent,
+            frontend,
+            next_slot: 0,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.path().join("control.sock")
+    }
+
+    /// A fresh 64 KiB buffer in guest RAM.
+    fn slot(&mut self) -> u64 {
+        let addr = BUFFER_BASE + self.next_slot * 0x1_0000;
+        self.next_slot += 1;
+        assert!(addr + 0x1_0000 <= RAM_SIZE, "test ran out of buffer slots");
+        addr
+    }
+
+    fn write(&self, addr: u64, bytes: &[u8]) {
+        self.frontend
+            .ram
+            .mem
+            .write_slice(bytes, GuestAddress(addr))
+            .unwrap();
+    }
+
+    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
+        let mut bytes = vec![0u8; len];
+        self.frontend
+            .ram
+            .mem
+            .read_slice(&mut bytes, GuestAddress(addr))
+            .unwrap();
+        bytes
+    }
+
+    /// Post `count` RX buffers of `len` bytes on pair `pair`; their
+    /// addresses by head index.
+    fn post_rx(&mut self, pair: usize, count: usize, len: u32) -> Vec<(u16, u64)> {
+        (0..count)
+            .map(|_| {
+                let addr = self.slot();
+                let head = self.frontend.queues[2 * pair]
+                    .add_chain(&self.frontend.ram, &[Desc::writable(addr, len)]);
+                (head, addr)
+            })
+            .collect()
+    }
+
+    /// Queue one frame on the TX ring of `pair` (header and frame in two
+    /// descriptors, as Linux does), without kicking.
+    fn queue_tx(&mut self, pair: usize, frame: &[u8]) -> u16 {
+        let addr = self.slot();
+        self.write(addr, &[0u8; HDR]);
+        self.write(addr + 0x100, frame);
+        self.frontend.queues[2 * pair + 1].add_chain(
+            &self.frontend.ram,
+            &[
+                Desc::readable(addr, HDR as u32),
+                Desc::readable(addr + 0x100, frame.len() as u32),
+            ],
+        )
+    }
+
+    fn kick_tx(&self, pair: usize) {
+        self.frontend.queues[2 * pair + 1].kick();
+    }
+
+    fn used(&mut self, queue: usize, count: u16) -> Vec<(u32, u32)> {
+        let ram = self.frontend.ram.clone();
+        self.frontend.queues[queue]
+            .wait_used(&ram, count, WAIT)
+            .unwrap_or_else(|| {
+                panic!(
+                    "queue {queue}: {count} used entries did not come; agent log:\n{}",
+                    self.log()
+                )
+            })
+    }
+
+    /// The device's entry in `query-devices`.
+    fn device(&self) -> Value {
+        query_device(&self.control())
+    }
+}
+
+fn query_device(control: &Path) -> Value {
+    let output = std::process::Command::new(agent_binary())
+        .args(["ctl", control.to_str().unwrap(), "query-devices"])
+        .output()
+        .expect("run vhost-agent ctl");
+    assert!(output.status.success(), "ctl failed: {output:?}");
+    let devices: Value = serde_json::from_slice(&output.stdout).unwrap();
+    devices[0].clone()
+}
+
+fn counter(device: &Value, pair: usize, name: &str) -> u64 {
+    device["pairs"][pair][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no counter {name} for pair {pair} in {device}"))
+}
+
+/// An Ethernet + IPv4 + UDP frame from 10.0.0.1:`sport` to 10.0.0.2:`dport`
+/// with `payload` bytes of a pattern.
+fn udp_frame(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
+    let mut frame = Vec::with_capacity(42 + payload);
+    frame.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
+    frame.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
+    frame.extend_from_slice(&0x0800u16.to_be_bytes());
+    let total = (20 + 8 + payload) as u16;
+    frame.extend_from_slice(&[0x45, 0]);
+    frame.extend_from_slice(&total.to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
+    frame.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+    frame.extend_from_slice(&sport.to_be_bytes());
+    frame.extend_from_slice(&dport.to_be_bytes());
+    frame.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0]);
+    frame.extend((0..payload).map(|i| (i * 7 + usize::from(sport)) as u8));
+    frame
+}
+
+#[test]
+fn loop_reflects_every_frame_with_a_fresh_header() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::empty());
+    let rx = rig.post_rx(0, 8, 2048);
+    let frames: Vec<Vec<u8>> = (0..8)
+        .map(|i| udp_frame(1000 + i, 80, 100 + 50 * usize::from(i)))
+        .collect();
+    // A dirty TX header must not leak into RX: the guest acked no
+    // offloads, so the device owes it a clean one.
+    for frame in &frames {
+        rig.queue_tx(0, frame);
+    }
+    rig.kick_tx(0);
+    let tx_used = rig.used(1, 8);
+    assert!(
+        tx_used.iter().all(|&(_, len)| len == 0),
+        "TX used lengths {tx_used:?}"
+    );
+    let rx_used = rig.used(0, 8);
+    for ((head, len), (frame, &(posted, addr))) in rx_used.iter().zip(frames.iter().zip(&rx)) {
+        assert_eq!(*head, u32::from(posted), "RX buffers used out of order");
+        assert_eq!(*len as usize, HDR + frame.len());
+        let written = rig.read(addr, HDR + frame.len());
+        let mut header = [0u8; HDR];
+        header[10] = 1; // num_buffers
+        assert_eq!(written[..HDR], header, "RX header");
+        assert_eq!(&written[HDR..], &frame[..], "frame changed on the way");
+    }
+    let device = rig.device();
+    assert_eq!(counter(&device, 0, "tx-packets"), 8);
+    assert_eq!(counter(&device, 0, "rx-packets"), 8);
+    let bytes: u64 = frames.iter().map(|f| f.len() as u64).sum();
+    assert_eq!(counter(&device, 0, "rx-bytes"), bytes);
+    assert_eq!(counter(&device, 0, "rx-dropped"), 0);
+}
+
+#[test]
+fn a_big_frame_spreads_over_merged_buffers() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::empty());
+    let rx = rig.post_rx(0, 4, 1024);
+    let frame = udp_frame(7, 9, 3000 - 42);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    let used = rig.used(0, 3);
+    let lens: Vec<u32> = used.iter().map(|&(_, len)| len).collect();
+    assert_eq!(lens, [1024, 1024, (HDR + frame.len() - 2048) as u32]);
+    let mut written = Vec::new();
+    for (&(head, len), &(posted, addr)) in used.iter().zip(&rx) {
+        assert_eq!(head, u32::from(posted));
+        written.extend(rig.read(addr, len as usize));
+    }
+    assert_eq!(
+        u16::from_le_bytes([written[10], written[11]]),
+        3,
+        "num_buffers"
+    );
+    assert_eq!(&written[HDR..], &frame[..]);
+    // The fourth buffer is still the driver's.
+    assert_eq!(rig.frontend.queues[0].pending_used(&rig.frontend.ram), 0);
+}
+
+#[test]
+fn frames_without_rx_buffers_are_dropped_and_counted() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::empty());
+    for i in 0..5 {
+        rig.queue_tx(0, &udp_frame(i, 1, 64));
+    }
+    rig.kick_tx(0);
+    rig.used(1, 5);
+    let device = rig.device();
+    assert_eq!(counter(&device, 0, "tx-packets"), 5);
+    assert_eq!(counter(&device, 0, "rx-dropped"), 5);
+    assert_eq!(counter(&device, 0, "rx-packets"), 0);
+    // Buffers posted later carry later frames.
+    let rx = rig.post_rx(0, 1, 2048);
+    let frame = udp_frame(99, 1, 64);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+}
+
+#[test]
+fn hostile_tx_chains_are_returned_and_the_device_keeps_working() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::empty());
+    let rx = rig.post_rx(0, 1, 2048);
+    let ram = rig.frontend.ram.clone();
+    let a = rig.slot();
+    let b = rig.slot();
+    let tx = &mut rig.frontend.queues[1];
+    // A device-writable descriptor in a TX chain.
+    tx.add_chain(
+        &ram,
+        &[Desc::readable(a, HDR as u32), Desc::writable(a + 64, 64)],
+    );
+    // A buffer beyond guest RAM.
+    tx.add_chain(&ram, &[Desc::readable(RAM_SIZE + PAGE, 100)]);
+    // Shorter than the virtio-net header.
+    tx.add_chain(&ram, &[Desc::readable(a, 4)]);
+    // Larger than any Ethernet frame (80 KB).
+    tx.add_chain(
+        &ram,
+        &[Desc::readable(a, 40_000), Desc::readable(b, 40_000)],
+    );
+    tx.kick();
+    let used = rig.used(1, 4);
+    assert!(used.iter().all(|&(_, len)| len == 0), "{used:?}");
+    let device = rig.device();
+    assert_eq!(counter(&device, 0, "tx-errors"), 4, "{device}");
+    assert_eq!(counter(&device, 0, "rx-packets"), 0);
+    // The device still works.
+    let frame = udp_frame(1, 2, 200);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+    assert!(
+        rig.log().contains("dropped"),
+        "no log line about the bad chains"
+    );
+}
+
+#[test]
+fn a_stop_returns_exact_indices_and_a_restart_continues_there() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::empty());
+    rig.post_rx(0, 10, 2048);
+    for i in 0..7 {
+        rig.queue_tx(0, &udp_frame(i, 1, 64));
+    }
+    rig.kick_tx(0);
+    rig.used(1, 7);
+    rig.used(0, 7);
+    let rx_base = rig
+        .frontend
+        .frontend
+        .get_vring_base(0)
+        .expect("GET_VRING_BASE");
+    let tx_base = rig
+        .frontend
+        .frontend
+        .get_vring_base(1)
+        .expect("GET_VRING_BASE");
+    assert_eq!((rx_base, tx_base), (7, 7));
+    // Restart where it stopped, like a migration destination: 3 RX buffers
+    // are still posted, a new frame uses the first of them.
+    rig.frontend.start_device(
+        vhost_agent_tests::frontend::Inflight::None,
+        &[rx_base as u16, tx_base as u16],
+    );
+    let frame = udp_frame(42, 1, 64);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    let used = rig.used(0, 1);
+    assert_eq!(
+        used[0].0, 7,
+        "the restarted RX ring skipped or reused a buffer"
+    );
+    assert_eq!(rig.frontend.frontend.get_vring_base(1).unwrap(), 8);
+}
+
+#[test]
+fn rss_steers_each_flow_where_the_toeplitz_hash_says() {
+    use netdev::rss::{Rss, RssConfig};
+    let mut rig = Rig::start(2, ",rss=on", VhostUserProtocolFeatures::empty());
+    rig.post_rx(0, 64, 2048);
+    rig.post_rx(1, 64, 2048);
+    let rss = Rss::new(RssConfig::spread(2), 2).unwrap();
+    let mut expected = [0u16; 2];
+    for port in 0..40u16 {
+        let frame = udp_frame(10_000 + port * 13, 4789, 64);
+        expected[usize::from(rss.select_queue(&frame))] += 1;
+        rig.queue_tx(0, &frame);
+    }
+    assert!(
+        expected[0] > 0 && expected[1] > 0,
+        "flows all hash to one queue: {expected:?}"
+    );
+    rig.kick_tx(0);
+    rig.used(1, 40);
+    rig.used(0, expected[0]);
+    let ram = rig.frontend.ram.clone();
+    rig.frontend.queues[2]
+        .wait_used(&ram, expected[1], WAIT)
+        .expect("pair 1 RX");
+    let device = rig.device();
+    assert_eq!(counter(&device, 0, "rx-packets"), u64::from(expected[0]));
+    assert_eq!(counter(&device, 1, "rx-packets"), u64::from(expected[1]));
+    assert!(device["rss"].is_object(), "{device}");
+}
+
+#[test]
+fn net_set_mtu_is_acked_and_a_bad_one_refused() {
+    let mut rig = Rig::start(1, ",mtu=1500", VhostUserProtocolFeatures::empty());
+    assert!(rig.frontend.protocol & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0);
+    let flags = raw::FLAG_VERSION | raw::FLAG_NEED_REPLY;
+    rig.frontend
+        .send_raw(NET_SET_MTU, flags, &9000u64.to_le_bytes());
+    let reply = rig.frontend.recv_raw();
+    assert_eq!((reply.request, reply.u64()), (NET_SET_MTU, Some(0)));
+    assert_eq!(rig.device()["mtu"], 9000);
+    rig.frontend
+        .send_raw(NET_SET_MTU, flags, &10u64.to_le_bytes());
+    let reply = rig.frontend.recv_raw();
+    assert_ne!(reply.u64(), Some(0), "MTU 10 accepted");
+    // SEND_RARP has no reply; the loop dataplane has no wire to announce
+    // on, and the connection goes on.
+    let mut mac = [0u8; 8];
+    mac[..6].copy_from_slice(&[0x52, 0x54, 0, 0xab, 0xcd, 0xef]);
+    rig.frontend.send_raw(SEND_RARP, raw::FLAG_VERSION, &mac);
+    rig.frontend.sync();
+    assert_eq!(rig.device()["mac"], "52:54:00:ab:cd:ef");
+    assert_eq!(rig.device()["mtu"], 9000);
+}
+
+fn pipe() -> (File, File) {
+    let mut fds = [0i32; 2];
+    // SAFETY: fds is a valid array of two ints for pipe2 to fill.
+    let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2");
+    // SAFETY: pipe2 succeeded, so both fds are open and ours alone.
+    unsafe {
+        use std::os::unix::io::FromRawFd;
+        (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1]))
+    }
+}
+
+#[test]
+fn device_state_carries_rss_and_mtu_to_another_agent() {
+    let source = Rig::start(
+        2,
+        ",rss=on,mtu=9000",
+        VhostUserProtocolFeatures::DEVICE_STATE,
+    );
+    let destination = Rig::start(2, "", VhostUserProtocolFeatures::DEVICE_STATE);
+    assert!(destination.device()["rss"].is_null());
+
+    // SAVE: the agent writes into our pipe and we read to EOF, as QEMU does.
+    let (mut reader, writer) = pipe();
+    let returned = source
+        .frontend
+        .frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::SAVE,
+            VhostTransferStatePhase::STOPPED,
+            writer.into(),
+        )
+        .expect("SET_DEVICE_STATE_FD save");
+    assert!(returned.is_none(), "the agent should use our pipe");
+    let mut state = Vec::new();
+    reader.read_to_end(&mut state).unwrap();
+    source
+        .frontend
+        .frontend
+        .check_device_state()
+        .expect("CHECK_DEVICE_STATE save");
+    assert!(!state.is_empty());
+
+    // LOAD on the destination.
+    let (reader, mut writer) = pipe();
+    destination
+        .frontend
+        .frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .expect("SET_DEVICE_STATE_FD load");
+    writer.write_all(&state).unwrap();
+    drop(writer);
+    destination
+        .frontend
+        .frontend
+        .check_device_state()
+        .expect("CHECK_DEVICE_STATE load");
+    let device = destination.device();
+    assert_eq!(device["rss"], source.device()["rss"]);
+    assert_eq!(device["mtu"], 9000);
+
+    // Garbage is refused at CHECK_DEVICE_STATE; the device keeps its state.
+    let (reader, mut writer) = pipe();
+    destination
+        .frontend
+        .frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .expect("SET_DEVICE_STATE_FD load");
+    writer.write_all(b"{\"version\": 99").unwrap();
+    drop(writer);
+    assert!(destination.frontend.frontend.check_device_state().is_err());
+    assert_eq!(destination.device()["rss"], device["rss"]);
+}
+
+#[test]
+fn what_the_device_writes_is_dirty_logged() {
+    let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::LOG_SHMFD);
+    let log = tempfile::tempfile().unwrap();
+    let log_size = RAM_SIZE / PAGE / 8;
+    log.set_len(log_size).unwrap();
+    rig.frontend
+        .frontend
+        .set_log_base(
+            0,
+            Some(VhostUserDirtyLogRegion {
+                mmap_size: log_size,
+                mmap_offset: 0,
+                mmap_handle: log.as_raw_fd(),
+            }),
+        )
+        .expect("SET_LOG_BASE");
+    let features = rig.frontend.features | (1 << 26);
+    rig.frontend.frontend.set_features(features).unwrap();
+    rig.frontend.sync();
+    let rx = rig.post_rx(0, 1, 8192);
+    let tx_slot = rig.next_slot;
+    rig.queue_tx(0, &udp_frame(1, 2, 5000));
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    let mut bitmap = vec![0u8; log_size as usize];
+    log.read_exact_at(&mut bitmap, 0).unwrap();
+    let dirty = |gpa: u64| bitmap[(gpa / PAGE / 8) as usize] & (1 << ((gpa / PAGE) % 8)) != 0;
+    let rx_addr = rx[0].1;
+    for page in 0..2 {
+        assert!(
+            dirty(rx_addr + page * PAGE),
+            "RX buffer page {page} not logged"
+        );
+    }
+    assert!(
+        !dirty(rx_addr + 2 * PAGE),
+        "a page past the frame was logged"
+    );
+    let tx_addr = BUFFER_BASE + tx_slot * 0x1_0000;
+    assert!(!dirty(tx_addr), "the TX buffer was only read, yet logged");
+    // Both rings' used entries are in the first 128 KiB (queue i at i * 64 KiB).
+    assert!(
+        (0..0x1_0000).step_by(PAGE as usize).any(&dirty),
+        "RX used ring not logged"
+    );
+    assert!(
+        (0x1_0000..0x2_0000).step_by(PAGE as usize).any(&dirty),
+        "TX used ring not logged"
+    );
+}
+
+#[test]
+fn the_sim_dataplane_charges_its_profile_and_moves_frames_like_loop() {
+    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let started = std::time::Instant::now();
+    let mut rig = Rig::start_on(
+        &format!("sim:{}", profile.display()),
+        1,
+        "",
+        VhostUserProtocolFeatures::empty(),
+    );
+    let elapsed = started.elapsed();
+    // Two virtqueues created at 40 ms each (the profile's create_queue).
+    assert!(
+        elapsed >= Duration::from_millis(80),
+        "start took {elapsed:?}"
+    );
+    let sim = &rig.device()["sim"];
+    assert_eq!(sim["profile"], "vdpa-191ms", "{sim}");
+    assert_eq!(sim["charged"]["create_queue"]["count"], 2, "{sim}");
+    assert!(sim["charged"]["create_queue"]["us"].as_u64().unwrap() >= 80_000);
+    // Frames move as with loop.
+    let rx = rig.post_rx(0, 1, 2048);
+    let frame = udp_frame(5, 6, 300);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+    // Stopping destroys both queues.
+    rig.frontend.frontend.get_vring_base(0).unwrap();
+    rig.frontend.frontend.get_vring_base(1).unwrap();
+    assert_eq!(rig.device()["sim"]["charged"]["destroy_queue"]["count"], 2);
+}
