@@ -242,7 +242,9 @@ impl Netns {
     /// `--net` specs (each like `socket=PATH,dataplane=tap:IF`) and extra
     /// arguments, stderr to `log`, and wait until every socket exists.
     /// `RUST_LOG` defaults to `debug` (one line per vhost-user message), for
-    /// the evidence a failure needs.
+    /// the evidence a failure needs, with the control API at `info` (tests
+    /// that poll it would otherwise push that evidence out of the log's
+    /// tail).
     pub fn spawn_agent(&self, net_specs: &[String], extra_args: &[&str], log: &Path) -> ChildGuard {
         let mut cmd = self.command(support::agent_binary());
         cmd.arg("serve");
@@ -251,7 +253,7 @@ impl Netns {
         }
         cmd.args(extra_args);
         if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "debug");
+            cmd.env("RUST_LOG", "debug,vhost_agent::control=info");
         }
         let mut agent = self.spawn("vhost-agent", cmd, log);
         for spec in net_specs {

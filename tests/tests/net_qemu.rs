@@ -81,7 +81,8 @@ struct Outcome {
     verdict: Verdict,
     uploads: Vec<Transfer>,
     source_sha256: String,
-    /// The agent's last `query-devices` reply before QEMU exited.
+    /// The agent's `query-devices` reply after the run (or the last one
+    /// while the guest ran).
     devices: Option<Value>,
     /// The agent's log.
     agent_log: String,
@@ -206,10 +207,17 @@ fn run(backend: Backend, case: Case) -> Outcome {
                 devices = Some(reply);
             }
         }
-        std::thread::sleep(Duration::from_millis(250));
+        std::thread::sleep(Duration::from_millis(500));
     }
     let verdict = vm.expect_pass(Duration::from_secs(5));
     let elapsed = started.elapsed();
+    // The counters survive the disconnect (docs/control-api.md): the last
+    // word, if the agent answers.
+    if attached.agent.is_some() {
+        if let Ok(reply) = support::control_execute(&attached.control, "query-devices", json!({})) {
+            devices = Some(reply);
+        }
+    }
     lan.assert_dhcp_alive();
     if let Some(agent) = attached.agent.as_mut() {
         if let Ok(Some(status)) = agent.child.try_wait() {
@@ -320,34 +328,46 @@ fn assert_common(backend: Backend, case: &Case, out: &Outcome) {
     );
 }
 
-/// The agent's counters of [`DEVICE_ID`] per queue pair from
-/// `query-devices` (docs/control-api.md): (pair, rx-packets, tx-packets,
-/// rx-dropped).
-fn agent_pair_counters(devices: &Value) -> Vec<(usize, u64, u64, u64)> {
+/// The agent's side of a run: every data queue started, and, from
+/// `query-devices` (docs/control-api.md), the device's shape and traffic
+/// on every queue pair in both directions.
+fn assert_agent(case: &Case, out: &Outcome) {
+    for q in 0..2 * case.pairs {
+        assert!(
+            out.agent_log
+                .contains(&format!("{DEVICE_ID}: queue {q} started")),
+            "the agent did not log queue {q} starting:\n{}",
+            out.agent_log
+        );
+    }
+    let devices = out
+        .devices
+        .as_ref()
+        .expect("query-devices answered during or after the run");
     let device = devices
         .as_array()
         .and_then(|d| d.iter().find(|d| d["id"] == DEVICE_ID))
         .unwrap_or_else(|| panic!("no device {DEVICE_ID} in query-devices: {devices}"));
     assert_eq!(device["kind"], "net", "{device}");
+    assert_eq!(device["queue-pairs"], u64::from(case.pairs), "{device}");
+    assert_eq!(device["mtu"], u64::from(case.mtu), "{device}");
     let pairs = device["pairs"]
         .as_array()
         .unwrap_or_else(|| panic!("no pairs array in {device}"));
-    pairs
-        .iter()
-        .enumerate()
-        .map(|(i, p)| {
-            let field = |k: &str| {
-                p[k].as_u64()
-                    .unwrap_or_else(|| panic!("no {k} in pair {i} of {device}"))
-            };
-            (
-                i,
-                field("rx-packets"),
-                field("tx-packets"),
-                field("rx-dropped"),
-            )
-        })
-        .collect()
+    assert_eq!(pairs.len(), usize::from(case.pairs), "{device}");
+    for (i, pair) in pairs.iter().enumerate() {
+        let count = |k: &str| {
+            pair[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("no {k} in pair {i} of {device}"))
+        };
+        eprintln!("vhost-agent: pair {i}: {pair}");
+        assert!(
+            count("rx-packets") > 0 && count("tx-packets") > 0,
+            "pair {i} did not carry traffic both ways: {device}"
+        );
+        assert_eq!(count("tx-errors"), 0, "pair {i}: {device}");
+    }
 }
 
 const SINGLE: Case = Case {
@@ -404,15 +424,7 @@ fn qemu_net_single_queue_on_qemu_tap() {
 fn qemu_net_single_queue_on_agent() {
     let out = run(Backend::Agent, SINGLE);
     assert_common(Backend::Agent, &SINGLE, &out);
-    assert!(
-        out.agent_log
-            .contains(&format!("{DEVICE_ID}: queue 0 started"))
-            && out
-                .agent_log
-                .contains(&format!("{DEVICE_ID}: queue 1 started")),
-        "the agent did not log both queues of the pair starting:\n{}",
-        out.agent_log
-    );
+    assert_agent(&SINGLE, &out);
 }
 
 #[test]
@@ -427,27 +439,7 @@ fn qemu_net_two_queue_pairs_on_agent() {
     let out = run(Backend::Agent, MULTIQUEUE);
     assert_common(Backend::Agent, &MULTIQUEUE, &out);
     assert_both_pairs_in_guest(&out.verdict);
-    for q in 0..4 {
-        assert!(
-            out.agent_log
-                .contains(&format!("{DEVICE_ID}: queue {q} started")),
-            "the agent did not log queue {q} starting:\n{}",
-            out.agent_log
-        );
-    }
-    let devices = out
-        .devices
-        .as_ref()
-        .expect("query-devices answered while the guest ran");
-    let counters = agent_pair_counters(devices);
-    eprintln!("vhost-agent: per pair (pair, rx-packets, tx-packets, rx-dropped): {counters:?}");
-    assert_eq!(counters.len(), 2, "{devices}");
-    for (pair, rx, tx, _) in counters {
-        assert!(
-            rx > 0 && tx > 0,
-            "pair {pair} carried no traffic: {devices}"
-        );
-    }
+    assert_agent(&MULTIQUEUE, &out);
 }
 
 #[test]
@@ -462,4 +454,5 @@ fn qemu_net_mtu_9000_on_agent() {
     let out = run(Backend::Agent, JUMBO);
     assert_common(Backend::Agent, &JUMBO, &out);
     assert_no_fragments(&out.verdict);
+    assert_agent(&JUMBO, &out);
 }
