@@ -3,7 +3,8 @@
 #   * QEMU 10 (qemu-system-x86_64) and qemu-storage-daemon (package qemu-utils)
 #     from bookworm-backports;
 #   * the tools tests/guest/build-guest.sh uses to make the guest kernel and
-#     initramfs: busybox-static, fio, cpio, kmod (depmod), zstd, dpkg, apt.
+#     initramfs: busybox-static, fio, cpio, kmod (depmod), zstd, dpkg, apt;
+#   * iproute2 (`ip`) for the net tests' namespace, bridge and taps.
 #
 # Run as root. Idempotent: when everything is already there it returns in a
 # fraction of a second without touching apt.
@@ -12,7 +13,7 @@ set -euo pipefail
 BACKPORTS_FILE=/etc/apt/sources.list.d/backports.sources
 QEMU_MIN_MAJOR=10
 # Plain (non-backports) packages the guest build and the tests need.
-BASE_PACKAGES=(busybox-static fio cpio kmod zstd dpkg apt libc-bin)
+BASE_PACKAGES=(busybox-static fio cpio kmod zstd dpkg apt libc-bin iproute2)
 APT_OPTS=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
 
 log() { echo "install-test-deps: $*" >&2; }
