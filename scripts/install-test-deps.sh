@@ -7,8 +7,8 @@
 #   * DPDK 22.11 from bookworm: dpdk-testpmd (package dpdk-dev) and the
 #     drivers the net tests load (vhost and virtio_user PMDs, tap, the ring
 #     mempool), for tests/tests/net_dpdk.rs and benches/net_pps.rs;
-#   * iproute2 (ip) and iputils-ping (ping) for the tap/bridge tests, which
-#     build private network namespaces.
+#   * iproute2 (`ip`) for the net tests' namespace, bridge and taps, and
+#     iputils-ping (`ping`) to check such a network by hand.
 #
 # Run as root. Idempotent: when everything is already there it returns in a
 # fraction of a second without touching apt.

@@ -610,6 +610,14 @@ impl DataPath {
     fn receive(&mut self, mem: &GuestRam, pair: u16) -> bool {
         let p = usize::from(pair);
         let mut moved = false;
+        // With no RX ring running the frames stay in the dataplane (the
+        // kernel queues them) instead of being read only to be dropped;
+        // starting a ring makes us look again.
+        let any_rx = (0..self.pairs())
+            .any(|q| matches!(self.rings.get(rx_index(q)), Some(Some(slot)) if slot.usable()));
+        if !any_rx {
+            return false;
+        }
         // A frame that waited for buffers goes first, in order.
         if let Some(mut pending) = self.pending[p].take() {
             let hdr_len = self.hdr_len;
@@ -787,6 +795,10 @@ impl DataPath {
             Command::SetEnabled(index, enabled, reply) => {
                 if let Some(Some(slot)) = self.rings.get_mut(usize::from(index)) {
                     slot.enabled = enabled;
+                }
+                if enabled {
+                    // Frames may be waiting in the dataplane for this ring.
+                    self.rx_ready.iter_mut().for_each(|ready| *ready = true);
                 }
                 // A pair's dataplane queue follows its RX ring, configured
                 // or not (QEMU enables pairs before it sets their rings up).

@@ -69,7 +69,7 @@ pub const REQUESTS: &[RequestInfo] = &[
     row(15, "GET_PROTOCOL_FEATURES", Always, Crate),
     row(16, "SET_PROTOCOL_FEATURES", Ack, Crate),
     row(17, "GET_QUEUE_NUM", Always, Crate),
-    row(18, "SET_VRING_ENABLE", Ack, Crate),
+    row(18, "SET_VRING_ENABLE", Ack, Agent),
     row(19, "SEND_RARP", Ack, Agent),
     row(20, "NET_SET_MTU", Ack, Agent),
     row(21, "SET_BACKEND_REQ_FD", Ack, Crate),

@@ -372,6 +372,32 @@ impl<B: ServedBackend> DeviceServer<B> {
             }
             40 => wire::send_u64(&conn.stream, &header, u64::from(backend.get_status()))
                 .map_err(|e| format!("replying to GET_STATUS: {e}")),
+            18 => {
+                // SET_VRING_ENABLE: a vring state {index u32, num u32}. The
+                // vhost crate refuses it until PROTOCOL_FEATURES is *acked*,
+                // but QEMU's net client sends it before SET_FEATURES (it
+                // enables pairs at connect time); we offer the feature, so
+                // we accept it.
+                let state = (payload.len() == 8).then(|| {
+                    let word = |at: usize| {
+                        u32::from_le_bytes(payload[at..at + 4].try_into().expect("4 bytes"))
+                    };
+                    (word(0), word(4))
+                });
+                let Some((index, num @ (0 | 1))) = state else {
+                    log::warn!(
+                        "{}: SET_VRING_ENABLE with a bad payload ({} bytes)",
+                        self.name,
+                        payload.len()
+                    );
+                    return ack(&backend, false);
+                };
+                let result = backend.set_vring_enable(index, num == 1);
+                if let Err(e) = &result {
+                    log::warn!("{}: SET_VRING_ENABLE refused: {e}", self.name);
+                }
+                ack(&backend, result.is_ok())
+            }
             _ => match backend.handle_own(code, &payload) {
                 OwnRequest::Ack(ok) => ack(&backend, ok),
                 OwnRequest::Reply(reply) => wire::send_reply(&conn.stream, &header, &reply)

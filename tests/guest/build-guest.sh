@@ -1,13 +1,14 @@
 #!/bin/bash
 # Build the test guest for vhost-agent's QEMU tests: a Debian kernel and an
 # initramfs holding busybox, fio (with every library it links) and the virtio
-# modules, with tests/guest/init as /init.
+# modules, with tests/guest/init as /init and tests/guest/udhcpc.script as
+# udhcpc's default script.
 #
 #   tests/guest/build-guest.sh OUTDIR
 #
 # Produces OUTDIR/vmlinuz, OUTDIR/initramfs.img and OUTDIR/stamp. Cached: when
 # OUTDIR/stamp matches the inputs (kernel package and version, fio, busybox,
-# the libraries, this script and init), it does nothing. Safe to run from
+# the libraries, this script, init and udhcpc.script), it does nothing. Safe to run from
 # several processes at once (flock on OUTDIR/.lock).
 #
 # Needs: apt-get, dpkg-deb, depmod/modprobe (kmod), busybox-static, fio, cpio,
@@ -17,6 +18,7 @@ set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 INIT_SRC="$here/init"
+UDHCPC_SCRIPT="$here/udhcpc.script"
 MODULES=(virtio virtio_ring virtio_pci virtio_pci_legacy_dev virtio_pci_modern_dev
     virtio_blk virtio_net failover net_failover)
 
@@ -79,7 +81,7 @@ key=$(
         for f in "$FIO" "$BUSYBOX" "${LIBS[@]}"; do
             stat -L -c '%n %s %Y' "$f"
         done
-        sha256sum "${BASH_SOURCE[0]}" "$INIT_SRC" | cut -d' ' -f1
+        sha256sum "${BASH_SOURCE[0]}" "$INIT_SRC" "$UDHCPC_SCRIPT" | cut -d' ' -f1
     } | sha256sum | cut -d' ' -f1
 )
 if [[ -f "$OUT/stamp" && "$(cat "$OUT/stamp")" == "$key" && -s "$OUT/vmlinuz" && -s "$OUT/initramfs.img" ]]; then
@@ -181,6 +183,8 @@ for m in "${MODULES[@]}"; do
 done
 
 install -m 0755 "$INIT_SRC" "$rootfs/init"
+# busybox udhcpc's default event script (the net modes get their address by DHCP)
+install -D -m 0755 "$UDHCPC_SCRIPT" "$rootfs/etc/udhcpc/default.script"
 # The kernel opens /dev/console before /init runs.
 mknod -m 600 "$rootfs/dev/console" c 5 1 2>/dev/null || true
 mknod -m 666 "$rootfs/dev/null" c 1 3 2>/dev/null || true

@@ -293,6 +293,14 @@ impl DriverQueue {
         head
     }
 
+    /// Put `descs` on the ring as an indirect table at guest address
+    /// `table` and publish it; returns the head.
+    pub fn add_indirect(&mut self, ram: &GuestRam, table: u64, descs: &[Desc]) -> u16 {
+        let head = self.place_indirect(ram, table, descs);
+        self.publish_avail(ram);
+        head
+    }
+
     /// Put a chain of consecutive descriptors on the ring (NEXT linking is
     /// done here) and return its head. The caller keeps at most `size`
     /// descriptors outstanding.

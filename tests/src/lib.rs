@@ -1,12 +1,16 @@
 //! Shared support for vhost-agent's workspace-level tests and benchmarks.
 //!
 //! Everything here talks to real processes: the `vhost-agent` binary built
-//! from this workspace, `qemu-storage-daemon`, QEMU, DPDK's testpmd.
-//! Nothing is mocked.
+//! from this workspace, `qemu-storage-daemon`, QEMU, DPDK's testpmd, and for
+//! the net tests a private network namespace with a bridge and a DHCP
+//! server. Nothing is mocked.
 
 pub mod blkio_client;
 pub mod frontend;
 pub mod net_agent;
+pub mod netns;
+pub mod netprobe;
+pub mod pinger;
 pub mod qemu;
 pub mod support;
 pub mod testpmd;

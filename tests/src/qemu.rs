@@ -1,5 +1,6 @@
-//! QEMU harness: build the test guest, boot it against vhost-user-blk
-//! back-ends, wait for the verdict line its `/init` prints, and talk QMP.
+//! QEMU harness: build the test guest, boot it against vhost-user-blk and
+//! virtio-net back-ends, wait for the verdict line its `/init` prints, and
+//! talk QMP.
 //!
 //! The guest (kernel + initramfs from Debian packages, see
 //! `tests/guest/build-guest.sh`) runs the test named by `vhost_test=` on its
@@ -22,7 +23,21 @@
 //!   e.g. a live migration ([`Qmp::migrate_incoming`], [`MigrationStats`]);
 //! - `fio-perf`: a time-based fio run, details carry `read_iops=`/`write_iops=`;
 //! - `info`: details carry `size=`, `ro=`, `queues=`, `lbs=`, `serial=`;
-//! - `shell-exit`: boot and power off (used to probe KVM).
+//! - `shell-exit`: boot and power off (used to probe KVM);
+//! - `net`: bring up `eth0` (a [`Nic`]), get an address by DHCP
+//!   (`vhost_net_addr=dhcp`, the default) or a static one, ping
+//!   `vhost_net_peer`, then `vhost_net_streams` TCP uploads of
+//!   `vhost_net_bytes` random bytes to the peer's port `vhost_net_port` and
+//!   as many downloads from the next port, stream i pinned to vCPU i; details
+//!   carry `addr=`, `addr_source=`, `mtu=`, `rx_queues=`, `tx_queues=`,
+//!   `ping_sent=`, `ping_received=`, `upI_bytes=`/`upI_sha256=`,
+//!   `downI_bytes=`/`downI_sha256=`, `reasm_reqds=`, `frag_creates=` and
+//!   `irq_rxQ=`/`irq_txQ=` (interrupts per virtqueue);
+//! - `net-serve`: the same bring-up and one ping, then a
+//!   [`NET_READY_MARKER`] line and one TCP connection accepted on
+//!   `vhost_net_listen_port`; details carry `recv_bytes=`, `recv_sha256=`.
+//!   For checks across a live migration (see `crate::netns` for the host
+//!   side: namespace, bridge, DHCP server, TCP ends, pinger).
 //!
 //! Missing programs make every entry point panic with a message pointing at
 //! `scripts/install-test-deps.sh`: these tests never skip silently.
@@ -41,6 +56,10 @@ use crate::support::{self, ChildGuard};
 
 /// The marker `/init` prints before its verdict.
 pub const VERDICT_MARKER: &str = "VHOST-AGENT-VERDICT: ";
+
+/// The marker `/init` prints in `net-serve` mode once the interface has its
+/// address and the peer answered a ping, followed by `addr=... port=...`.
+pub const NET_READY_MARKER: &str = "VHOST-AGENT-NET-READY: ";
 
 /// The marker `/init` prints, followed by the round number, after each round
 /// of the `fio-rounds` mode.
@@ -199,14 +218,23 @@ pub enum Accel {
 }
 
 impl Accel {
-    fn args(self) -> Vec<String> {
-        let args: &[&str] = match self {
-            Accel::Kvm => &["-accel", "kvm", "-cpu", "host", "-smp", "2"],
+    /// The accelerator's arguments; `cpus` overrides the number of vCPUs.
+    fn args(self, cpus: Option<u32>) -> Vec<String> {
+        let smp = match (self, cpus) {
+            (Accel::Kvm, None) => "2".to_string(),
+            (Accel::Kvm, Some(n)) => n.to_string(),
             // maxcpus=2 turns on parallel translation, which makes TCG emit
             // host barriers for the guest's locked instructions (see HOST.md).
-            Accel::Tcg => &["-accel", "tcg", "-cpu", "max", "-smp", "1,maxcpus=2"],
+            (Accel::Tcg, None) => "1,maxcpus=2".to_string(),
+            (Accel::Tcg, Some(n)) => format!("{n},maxcpus={}", n.max(2)),
         };
-        args.iter().map(|s| s.to_string()).collect()
+        let cpu: &[&str] = match self {
+            Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+            Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+        };
+        let mut args: Vec<String> = cpu.iter().map(|s| s.to_string()).collect();
+        args.extend(["-smp".to_string(), smp]);
+        args
     }
 }
 
@@ -303,6 +331,123 @@ impl VhostUserBlk {
     }
 }
 
+/// Where a [`Nic`]'s frames go.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetBackend {
+    /// `-netdev vhost-user` on a back-end's unix socket (the agent's
+    /// `--net socket=...`).
+    VhostUser {
+        /// The back-end's socket.
+        socket: PathBuf,
+        /// `reconnect-ms=` on the chardev.
+        reconnect_ms: Option<u32>,
+    },
+    /// QEMU's own `-netdev tap` on the existing tap `ifname` (no vhost-net):
+    /// the control that proves the harness without a vhost-user back-end.
+    /// QEMU must run in the tap's network namespace ([`VmConfig::netns`]).
+    Tap {
+        /// The tap interface, created beforehand (multi_queue if `queues > 1`).
+        ifname: String,
+    },
+}
+
+/// One `virtio-net-pci` device; the first is `eth0` in the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Nic {
+    /// Where its frames go.
+    pub backend: NetBackend,
+    /// `mac=` of the device.
+    pub mac: String,
+    /// Queue pairs: `queues=` of the netdev; above 1 also `mq=on` and
+    /// `vectors=2N+2` on the device.
+    pub queue_pairs: u16,
+    /// `host_mtu=` of the device (VIRTIO_NET_F_MTU), if any.
+    pub host_mtu: Option<u32>,
+}
+
+impl Nic {
+    /// A one-pair NIC with MAC `mac` on `backend`.
+    pub fn new(backend: NetBackend, mac: &str) -> Self {
+        Nic {
+            backend,
+            mac: mac.to_string(),
+            queue_pairs: 1,
+            host_mtu: None,
+        }
+    }
+
+    /// A one-pair NIC on the vhost-user back-end listening on `socket`.
+    pub fn vhost_user(socket: impl Into<PathBuf>, mac: &str) -> Self {
+        Self::new(
+            NetBackend::VhostUser {
+                socket: socket.into(),
+                reconnect_ms: None,
+            },
+            mac,
+        )
+    }
+
+    /// A one-pair NIC on QEMU's own tap netdev.
+    pub fn tap(ifname: &str, mac: &str) -> Self {
+        Self::new(
+            NetBackend::Tap {
+                ifname: ifname.to_string(),
+            },
+            mac,
+        )
+    }
+
+    /// Set the number of queue pairs.
+    pub fn queue_pairs(mut self, n: u16) -> Self {
+        self.queue_pairs = n;
+        self
+    }
+
+    /// Set `host_mtu`.
+    pub fn host_mtu(mut self, mtu: u32) -> Self {
+        self.host_mtu = Some(mtu);
+        self
+    }
+
+    /// The `-chardev` (vhost-user only), `-netdev` and `-device` arguments
+    /// of NIC number `i`.
+    fn args(&self, i: usize) -> Vec<String> {
+        let mut args = Vec::new();
+        let mut netdev = match &self.backend {
+            NetBackend::VhostUser {
+                socket,
+                reconnect_ms,
+            } => {
+                let mut chardev = format!("socket,id=netchar{i},path={}", socket.display());
+                if let Some(ms) = reconnect_ms {
+                    let _ = write!(chardev, ",reconnect-ms={ms}");
+                }
+                args.extend(["-chardev".to_string(), chardev]);
+                format!("vhost-user,id=net{i},chardev=netchar{i}")
+            }
+            NetBackend::Tap { ifname } => {
+                format!("tap,id=net{i},ifname={ifname},script=no,downscript=no,vhost=off")
+            }
+        };
+        let mut device = format!("virtio-net-pci,id=nic{i},netdev=net{i},mac={}", self.mac);
+        if self.queue_pairs > 1 {
+            let _ = write!(netdev, ",queues={}", self.queue_pairs);
+            // One vector per virtqueue, one for the control queue, one for
+            // config changes.
+            let _ = write!(
+                device,
+                ",mq=on,vectors={}",
+                2 * u32::from(self.queue_pairs) + 2
+            );
+        }
+        if let Some(mtu) = self.host_mtu {
+            let _ = write!(device, ",host_mtu={mtu}");
+        }
+        args.extend(["-netdev".to_string(), netdev, "-device".to_string(), device]);
+        args
+    }
+}
+
 /// What to boot.
 #[derive(Debug, Clone)]
 pub struct VmConfig {
@@ -313,6 +458,13 @@ pub struct VmConfig {
     pub params: Vec<(String, String)>,
     /// vhost-user-blk devices; the first is `/dev/vda` in the guest.
     pub disks: Vec<VhostUserBlk>,
+    /// virtio-net devices; the first is `eth0` in the guest.
+    pub nics: Vec<Nic>,
+    /// vCPUs, if not the accelerator's default (1 under TCG, 2 under KVM).
+    pub cpus: Option<u32>,
+    /// Run QEMU inside this network namespace (`ip netns exec NAME`), as
+    /// [`NetBackend::Tap`] needs.
+    pub netns: Option<String>,
     /// Guest RAM in MiB (memfd-backed, shared with the back-ends).
     pub mem_mib: u32,
     /// Add a QMP socket (`Qemu::qmp`).
@@ -330,6 +482,9 @@ impl VmConfig {
             test: test.to_string(),
             params: Vec::new(),
             disks: Vec::new(),
+            nics: Vec::new(),
+            cpus: None,
+            netns: None,
             mem_mib: 1024,
             qmp: false,
             incoming: None,
@@ -346,6 +501,24 @@ impl VmConfig {
     /// Add a vhost-user-blk device.
     pub fn disk(mut self, disk: VhostUserBlk) -> Self {
         self.disks.push(disk);
+        self
+    }
+
+    /// Add a virtio-net device.
+    pub fn nic(mut self, nic: Nic) -> Self {
+        self.nics.push(nic);
+        self
+    }
+
+    /// Set the number of vCPUs.
+    pub fn cpus(mut self, n: u32) -> Self {
+        self.cpus = Some(n);
+        self
+    }
+
+    /// Run QEMU inside the network namespace `name`.
+    pub fn in_netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_string());
         self
     }
 
@@ -470,7 +643,7 @@ impl Qemu {
         let stderr_log = dir.join(format!("{name}-stderr.log"));
         let qmp_socket = config.qmp.then(|| dir.join(format!("{name}-qmp.sock")));
 
-        let mut args: Vec<String> = accel.args();
+        let mut args: Vec<String> = accel.args(config.cpus);
         let mem = config.mem_mib;
         args.extend([
             "-m".to_string(),
@@ -511,6 +684,9 @@ impl Qemu {
                 device,
             ]);
         }
+        for (i, nic) in config.nics.iter().enumerate() {
+            args.extend(nic.args(i));
+        }
         if let Some(qmp) = &qmp_socket {
             args.push("-qmp".to_string());
             args.push(format!("unix:{},server=on,wait=off", qmp.display()));
@@ -521,8 +697,20 @@ impl Qemu {
         }
         args.extend(config.extra_args.iter().cloned());
 
+        // `ip netns exec` enters the namespace and execs QEMU: same pid.
+        let (program, args) = match &config.netns {
+            Some(ns) => {
+                let mut wrapped: Vec<String> = ["netns", "exec", ns, "qemu-system-x86_64"]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .collect();
+                wrapped.extend(args);
+                ("ip", wrapped)
+            }
+            None => ("qemu-system-x86_64", args),
+        };
         let command_line = format!(
-            "qemu-system-x86_64 {}",
+            "{program} {}",
             args.iter()
                 .map(|a| if a.contains(' ') {
                     format!("'{a}'")
@@ -537,7 +725,7 @@ impl Qemu {
         let stdout = stderr
             .try_clone()
             .map_err(|e| format!("dup of the QEMU log file: {e}"))?;
-        let child = Command::new("qemu-system-x86_64")
+        let child = Command::new(program)
             .args(&args)
             .stdin(Stdio::null())
             .stdout(stdout)
@@ -657,6 +845,46 @@ impl Qemu {
                 panic!("{reason}\n{}", self.diagnostics());
             }
             std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Wait until the serial console has a complete line containing
+    /// `marker` (e.g. [`NET_READY_MARKER`]) and return what follows the
+    /// marker on it. Panics with [`Qemu::diagnostics`] (killing QEMU) if the
+    /// guest prints its verdict or QEMU exits first, or after `timeout`.
+    pub fn wait_marker(&mut self, marker: &str, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let serial = self.serial();
+            let complete = match serial.rfind('\n') {
+                Some(end) => &serial[..end],
+                None => "",
+            };
+            if let Some(rest) = complete
+                .lines()
+                .find_map(|l| Some(l[l.find(marker)? + marker.len()..].trim_end()))
+            {
+                return rest.to_string();
+            }
+            let reason = if let Some(v) = self.verdict() {
+                Some(format!(
+                    "the guest printed its verdict ({} {}) before {marker:?}",
+                    if v.passed { "PASS" } else { "FAIL" },
+                    v.details
+                ))
+            } else if let Ok(Some(status)) = self.process.child.try_wait() {
+                Some(format!("QEMU exited ({status}) before {marker:?}"))
+            } else if Instant::now() >= deadline {
+                Some(format!("no {marker:?} within {timeout:?}"))
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                self.process.signal(libc::SIGKILL);
+                let _ = self.process.wait_timeout(Duration::from_secs(5));
+                panic!("{reason}\n{}", self.diagnostics());
+            }
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
 
@@ -924,6 +1152,48 @@ impl Qmp {
             std::thread::sleep(Duration::from_millis(100));
         }
     }
+}
+
+/// Live-migrate the guest of `src` into `dst`, a QEMU started with
+/// `-incoming defer` ([`VmConfig::incoming`]) and the same machine: listen
+/// on a free loopback port on the destination, lift the bandwidth cap,
+/// `migrate`, poll the source's `query-migrate` until completed (up to
+/// `timeout`), then wait for the destination to run and check that the
+/// source is in `postmigrate`. Returns the source's figures; Err with the
+/// state of both sides. Both QEMUs must share a network namespace (their
+/// loopback carries the migration stream).
+pub fn live_migrate(
+    src: &mut Qmp,
+    dst: &mut Qmp,
+    timeout: Duration,
+) -> Result<MigrationStats, String> {
+    dst.migrate_incoming("tcp:127.0.0.1:0")
+        .map_err(|e| format!("destination: {e}"))?;
+    let port = dst
+        .incoming_tcp_port()
+        .map_err(|e| format!("destination: {e}"))?;
+    // Loopback: don't let the default 128 MiB/s cap stretch the run.
+    src.execute(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 30 }),
+    )
+    .map_err(|e| format!("source: {e}"))?;
+    src.execute("migrate", json!({ "uri": format!("tcp:127.0.0.1:{port}") }))
+        .map_err(|e| format!("source: {e}"))?;
+    let info = src.wait_migration(timeout).map_err(|e| {
+        let dst_state = dst.execute("query-migrate", json!({}));
+        format!("source: {e}\ndestination query-migrate: {dst_state:?}")
+    })?;
+    let stats = MigrationStats::from_query(&info)?;
+    dst.wait_status("running", Duration::from_secs(30))
+        .map_err(|e| format!("destination after the migration: {e}"))?;
+    let src_state = src.status();
+    if src_state != "postmigrate" {
+        return Err(format!(
+            "source run state after the migration: {src_state:?}, not postmigrate"
+        ));
+    }
+    Ok(stats)
 }
 
 /// Figures of a completed migration, from the source's `query-migrate`.

@@ -165,6 +165,37 @@ pub fn have_program(program: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// One request to an agent's control socket (`serve --control PATH`,
+/// docs/control-api.md): the `return` value, or Err with the error reply
+/// or the I/O failure.
+pub fn control_execute(
+    control: &Path,
+    command: &str,
+    arguments: serde_json::Value,
+) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut stream = std::os::unix::net::UnixStream::connect(control)
+        .map_err(|e| format!("connect to {}: {e}", control.display()))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let mut line = serde_json::json!({ "execute": command, "arguments": arguments }).to_string();
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("send {command}: {e}"))?;
+    let mut reply = String::new();
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .map_err(|e| format!("read the reply to {command}: {e}"))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&reply).map_err(|e| format!("reply to {command} {reply:?}: {e}"))?;
+    match value.get("return") {
+        Some(ret) => Ok(ret.clone()),
+        None => Err(format!("{command}: {value}")),
+    }
+}
+
 /// Spawn `vhost-agent serve` with `--net` specs (each like
 /// `socket=PATH,dataplane=loop`) and extra arguments, and wait until every
 /// socket exists. Agent stderr goes to `log_path` when given.
