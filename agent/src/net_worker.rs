@@ -456,59 +456,56 @@ impl DataPath {
     /// Take up to a burst of TX chains of `pair` and send their frames.
     fn transmit(&mut self, mem: &GuestRam, pair: u16) -> bool {
         let tx = tx_index(pair);
-        let mut moved = false;
-        for _ in 0..BURST {
-            let Some(slot) = self.rings[tx].as_mut().filter(|slot| slot.usable()) else {
-                break;
-            };
-            let Some(chain) = slot.ring.pop_tx(mem, &mut self.tx_buf) else {
-                break;
-            };
-            moved = true;
-            let head = match chain {
-                TxChain::Bad { head, reason } => {
-                    self.counts[usize::from(pair)].tx_errors += 1;
-                    self.warn(format_args!(
-                        "TX queue {tx}: chain {head} dropped: {reason}"
-                    ));
-                    head
-                }
-                TxChain::Frame { head, len } if len < self.hdr_len => {
-                    self.counts[usize::from(pair)].tx_errors += 1;
-                    self.warn(format_args!(
-                        "TX queue {tx}: chain {head} of {len} bytes is shorter than the virtio-net header"
-                    ));
-                    head
-                }
-                TxChain::Frame { head, len } => {
-                    self.forward(mem, pair, len);
-                    head
-                }
-            };
-            if let Some(slot) = self.rings[tx].as_mut() {
-                if let Err(e) = slot.ring.add_used(mem, head, 0) {
-                    slot.broken = true;
-                    self.needs_reset.store(true, Ordering::SeqCst);
-                    log::error!("{}: TX queue {tx}: {}", self.name, crate::error_chain(&e));
-                }
-            }
+        // The TX ring and the scratch buffer leave `self` for the burst, so
+        // the frames can go into other rings meanwhile.
+        let Some(mut slot) = self.rings[tx].take() else {
+            return false;
+        };
+        if !slot.usable() {
+            self.rings[tx] = Some(slot);
+            return false;
         }
+        let mut buf = std::mem::take(&mut self.tx_buf);
+        let result = slot.ring.tx_burst(mem, &mut buf, BURST, |chain, frame| match chain {
+            TxChain::Bad { head, reason } => {
+                self.counts[usize::from(pair)].tx_errors += 1;
+                self.warn(format_args!("TX queue {tx}: chain {head} dropped: {reason}"));
+            }
+            TxChain::Frame { head, len } if len < self.hdr_len => {
+                self.counts[usize::from(pair)].tx_errors += 1;
+                self.warn(format_args!(
+                    "TX queue {tx}: chain {head} of {len} bytes is shorter than the virtio-net header"
+                ));
+            }
+            TxChain::Frame { len, .. } => self.forward(mem, pair, &frame[..len]),
+        });
+        self.tx_buf = buf;
+        let moved = match result {
+            Ok(taken) => taken > 0,
+            Err(e) => {
+                slot.broken = true;
+                self.needs_reset.store(true, Ordering::SeqCst);
+                log::error!("{}: TX queue {tx}: {}", self.name, crate::error_chain(&e));
+                true
+            }
+        };
+        self.rings[tx] = Some(slot);
         moved
     }
 
-    /// Send the frame in `tx_buf[..len]`, taken from the TX ring of `pair`.
-    fn forward(&mut self, mem: &GuestRam, pair: u16, len: usize) {
+    /// Send `frame` (virtio-net header included), taken from the TX ring
+    /// of `pair`.
+    fn forward(&mut self, mem: &GuestRam, pair: u16, frame: &[u8]) {
         let counts = &mut self.counts[usize::from(pair)];
         counts.tx_packets += 1;
-        counts.tx_bytes += (len - self.hdr_len) as u64;
+        counts.tx_bytes += (frame.len() - self.hdr_len) as u64;
         if self.dataplane.reflects() {
-            let frame = &self.tx_buf[self.hdr_len..len];
-            let target = self.steer(frame, pair);
+            let payload = &frame[self.hdr_len..];
+            let target = self.steer(payload, pair);
             // The guest's header carries no offload work (none is offered
             // for reflecting dataplanes): the RX header starts zeroed.
             let mut header = [0u8; spec::HDR_LEN_MRG];
             let header = &mut header[..self.hdr_len];
-            let frame = &self.tx_buf[self.hdr_len..len];
             let outcome = Self::deliver(
                 &mut self.rings,
                 &mut self.counts,
@@ -517,7 +514,7 @@ impl DataPath {
                 mem,
                 target,
                 header,
-                frame,
+                payload,
                 self.mrg_rxbuf,
             );
             if outcome == Some(RxOutcome::NoBuffers) {
@@ -525,7 +522,7 @@ impl DataPath {
             }
             return;
         }
-        match self.dataplane.send(pair, &self.tx_buf[..len]) {
+        match self.dataplane.send(pair, frame) {
             Ok(true) => {}
             Ok(false) => self.counts[usize::from(pair)].tx_dropped += 1,
             Err(e) => {

@@ -13,7 +13,7 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
 use crate::spec::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
@@ -72,8 +72,8 @@ pub enum RxOutcome {
 pub struct NetRing {
     /// The ring position and addresses (virtio-queue).
     pub queue: Queue,
-    /// Used entries written but not yet published.
-    unpublished: u16,
+    /// Used entries queued but not yet published.
+    used: Vec<(u16, u32)>,
     /// The used index at the last interrupt decision.
     signalled: Wrapping<u16>,
     event_idx: bool,
@@ -90,7 +90,7 @@ impl NetRing {
         NetRing {
             event_idx: queue.event_idx_enabled(),
             queue,
-            unpublished: 0,
+            used: Vec::new(),
             signalled,
             segments: Vec::new(),
             heads: Vec::new(),
@@ -109,43 +109,67 @@ impl NetRing {
             .is_ok_and(|idx| idx.0 != self.queue.next_avail())
     }
 
-    /// Write a used entry for `head` without publishing it (see
-    /// [`Self::publish`]).
-    pub fn add_used<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        head: u16,
-        len: u32,
-    ) -> Result<(), RingError> {
-        let size = self.queue.size();
-        if head >= size {
+    /// Queue a used entry for `head`; it is written and made visible by
+    /// [`Self::publish`].
+    pub fn add_used(&mut self, head: u16, len: u32) -> Result<(), RingError> {
+        if head >= self.queue.size() {
             return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
         }
-        let slot = (Wrapping(self.queue.next_used()) + Wrapping(self.unpublished)).0 % size;
-        let addr = GuestAddress(self.queue.used_ring())
-            .checked_add(4 + 8 * u64::from(slot))
-            .ok_or(virtio_queue::Error::AddressOverflow)?;
-        let mut element = [0u8; 8];
-        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        element[4..].copy_from_slice(&len.to_le_bytes());
-        mem.write_slice(&element, addr)?;
-        self.unpublished += 1;
+        if self.used.len() >= usize::from(self.queue.size()) {
+            // More entries than the ring holds would overwrite unseen ones.
+            return Err(virtio_queue::Error::InvalidDescriptorIndex.into());
+        }
+        self.used.push((head, len));
         Ok(())
     }
 
-    /// Make every written used entry visible with one release store of the
-    /// used index. Returns whether there was anything to publish.
+    /// Write every queued used entry, then make them visible with one
+    /// release store of the used index: through one slice of the used ring
+    /// (one region lookup per burst), or entry by entry if the ring crosses
+    /// a region boundary. Returns whether there was anything to publish.
     pub fn publish<M: GuestMemory>(&mut self, mem: &M) -> Result<bool, RingError> {
-        if self.unpublished == 0 {
+        if self.used.is_empty() {
             return Ok(false);
         }
-        let next_used = Wrapping(self.queue.next_used()) + Wrapping(self.unpublished);
-        let addr = GuestAddress(self.queue.used_ring())
-            .checked_add(2)
-            .ok_or(virtio_queue::Error::AddressOverflow)?;
-        mem.store(next_used.0.to_le(), addr, Ordering::Release)?;
+        let size = self.queue.size();
+        let first = Wrapping(self.queue.next_used());
+        let ring = GuestAddress(self.queue.used_ring());
+        let ring_len = 4 + 8 * usize::from(size);
+        let element = |head: u16, len: u32| {
+            let mut bytes = [0u8; 8];
+            bytes[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+            bytes[4..].copy_from_slice(&len.to_le_bytes());
+            bytes
+        };
+        let next_used = first + Wrapping(self.used.len() as u16);
+        if let Some(slice) = mem
+            .physical_memory()
+            .and_then(|phys| phys.get_slice(ring, ring_len).ok())
+        {
+            for (i, &(head, len)) in self.used.iter().enumerate() {
+                let slot = (first + Wrapping(i as u16)).0 % size;
+                slice
+                    .write_slice(&element(head, len), 4 + 8 * usize::from(slot))
+                    .map_err(GuestMemoryError::from)?;
+            }
+            slice
+                .store(next_used.0.to_le(), 2, Ordering::Release)
+                .map_err(GuestMemoryError::from)?;
+        } else {
+            for (i, &(head, len)) in self.used.iter().enumerate() {
+                let slot = (first + Wrapping(i as u16)).0 % size;
+                let addr = ring
+                    .checked_add(4 + 8 * u64::from(slot))
+                    .ok_or(virtio_queue::Error::AddressOverflow)?;
+                mem.write_slice(&element(head, len), addr)?;
+            }
+            let addr = ring
+                .checked_add(2)
+                .ok_or(virtio_queue::Error::AddressOverflow)?;
+            mem.store(next_used.0.to_le(), addr, Ordering::Release)?;
+        }
         self.queue.set_next_used(next_used.0);
-        self.unpublished = 0;
+        self.used.clear();
         Ok(true)
     }
 
@@ -186,36 +210,34 @@ impl NetRing {
         Ok(self.queue.enable_notification(mem)?)
     }
 
-    /// Take the next TX chain and copy its frame (virtio-net header
-    /// included) into `buf`, which must hold [`crate::spec::MAX_FRAME_LEN`]
-    /// plus the header. `None` when the ring is empty.
-    pub fn pop_tx<M: GuestMemory>(&mut self, mem: &M, buf: &mut [u8]) -> Option<TxChain> {
-        let chain = self.queue.pop_descriptor_chain(mem)?;
-        let head = chain.head_index();
-        let mut len = 0usize;
-        for desc in chain {
-            if desc.is_write_only() {
-                return Some(TxChain::Bad {
-                    head,
-                    reason: "device-writable descriptor in a TX chain",
-                });
-            }
-            let part = desc.len() as usize;
-            let Some(dest) = len.checked_add(part).and_then(|end| buf.get_mut(len..end)) else {
-                return Some(TxChain::Bad {
-                    head,
-                    reason: "TX frame larger than the largest Ethernet frame",
-                });
-            };
-            if read_guest(mem, desc.addr(), dest).is_err() {
-                return Some(TxChain::Bad {
-                    head,
-                    reason: "TX buffer outside guest memory",
-                });
-            }
-            len += part;
+    /// Take up to `max` TX chains, reading the avail index once: copy each
+    /// chain's frame (virtio-net header included) into `buf`, which must
+    /// hold [`crate::spec::MAX_FRAME_LEN`] plus the header, hand it to
+    /// `each`, and queue the chain's used entry (length 0: the device
+    /// wrote nothing). Returns how many chains were taken.
+    pub fn tx_burst<M: GuestMemory>(
+        &mut self,
+        mem: &M,
+        buf: &mut [u8],
+        max: usize,
+        mut each: impl FnMut(TxChain, &[u8]),
+    ) -> Result<usize, RingError> {
+        let mut taken = 0;
+        let mut iter = self.queue.iter(mem)?;
+        while taken < max {
+            let Some(chain) = iter.next() else { break };
+            let head = chain.head_index();
+            let outcome = copy_tx_chain(chain, mem, buf);
+            each(outcome, buf);
+            self.heads.push((head, 0));
+            taken += 1;
         }
-        Some(TxChain::Frame { head, len })
+        for index in 0..self.heads.len() {
+            let (head, len) = self.heads[index];
+            self.add_used(head, len)?;
+        }
+        self.heads.clear();
+        Ok(taken)
     }
 
     /// Write `header` (its `num_buffers` is filled in here when `mrg_rxbuf`)
@@ -292,10 +314,43 @@ impl NetRing {
         }
         for index in 0..self.heads.len() {
             let (head, len) = self.heads[index];
-            self.add_used(mem, head, len)?;
+            self.add_used(head, len)?;
         }
         Ok(RxOutcome::Delivered { buffers })
     }
+}
+
+/// Copy one TX chain's frame into `buf`.
+fn copy_tx_chain<M: GuestMemory>(
+    chain: virtio_queue::DescriptorChain<&M>,
+    mem: &M,
+    buf: &mut [u8],
+) -> TxChain {
+    let head = chain.head_index();
+    let mut len = 0usize;
+    for desc in chain {
+        if desc.is_write_only() {
+            return TxChain::Bad {
+                head,
+                reason: "device-writable descriptor in a TX chain",
+            };
+        }
+        let part = desc.len() as usize;
+        let Some(dest) = len.checked_add(part).and_then(|end| buf.get_mut(len..end)) else {
+            return TxChain::Bad {
+                head,
+                reason: "TX frame larger than the largest Ethernet frame",
+            };
+        };
+        if read_guest(mem, desc.addr(), dest).is_err() {
+            return TxChain::Bad {
+                head,
+                reason: "TX buffer outside guest memory",
+            };
+        }
+        len += part;
+    }
+    TxChain::Frame { head, len }
 }
 
 /// Header then frame, read sequentially into guest segments.
