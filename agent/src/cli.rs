@@ -192,7 +192,8 @@ pub struct NetSpec {
     pub queue_pairs: u16,
     /// MTU (VIRTIO_NET_F_MTU, and the tap's MTU).
     pub mtu: u16,
-    /// MAC address in the config space (DPDK reads it; QEMU has its own).
+    /// MAC address in the config space (for front-ends that read it with
+    /// GET_CONFIG; QEMU and DPDK 22.11 bring their own).
     pub mac: MacAddress,
     /// Busy-poll time after work, microseconds.
     pub poll_us: u32,
@@ -235,8 +236,10 @@ Serve a virtio-net device: socket=PATH,dataplane=DP[,KEY=VALUE...]. Keys:
   queue-pairs=N     RX/TX queue pairs, 1..=127 (default 1)
   mtu=N             MTU offered to the guest and set on a tap, 68..=65535
                     (default 1500)
-  mac=MAC           MAC address in the device config space (default
-                    52:54:00:12:34:56; QEMU uses its own -device mac=)
+  mac=MAC           MAC address in the device config space, for a
+                    front-end that reads it with GET_CONFIG (default
+                    52:54:00:12:34:56; QEMU uses its own -device mac=,
+                    DPDK 22.11's virtio_user its own mac= devarg)
   poll-us=N         busy-poll the rings for N microseconds after work
                     before sleeping; 0 disables (default 0)
   rss=on|off|FILE   steer received frames by Toeplitz hash over the queue

@@ -870,9 +870,7 @@ impl DataPath {
             self.needs_reset.store(true, Ordering::SeqCst);
             return;
         }
-        if let Err(e) = self.dataplane.queue_started(start.index / 2, true) {
-            log::error!("{}: queue {index}: {}", self.name, crate::error_chain(&e));
-        }
+        self.dataplane.queue_started(true);
         self.rings[index] = Some(Slot {
             ring: NetRing::new(start.queue),
             kick: start.kick,
@@ -891,9 +889,7 @@ impl DataPath {
         let _ = poller
             .registry()
             .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
-        if let Err(e) = self.dataplane.queue_started(index / 2, false) {
-            log::error!("{}: queue {index}: {}", self.name, crate::error_chain(&e));
-        }
+        self.dataplane.queue_started(false);
         // Everything taken from the ring was answered within its step and
         // published at the step's end: the index is exact.
         Some(slot.ring.next_avail())

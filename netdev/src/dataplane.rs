@@ -148,21 +148,17 @@ impl Dataplane {
         Ok(())
     }
 
-    /// A virtqueue of `pair` starts or stops on the dataplane.
-    pub fn queue_started(&mut self, pair: u16, started: bool) -> Result<(), DataplaneError> {
-        match self {
-            Dataplane::Sim(hw) => {
-                hw.charge(if started {
-                    SimOp::CreateQueue
-                } else {
-                    SimOp::DestroyQueue
-                });
-            }
-            // Tap queues exist from start-up; enabling attaches them.
-            Dataplane::Tap(_) | Dataplane::Loop => {}
+    /// A virtqueue starts or stops on the dataplane: the simulated
+    /// hardware creates or destroys it (tap queues exist from start-up and
+    /// follow [`Self::set_pair_enabled`]).
+    pub fn queue_started(&mut self, started: bool) {
+        if let Dataplane::Sim(hw) = self {
+            hw.charge(if started {
+                SimOp::CreateQueue
+            } else {
+                SimOp::DestroyQueue
+            });
         }
-        let _ = pair;
-        Ok(())
     }
 
     /// Attach or detach a tap queue as the driver enables or disables the
