@@ -616,3 +616,54 @@ fn indirect_chains_work_both_ways() {
     written.extend(rig.read(rx_b, HDR + frame.len() - 100));
     assert_eq!(&written[HDR..], &frame[..]);
 }
+
+#[test]
+fn one_agent_serves_a_disk_and_a_net_device_side_by_side() {
+    use vhost_agent_tests::support::{create_image, spawn_agent, wait_for_path};
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("disk.img");
+    create_image(&image, 1 << 20).unwrap();
+    let net_socket = dir.path().join("net.sock");
+    let control = dir.path().join("control.sock");
+    let net_spec = format!("socket={},dataplane=loop", net_socket.display());
+    let mut agent = spawn_agent(
+        &[format!(
+            "socket={},image={}",
+            dir.path().join("blk.sock").display(),
+            image.display()
+        )],
+        &["--net", &net_spec, "--control", control.to_str().unwrap()],
+        Some(&dir.path().join("agent.log")),
+    );
+    wait_for_path(&net_socket, WAIT, &mut agent);
+    let output = std::process::Command::new(agent_binary())
+        .args(["ctl", control.to_str().unwrap(), "query-devices"])
+        .output()
+        .unwrap();
+    let devices: Value = serde_json::from_slice(&output.stdout).unwrap();
+    let kinds: Vec<(&str, &str)> = devices
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| (d["id"].as_str().unwrap(), d["kind"].as_str().unwrap()))
+        .collect();
+    assert_eq!(kinds, [("blk0", "blk"), ("net0", "net")]);
+    // The net device works next to the disk.
+    let mut options = StartOptions::plain(2, QUEUE_SIZE);
+    options.queues_per_unit = 2;
+    let mut frontend = TestFrontend::start(&net_socket, &options);
+    let ram = frontend.ram.clone();
+    frontend.queues[0].add_chain(&ram, &[Desc::writable(BUFFER_BASE, 2048)]);
+    let frame = udp_frame(1, 1, 64);
+    let tx = BUFFER_BASE + 0x1_0000;
+    ram.mem.write_slice(&[0u8; HDR], GuestAddress(tx)).unwrap();
+    ram.mem
+        .write_slice(&frame, GuestAddress(tx + HDR as u64))
+        .unwrap();
+    frontend.queues[1].add_chain(&ram, &[Desc::readable(tx, (HDR + frame.len()) as u32)]);
+    frontend.queues[1].kick();
+    assert!(
+        frontend.queues[0].wait_used(&ram, 1, WAIT).is_some(),
+        "no frame came back"
+    );
+}
