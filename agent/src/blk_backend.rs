@@ -2,7 +2,7 @@
 //! each message into device state and start or stop queue workers.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use blkdev::engine::EngineKind;
@@ -21,7 +21,7 @@ use vhost::vhost_user::{
 };
 use vm_memory::GuestAddress;
 
-use crate::dirty_log::LogRegion;
+use crate::backend_shared::{read_config, ring_addresses, ring_size, DeviceStatus, DirtyLog};
 use crate::memory::{MemoryError, MemoryMap, MAX_MEM_SLOTS};
 use crate::worker::{QueueSetup, StopMode, Worker, WorkerError};
 
@@ -144,11 +144,10 @@ pub struct BlkBackend {
     acked_protocol_features: u64,
     memory: MemoryMap,
     vrings: Vec<Vring>,
-    status: u8,
-    needs_reset: Arc<AtomicBool>,
+    status: DeviceStatus,
     /// The front-end's dirty log (SET_LOG_BASE); writes are logged into it
     /// while VHOST_F_LOG_ALL is acked.
-    log: Option<Arc<LogRegion>>,
+    log: DirtyLog,
     /// The inflight region (GET/SET_INFLIGHT_FD).
     inflight: Option<InflightRegion>,
     /// The write fence shared with the queues.
@@ -195,9 +194,8 @@ impl BlkBackend {
             acked_protocol_features: 0,
             memory: MemoryMap::default(),
             vrings,
-            status: 0,
-            needs_reset: Arc::new(AtomicBool::new(false)),
-            log: None,
+            status: DeviceStatus::default(),
+            log: DirtyLog::default(),
             inflight: None,
             fence,
             reapers: Vec::new(),
@@ -294,16 +292,8 @@ impl BlkBackend {
     /// Log guest memory writes exactly while a log is mapped and
     /// VHOST_F_LOG_ALL is acked (migration in progress).
     fn update_logging(&mut self) {
-        let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        let active = if log_all { self.log.clone() } else { None };
-        if active.is_some() != self.memory.logging() {
-            log::info!(
-                "{}: dirty page logging {}",
-                self.name,
-                if active.is_some() { "on" } else { "off" }
-            );
-        }
-        self.memory.set_log(active);
+        self.log
+            .apply(&self.name, &mut self.memory, self.acked_features);
     }
 
     /// Device name for logs.
@@ -323,20 +313,12 @@ impl BlkBackend {
 
     /// SET_STATUS, handled by the agent because the crate does not.
     pub fn set_status(&mut self, status: u8) {
-        log::debug!("{}: device status {status:#x}", self.name);
-        self.status = status;
-        if status == 0 {
-            self.needs_reset.store(false, Ordering::SeqCst);
-        }
+        self.status.set(&self.name, status);
     }
 
     /// GET_STATUS: the front-end's status plus NEEDS_RESET if a queue broke.
     pub fn get_status(&self) -> u8 {
-        let mut status = self.status;
-        if self.needs_reset.load(Ordering::SeqCst) {
-            status |= DEVICE_STATUS_NEEDS_RESET;
-        }
-        status
+        self.status.get()
     }
 
     /// The front-end went away: stop every queue (finishing in-flight
@@ -344,13 +326,10 @@ impl BlkBackend {
     pub fn disconnect(&mut self) {
         self.reset_rings();
         self.inflight = None;
-        self.memory.set_log(None);
-        self.log = None;
-        self.memory.clear();
+        self.log.forget(&mut self.memory);
         self.acked_features = 0;
         self.acked_protocol_features = 0;
-        self.status = 0;
-        self.needs_reset.store(false, Ordering::SeqCst);
+        self.status.reset();
     }
 
     /// Stop every queue, answering what storage already has. Writes the
@@ -426,7 +405,7 @@ impl BlkBackend {
         let memory = self.memory.atomic();
         let disk = self.disk.clone();
         let engine_kind = self.engine_kind;
-        let needs_reset = self.needs_reset.clone();
+        let needs_reset = self.status.needs_reset_flag();
         let name = self.name.clone();
         let poll = std::time::Duration::from_micros(u64::from(self.config.options().poll_us));
         let latency = std::time::Duration::from_millis(u64::from(self.config.options().latency_ms));
@@ -543,8 +522,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         self.reset_rings();
         self.inflight = None;
         self.acked_features = 0;
-        self.status = 0;
-        self.needs_reset.store(false, Ordering::SeqCst);
+        self.status.reset();
         Ok(())
     }
 
@@ -579,20 +557,9 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        let max = self.config.options().queue_size;
-        let vring = self.vring(index)?;
-        match u16::try_from(num) {
-            Ok(size) if size != 0 && size <= max && size.is_power_of_two() => {
-                vring.size = size;
-                Ok(())
-            }
-            _ => Err(BackendError::QueueSize {
-                index,
-                size: num,
-                max,
-            }
-            .into()),
-        }
+        let size = ring_size(index, num, self.config.options().queue_size)?;
+        self.vring(index)?.size = size;
+        Ok(())
     }
 
     fn set_vring_addr(
@@ -604,14 +571,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         available: u64,
         _log: u64,
     ) -> VhostResult<()> {
-        let translate = |which, addr| {
-            self.memory
-                .vmm_to_guest(addr)
-                .ok_or(BackendError::RingAddress { index, which, addr })
-        };
-        let desc_table = translate("descriptor table", descriptor)?;
-        let used_ring = translate("used ring", used)?;
-        let avail_ring = translate("avail ring", available)?;
+        let (desc_table, avail_ring, used_ring) =
+            ring_addresses(&self.memory, index, descriptor, used, available)?;
         let vring = self.vring(index)?;
         vring.desc_table = Some(desc_table);
         vring.used_ring = Some(used_ring);
@@ -691,17 +652,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         // Front-ends may ask for more than we define (newer config fields);
         // those bytes read as zero, like fields of features not offered.
         let space = self.config.config_space();
-        let start = offset as usize;
-        let end = start
-            .checked_add(size as usize)
-            .filter(|&end| end <= vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE as usize)
-            .ok_or_else(|| BackendError::Config(format!("read of {size} bytes at {offset}")))?;
-        let mut out = vec![0u8; end - start];
-        if start < space.len() {
-            let available = &space[start..end.min(space.len())];
-            out[..available.len()].copy_from_slice(available);
-        }
-        Ok(out)
+        Ok(read_config(&space, offset, size)?)
     }
 
     fn set_config(
@@ -825,19 +776,7 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
-        let (size, offset) = (log.mmap_size, log.mmap_offset);
-        let region =
-            LogRegion::map(&file, size, offset).map_err(|source| BackendError::LogMap {
-                size,
-                offset,
-                source,
-            })?;
-        log::info!(
-            "{}: dirty log of {size} bytes (covers {} MiB of guest memory)",
-            self.name,
-            size.saturating_mul(8 * 4096) >> 20
-        );
-        self.log = Some(Arc::new(region));
+        self.log.map(&self.name, log, &file)?;
         self.update_logging();
         Ok(())
     }

@@ -11,6 +11,7 @@
 //! * [`registry`]: the served devices by id.
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
+pub mod backend_shared;
 pub mod blk_backend;
 pub mod cli;
 pub mod control;

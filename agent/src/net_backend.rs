@@ -10,7 +10,6 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -29,8 +28,8 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{GpuBackend, Result as VhostResult, VhostUserBackendReqHandlerMut};
 use vm_memory::GuestMemoryAtomic;
 
-use crate::blk_backend::{BackendError, DEVICE_STATUS_NEEDS_RESET};
-use crate::dirty_log::LogRegion;
+use crate::backend_shared::{read_config, ring_addresses, ring_size, DeviceStatus, DirtyLog};
+use crate::blk_backend::BackendError;
 use crate::memory::{GuestRam, MemoryMap, MAX_MEM_SLOTS};
 use crate::net_worker::{DataPathOutputs, NetWorker, NetWorkerError, RingStart};
 use crate::server::OwnRequest;
@@ -101,11 +100,10 @@ pub struct NetBackend {
     acked_features: u64,
     acked_protocol_features: u64,
     memory: MemoryMap,
-    log: Option<Arc<LogRegion>>,
+    log: DirtyLog,
     vrings: Vec<VringConfig>,
     running: Vec<bool>,
-    status: u8,
-    needs_reset: Arc<AtomicBool>,
+    status: DeviceStatus,
     worker: NetWorker,
     shared: Arc<NetShared>,
     transfer: Option<Transfer>,
@@ -137,7 +135,7 @@ impl NetBackend {
         let pairs = options.queue_pairs;
         let memory = MemoryMap::default();
         let stats: Arc<[PairStats]> = (0..pairs).map(|_| PairStats::default()).collect();
-        let needs_reset = Arc::new(AtomicBool::new(false));
+        let status = DeviceStatus::default();
         let offered_offloads = dataplane.offload_features();
         let sim = Arc::new(Mutex::new(None));
         let shared = Arc::new(NetShared {
@@ -161,7 +159,7 @@ impl NetBackend {
             DataPathOutputs {
                 stats,
                 sim_report: sim,
-                needs_reset: needs_reset.clone(),
+                needs_reset: status.needs_reset_flag(),
             },
             options.poll,
         )?;
@@ -174,9 +172,8 @@ impl NetBackend {
             acked_features: 0,
             acked_protocol_features: 0,
             memory,
-            log: None,
-            status: 0,
-            needs_reset,
+            log: DirtyLog::default(),
+            status,
             worker,
             shared,
             transfer: None,
@@ -229,16 +226,8 @@ impl NetBackend {
     }
 
     fn update_logging(&mut self) {
-        let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
-        let active = if log_all { self.log.clone() } else { None };
-        if active.is_some() != self.memory.logging() {
-            log::info!(
-                "{}: dirty page logging {}",
-                self.name,
-                if active.is_some() { "on" } else { "off" }
-            );
-        }
-        self.memory.set_log(active);
+        self.log
+            .apply(&self.name, &mut self.memory, self.acked_features);
     }
 
     /// Hand ring `index` to the data path if it is fully configured.
@@ -270,7 +259,7 @@ impl NetBackend {
                 log::error!(
                     "{name}: queue {index} cannot start: {reason}; the device needs a reset"
                 );
-                self.needs_reset.store(true, Ordering::SeqCst);
+                self.status.raise_needs_reset();
                 return Ok(());
             }
         };
@@ -442,8 +431,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     fn reset_device(&mut self) -> VhostResult<()> {
         self.reset_rings();
         self.acked_features = 0;
-        self.status = 0;
-        self.needs_reset.store(false, Ordering::SeqCst);
+        self.status.reset();
         Ok(())
     }
 
@@ -482,19 +470,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
-        let vring = self.vring(index)?;
-        match u16::try_from(num) {
-            Ok(size) if size != 0 && size <= spec::MAX_QUEUE_SIZE && size.is_power_of_two() => {
-                vring.size = size;
-                Ok(())
-            }
-            _ => Err(BackendError::QueueSize {
-                index,
-                size: num,
-                max: spec::MAX_QUEUE_SIZE,
-            }
-            .into()),
-        }
+        let size = ring_size(index, num, spec::MAX_QUEUE_SIZE)?;
+        self.vring(index)?.size = size;
+        Ok(())
     }
 
     fn set_vring_addr(
@@ -506,14 +484,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         available: u64,
         _log: u64,
     ) -> VhostResult<()> {
-        let translate = |which, addr| {
-            self.memory
-                .vmm_to_guest(addr)
-                .ok_or(BackendError::RingAddress { index, which, addr })
-        };
-        let desc_table = translate("descriptor table", descriptor)?;
-        let used_ring = translate("used ring", used)?;
-        let avail_ring = translate("avail ring", available)?;
+        let (desc_table, avail_ring, used_ring) =
+            ring_addresses(&self.memory, index, descriptor, used, available)?;
         let vring = self.vring(index)?;
         vring.desc_table = Some(desc_table);
         vring.used_ring = Some(used_ring);
@@ -604,17 +576,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     ) -> VhostResult<Vec<u8>> {
         let state = self.lock_state().clone();
         let space = spec::config_space(state.mac, true, self.options.queue_pairs, state.mtu);
-        let start = offset as usize;
-        let end = start
-            .checked_add(size as usize)
-            .filter(|&end| end <= vhost::vhost_user::message::VHOST_USER_CONFIG_SIZE as usize)
-            .ok_or_else(|| BackendError::Config(format!("read of {size} bytes at {offset}")))?;
-        let mut out = vec![0u8; end - start];
-        if start < space.len() {
-            let available = &space[start..end.min(space.len())];
-            out[..available.len()].copy_from_slice(available);
-        }
-        Ok(out)
+        Ok(read_config(&space, offset, size)?)
     }
 
     fn set_config(
@@ -740,19 +702,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn set_log_base(&mut self, log: &VhostUserLog, file: File) -> VhostResult<()> {
-        let (size, offset) = (log.mmap_size, log.mmap_offset);
-        let region =
-            LogRegion::map(&file, size, offset).map_err(|source| BackendError::LogMap {
-                size,
-                offset,
-                source,
-            })?;
-        log::info!(
-            "{}: dirty log of {size} bytes (covers {} MiB of guest memory)",
-            self.name,
-            size.saturating_mul(8 * 4096) >> 20
-        );
-        self.log = Some(Arc::new(region));
+        self.log.map(&self.name, log, &file)?;
         self.update_logging();
         Ok(())
     }
@@ -765,14 +715,11 @@ impl crate::server::ServedBackend for NetBackend {
 
     fn disconnect(&mut self) {
         self.reset_rings();
-        self.memory.set_log(None);
-        self.log = None;
-        self.memory.clear();
+        self.log.forget(&mut self.memory);
         self.acked_features = 0;
         self.acked_protocol_features = 0;
-        self.status = 0;
+        self.status.reset();
         self.transfer = None;
-        self.needs_reset.store(false, Ordering::SeqCst);
         let counts = self.counts();
         log::info!("{}: counters {counts:?}", self.name);
     }
@@ -782,19 +729,11 @@ impl crate::server::ServedBackend for NetBackend {
     }
 
     fn set_status(&mut self, status: u8) {
-        log::debug!("{}: device status {status:#x}", self.name);
-        self.status = status;
-        if status == 0 {
-            self.needs_reset.store(false, Ordering::SeqCst);
-        }
+        self.status.set(&self.name, status);
     }
 
     fn get_status(&self) -> u8 {
-        let mut status = self.status;
-        if self.needs_reset.load(Ordering::SeqCst) {
-            status |= DEVICE_STATUS_NEEDS_RESET;
-        }
-        status
+        self.status.get()
     }
 
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {
