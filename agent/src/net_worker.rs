@@ -418,6 +418,13 @@ impl DataPath {
 
     /// Publish used entries, signal guests, fold counts into the stats.
     fn finish_step(&mut self, mem: &GuestRam) {
+        // Counters first: whoever sees a used entry sees it counted.
+        for (pair, counts) in self.counts.iter_mut().enumerate() {
+            if !counts.is_empty() {
+                self.stats[pair].add(counts);
+                *counts = PairCounts::default();
+            }
+        }
         for index in 0..self.rings.len() {
             let Some(slot) = self.rings[index].as_mut() else {
                 continue;
@@ -443,12 +450,6 @@ impl DataPath {
                 if let Some(call) = &slot.call {
                     notify(call);
                 }
-            }
-        }
-        for (pair, counts) in self.counts.iter_mut().enumerate() {
-            if !counts.is_empty() {
-                self.stats[pair].add(counts);
-                *counts = PairCounts::default();
             }
         }
     }
