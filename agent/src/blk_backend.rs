@@ -158,6 +158,8 @@ pub struct BlkBackend {
     /// Log lines held back until the reply is sent (see
     /// [`Self::flush_deferred_logs`]).
     deferred_logs: Vec<String>,
+    /// The device's timeline (ring starts and stops, requests handed off).
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// Protocol features a block device offers.
@@ -182,6 +184,7 @@ impl BlkBackend {
         disk: Arc<DiskShared>,
         engine_kind: EngineKind,
         fence: Arc<Fence>,
+        metrics: Arc<crate::metrics::DeviceMetrics>,
     ) -> BlkBackend {
         let vrings = (0..config.options().num_queues)
             .map(|_| Vring::default())
@@ -202,6 +205,7 @@ impl BlkBackend {
             fence,
             reapers: Vec::new(),
             deferred_logs: Vec::new(),
+            metrics,
         }
     }
 
@@ -360,6 +364,11 @@ impl BlkBackend {
         for (index, vring) in self.vrings.iter_mut().enumerate() {
             if let Some(worker) = vring.worker.take() {
                 let stopped = worker.stop(StopMode::Detach);
+                // index < num_queues <= u16::MAX.
+                self.metrics.ring_stopped(
+                    index as u16,
+                    u64::try_from(stopped.exit.left_in_flight).unwrap_or(u64::MAX),
+                );
                 log::info!(
                     "{}: queue {index} stopped ({:?}{})",
                     self.name,
@@ -492,6 +501,8 @@ impl BlkBackend {
             vring.size,
             vring.next_avail
         );
+        // index < num_queues <= u16::MAX (checked by vring()).
+        self.metrics.ring_started(index as u16);
         Ok(())
     }
 
@@ -505,6 +516,11 @@ impl BlkBackend {
         let stopped = worker.stop(mode);
         let exit = stopped.exit;
         vring.next_avail = exit.next_avail;
+        // index < num_queues <= u16::MAX (checked by vring()).
+        self.metrics.ring_stopped(
+            index as u16,
+            u64::try_from(exit.left_in_flight).unwrap_or(u64::MAX),
+        );
         match mode {
             StopMode::Drain | StopMode::Detach => log::info!(
                 "{name}: queue {index} stopped at avail {} ({:?})",
@@ -584,6 +600,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         match u16::try_from(num) {
             Ok(size) if size != 0 && size <= max && size.is_power_of_two() => {
                 vring.size = size;
+                // index < num_queues <= u16::MAX (checked by vring()).
+                self.metrics.ring_configured(index as u16);
                 Ok(())
             }
             _ => Err(BackendError::QueueSize {
@@ -846,6 +864,10 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 impl crate::server::ServedBackend for BlkBackend {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn metrics(&self) -> Arc<crate::metrics::DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn new_session(&mut self) {

@@ -422,7 +422,44 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["query-commands", "query-devices", "fence-release", "quit"]
+            [
+                "query-commands",
+                "query-devices",
+                "query-metrics",
+                "fence-release",
+                "quit"
+            ]
+        );
+    }
+
+    #[test]
+    fn query_metrics_reports_every_device_or_one_in_either_format() {
+        let (registry, _) = registry();
+        registry.get("src").unwrap().metrics().connected();
+        let (reply, _) = ask(&registry, r#"{"execute": "query-metrics"}"#);
+        let devices = reply["return"].as_array().unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1]["device"], "src");
+        assert_eq!(devices[1]["sessions"], 1);
+        assert_eq!(devices[1]["stop-time-us"], Value::Null);
+        let (reply, _) = ask(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"device": "dst", "format": "prometheus"}}"#,
+        );
+        let text = reply["return"].as_str().unwrap();
+        assert!(text.contains("vhost_agent_sessions_total{device=\"dst\"} 0\n"));
+        assert!(!text.contains("device=\"src\""));
+        assert_error(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"device": "nope"}}"#,
+            "DeviceNotFound",
+            "nope",
+        );
+        assert_error(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"format": "xml"}}"#,
+            "GenericError",
+            "expected `json` or `prometheus`",
         );
     }
 

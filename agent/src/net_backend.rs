@@ -109,6 +109,7 @@ pub struct NetBackend {
     worker: NetWorker,
     shared: Arc<NetShared>,
     transfer: Option<Transfer>,
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// Protocol features a net device offers.
@@ -132,6 +133,7 @@ impl NetBackend {
         name: &str,
         options: NetOptions,
         dataplane: Dataplane,
+        metrics: Arc<crate::metrics::DeviceMetrics>,
     ) -> Result<NetBackend, NetWorkerError> {
         let name: Arc<str> = Arc::from(name);
         let pairs = options.queue_pairs;
@@ -180,6 +182,7 @@ impl NetBackend {
             worker,
             shared,
             transfer: None,
+            metrics,
         };
         if let Some(config) = backend.options.rss.clone() {
             if let Err(e) = backend.set_rss(Some(config)) {
@@ -289,6 +292,7 @@ impl NetBackend {
             enabled,
         });
         self.running[slot] = true;
+        self.metrics.ring_started(index as u16);
         log::info!("{name}: queue {index} started (size {size}, avail {next_avail})");
         Ok(())
     }
@@ -306,6 +310,9 @@ impl NetBackend {
         };
         if let Some(running) = self.running.get_mut(slot) {
             *running = false;
+        }
+        if stopped.is_some() {
+            self.metrics.ring_stopped(index as u16, 0);
         }
         let vring = self.vring(index)?;
         if let Some(next_avail) = stopped {
@@ -486,6 +493,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         match u16::try_from(num) {
             Ok(size) if size != 0 && size <= spec::MAX_QUEUE_SIZE && size.is_power_of_two() => {
                 vring.size = size;
+                // index < 2 * MAX_QUEUE_PAIRS (checked by vring()).
+                self.metrics.ring_configured(index as u16);
                 Ok(())
             }
             _ => Err(BackendError::QueueSize {
@@ -761,6 +770,10 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
 impl crate::server::ServedBackend for NetBackend {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn metrics(&self) -> Arc<crate::metrics::DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn disconnect(&mut self) {

@@ -667,3 +667,63 @@ fn one_agent_serves_a_disk_and_a_net_device_side_by_side() {
         "no frame came back"
     );
 }
+
+/// `query-metrics` of the device through `vhost-agent ctl`.
+fn query_metrics(control: &Path, arguments: &str) -> Value {
+    let output = std::process::Command::new(agent_binary())
+        .args(["ctl", control.to_str().unwrap(), "query-metrics", arguments])
+        .output()
+        .expect("run vhost-agent ctl");
+    assert!(output.status.success(), "ctl failed: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn query_metrics_measures_the_start_critical_path_and_the_stop_time() {
+    let started = std::time::Instant::now();
+    let mut rig = Rig::start(2, "", VhostUserProtocolFeatures::empty());
+    let start_wall = started.elapsed();
+    rig.post_rx(0, 1, 2048);
+    rig.queue_tx(0, &udp_frame(1, 2, 64));
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    // QEMU's net stop: GET_VRING_BASE on every ring, nothing else.
+    let stopping = std::time::Instant::now();
+    for queue in 0..4 {
+        rig.frontend.frontend.get_vring_base(queue).unwrap();
+    }
+    let stop_wall = stopping.elapsed();
+
+    let metrics = query_metrics(&rig.control(), r#"{"device": "net0"}"#);
+    let net = &metrics[0];
+    assert_eq!(net["starts"], 1, "{net}");
+    assert_eq!(net["stops"], 1, "{net}");
+    let critical_path = net["start-critical-path-us"].as_u64().expect("a start");
+    let stop_time = net["stop-time-us"].as_u64().expect("a stop");
+    assert!(
+        critical_path > 0 && critical_path < start_wall.as_micros() as u64,
+        "critical path {critical_path} us, the start took {start_wall:?}"
+    );
+    assert!(
+        stop_time > 0 && stop_time < stop_wall.as_micros() as u64,
+        "stop time {stop_time} us, the stop took {stop_wall:?}"
+    );
+    // Message arrivals carry their code and name.
+    let timeline = net["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e["event"] == "message" && e["code"] == 11 && e["name"] == "GET_VRING_BASE"),
+        "{net}"
+    );
+
+    let text = query_metrics(&rig.control(), r#"{"format": "prometheus"}"#);
+    let text = text.as_str().expect("a string");
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("vhost_agent_start_critical_path_seconds{"))
+        .unwrap_or_else(|| panic!("no critical path sample in {text}"));
+    assert!(line.starts_with("vhost_agent_start_critical_path_seconds{device=\"net0\"} "));
+    let seconds: f64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+    assert!((seconds * 1e6 - critical_path as f64).abs() < 1.0, "{line}");
+}

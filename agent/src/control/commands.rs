@@ -46,6 +46,10 @@ static COMMANDS: &[Command] = &[
         run: query_devices,
     },
     Command {
+        name: "query-metrics",
+        run: query_metrics,
+    },
+    Command {
         name: "fence-release",
         run: fence_release,
     },
@@ -214,6 +218,48 @@ fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
         })
         .collect();
     Ok((to_json("query-devices", &devices)?, Effect::None))
+}
+
+/// Output format of `query-metrics`.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MetricsFormat {
+    /// An array of per-device objects.
+    #[default]
+    Json,
+    /// The Prometheus text exposition format, as one JSON string.
+    Prometheus,
+}
+
+/// Arguments of `query-metrics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsArguments {
+    /// Only this device (default: all).
+    device: Option<String>,
+    /// `json` (default) or `prometheus`.
+    #[serde(default)]
+    format: MetricsFormat,
+}
+
+/// Per-device timelines and downtime figures (source stop time,
+/// destination critical path, requests handed off, presetup counts).
+/// Reads only the devices' shared metrics, never a protocol thread.
+fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let MetricsArguments { device: id, format } = arguments.parse("query-metrics")?;
+    let devices = match id {
+        Some(id) => vec![device(registry, &id)?],
+        None => registry.list(),
+    };
+    let reports: Vec<_> = devices
+        .iter()
+        .map(|device| device.metrics().report())
+        .collect();
+    let value = match format {
+        MetricsFormat::Json => to_json("query-metrics", &reports)?,
+        MetricsFormat::Prometheus => Value::String(crate::metrics::prometheus_text(&reports)),
+    };
+    Ok((value, Effect::None))
 }
 
 /// Open a disk's write fence gate. In `api` mode this is the release the
