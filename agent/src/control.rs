@@ -67,6 +67,16 @@ pub enum ControlError {
         /// The kind the command is for.
         applies_to: &'static str,
     },
+    /// An early configuration was refused (malformed, or it does not fit
+    /// the device); the device keeps its full configuration path.
+    #[error("presetup of {id} refused")]
+    Presetup {
+        /// The device id.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The request line exceeds [`MAX_LINE_BYTES`]; the connection closes.
     #[error("request line longer than {limit} bytes; closing the connection")]
     LineTooLong {
@@ -96,6 +106,7 @@ impl ControlError {
             | ControlError::BadArguments { .. }
             | ControlError::LineTooLong { .. }
             | ControlError::WrongKind { .. }
+            | ControlError::Presetup { .. }
             | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
         }
     }
@@ -426,6 +437,7 @@ mod tests {
                 "query-commands",
                 "query-devices",
                 "query-metrics",
+                "presetup",
                 "fence-release",
                 "quit"
             ]

@@ -20,6 +20,7 @@ pub mod dirty_log;
 pub mod memory;
 pub mod metrics;
 pub mod net_backend;
+pub mod net_presetup;
 pub mod net_worker;
 pub mod registry;
 pub mod requests;

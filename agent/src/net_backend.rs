@@ -91,6 +91,10 @@ pub struct NetShared {
     pub state: Mutex<NetState>,
     /// What a `sim` dataplane charged so far (`None` for others).
     pub sim: Arc<Mutex<Option<crate::net_worker::SimReport>>>,
+    /// The early configuration (control API `presetup`).
+    pub presetup: crate::net_presetup::NetPresetup,
+    /// The device's timeline and figures.
+    pub metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// The vhost-user back-end of one net device.
@@ -110,6 +114,9 @@ pub struct NetBackend {
     shared: Arc<NetShared>,
     transfer: Option<Transfer>,
     metrics: Arc<crate::metrics::DeviceMetrics>,
+    /// The current start was planned (and counted) against the early
+    /// configuration; cleared by a stop or a disconnect.
+    start_planned: bool,
 }
 
 /// Protocol features a net device offers.
@@ -142,10 +149,26 @@ impl NetBackend {
         let needs_reset = Arc::new(AtomicBool::new(false));
         let offered_offloads = dataplane.offload_features();
         let sim = Arc::new(Mutex::new(None));
+        let described = dataplane.describe();
+        let atomic: GuestMemoryAtomic<GuestRam> = memory.atomic();
+        let worker = NetWorker::spawn(
+            name.clone(),
+            dataplane,
+            pairs,
+            atomic,
+            DataPathOutputs {
+                stats: stats.clone(),
+                sim_report: sim.clone(),
+                needs_reset: needs_reset.clone(),
+            },
+            options.poll,
+        )?;
         let shared = Arc::new(NetShared {
             sim: sim.clone(),
             stats: stats.clone(),
-            dataplane: dataplane.describe(),
+            presetup: crate::net_presetup::NetPresetup::new(worker.early_handle(), pairs),
+            metrics: metrics.clone(),
+            dataplane: described,
             state: Mutex::new(NetState {
                 version: NET_STATE_VERSION,
                 queue_pairs: pairs,
@@ -154,19 +177,6 @@ impl NetBackend {
                 rss: options.rss.clone(),
             }),
         });
-        let atomic: GuestMemoryAtomic<GuestRam> = memory.atomic();
-        let worker = NetWorker::spawn(
-            name.clone(),
-            dataplane,
-            pairs,
-            atomic,
-            DataPathOutputs {
-                stats,
-                sim_report: sim,
-                needs_reset: needs_reset.clone(),
-            },
-            options.poll,
-        )?;
         let mut backend = NetBackend {
             name,
             vrings: (0..2 * pairs).map(|_| VringConfig::default()).collect(),
@@ -183,6 +193,7 @@ impl NetBackend {
             shared,
             transfer: None,
             metrics,
+            start_planned: false,
         };
         if let Some(config) = backend.options.rss.clone() {
             if let Err(e) = backend.set_rss(Some(config)) {
@@ -292,6 +303,15 @@ impl NetBackend {
             enabled,
         });
         self.running[slot] = true;
+        if !self.start_planned {
+            // The first ring of a start: plan the switchover against what
+            // the device holds early (the heavy work was done then) and
+            // count it. The dataplane already skipped what it had.
+            self.start_planned = true;
+            let early = self.shared.presetup.take_applied();
+            let final_ = self.current_config();
+            crate::net_presetup::switchover(&self.name, early.as_ref(), final_, &self.metrics);
+        }
         self.metrics.ring_started(index as u16);
         log::info!("{name}: queue {index} started (size {size}, avail {next_avail})");
         Ok(())
@@ -327,6 +347,26 @@ impl NetBackend {
             // index < 2 * MAX_QUEUE_PAIRS.
             let _ = self.stop_vring(index as u32);
             self.vrings[index] = VringConfig::default();
+        }
+    }
+
+    /// The configuration the device holds, as presetup describes it.
+    /// Rings are left out: the planner compares their front-end addresses,
+    /// which this back-end translates and does not keep.
+    pub fn current_config(&self) -> presetup::DeviceConfig {
+        let state = self.lock_state().clone();
+        presetup::DeviceConfig {
+            version: presetup::FORMAT_VERSION,
+            acked_features: self.acked_features,
+            protocol_features: self.acked_protocol_features,
+            memory: self.memory.describe(),
+            rings: Vec::new(),
+            device: presetup::DeviceKind::Net(presetup::NetConfig {
+                mtu: state.mtu,
+                mac: state.mac.0,
+                queue_pairs: self.options.queue_pairs,
+                rss: state.rss.as_ref().map(crate::net_presetup::rss_spec),
+            }),
         }
     }
 
@@ -538,6 +578,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        self.start_planned = false;
         let next_avail = self.stop_vring(index)?;
         let vring = self.vring(index)?;
         // The ring is stopped: a new start needs a new kick (spec "Ring states").
@@ -777,6 +818,7 @@ impl crate::server::ServedBackend for NetBackend {
     }
 
     fn disconnect(&mut self) {
+        self.start_planned = false;
         self.reset_rings();
         self.memory.set_log(None);
         self.log = None;

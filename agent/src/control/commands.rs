@@ -50,6 +50,10 @@ static COMMANDS: &[Command] = &[
         run: query_metrics,
     },
     Command {
+        name: "presetup",
+        run: presetup,
+    },
+    Command {
         name: "fence-release",
         run: fence_release,
     },
@@ -260,6 +264,77 @@ fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
         MetricsFormat::Prometheus => Value::String(crate::metrics::prometheus_text(&reports)),
     };
     Ok((value, Effect::None))
+}
+
+/// Arguments of `presetup`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresetupArguments {
+    /// The device's id.
+    device: String,
+    /// Its early configuration: a `DeviceConfig` (as `query-config`
+    /// returns it), checked here rather than by serde so a malformed one
+    /// is counted as a presetup fallback.
+    config: Value,
+}
+
+/// Take an early configuration for a net device and do its heavy work now
+/// (see `agent/src/net_presetup.rs`). A malformed or unfitting one is
+/// refused with an error, logged at warn and counted as a fallback: the
+/// device then gets its full configuration at start, as without presetup.
+fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let PresetupArguments { device: id, config } = arguments.parse("presetup")?;
+    let device = device(registry, &id)?;
+    let refuse = |source: Box<dyn std::error::Error + Send + Sync>| {
+        let error = ControlError::Presetup {
+            id: id.clone(),
+            source,
+        };
+        log::warn!(
+            "{id}: {}; the device will be configured in full",
+            crate::error_chain(&error)
+        );
+        device
+            .metrics()
+            .record_presetup(|counts| counts.fallbacks += 1);
+        error
+    };
+    let shared = match device.kind() {
+        DeviceKind::Net { shared } => shared,
+        DeviceKind::Blk { .. } => {
+            return Err(ControlError::WrongKind {
+                command: "presetup",
+                id,
+                kind: "blk",
+                applies_to: "net",
+            })
+        }
+    };
+    let config: presetup::DeviceConfig =
+        serde_json::from_value(config).map_err(|e| refuse(Box::new(e)))?;
+    let valid = presetup::ValidConfig::new(config).map_err(|e| refuse(Box::new(e)))?;
+    let (applied, rss, mtu) = shared
+        .presetup
+        .apply(&valid)
+        .map_err(|e| refuse(Box::new(e)))?;
+    {
+        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.mtu = mtu;
+        if rss.is_some() {
+            state.rss = rss;
+        }
+    }
+    log::info!(
+        "{id}: presetup applied ({} dataplane queue(s) created, RSS {}, MTU {})",
+        applied.queues_created,
+        if applied.rss_programmed {
+            "programmed"
+        } else {
+            "unchanged"
+        },
+        if applied.mtu_set { "set" } else { "unchanged" }
+    );
+    Ok((to_json("presetup", &applied)?, Effect::None))
 }
 
 /// Open a disk's write fence gate. In `api` mode this is the release the
