@@ -157,6 +157,8 @@ pub struct BlkBackend {
     /// Log lines held back until the reply is sent (see
     /// [`Self::flush_deferred_logs`]).
     deferred_logs: Vec<String>,
+    /// The device's timeline (ring starts and stops, requests handed off).
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// Protocol features a block device offers.
@@ -181,6 +183,7 @@ impl BlkBackend {
         disk: Arc<DiskShared>,
         engine_kind: EngineKind,
         fence: Arc<Fence>,
+        metrics: Arc<crate::metrics::DeviceMetrics>,
     ) -> BlkBackend {
         let vrings = (0..config.options().num_queues)
             .map(|_| Vring::default())
@@ -200,6 +203,7 @@ impl BlkBackend {
             fence,
             reapers: Vec::new(),
             deferred_logs: Vec::new(),
+            metrics,
         }
     }
 
@@ -339,6 +343,11 @@ impl BlkBackend {
         for (index, vring) in self.vrings.iter_mut().enumerate() {
             if let Some(worker) = vring.worker.take() {
                 let stopped = worker.stop(StopMode::Detach);
+                // index < num_queues <= u16::MAX.
+                self.metrics.ring_stopped(
+                    index as u16,
+                    u64::try_from(stopped.exit.left_in_flight).unwrap_or(u64::MAX),
+                );
                 log::info!(
                     "{}: queue {index} stopped ({:?}{})",
                     self.name,
@@ -471,6 +480,8 @@ impl BlkBackend {
             vring.size,
             vring.next_avail
         );
+        // index < num_queues <= u16::MAX (checked by vring()).
+        self.metrics.ring_started(index as u16);
         Ok(())
     }
 
@@ -484,6 +495,11 @@ impl BlkBackend {
         let stopped = worker.stop(mode);
         let exit = stopped.exit;
         vring.next_avail = exit.next_avail;
+        // index < num_queues <= u16::MAX (checked by vring()).
+        self.metrics.ring_stopped(
+            index as u16,
+            u64::try_from(exit.left_in_flight).unwrap_or(u64::MAX),
+        );
         match mode {
             StopMode::Drain | StopMode::Detach => log::info!(
                 "{name}: queue {index} stopped at avail {} ({:?})",
@@ -559,6 +575,8 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let size = ring_size(index, num, self.config.options().queue_size)?;
         self.vring(index)?.size = size;
+        // index < num_queues <= u16::MAX (checked by vring()).
+        self.metrics.ring_configured(index as u16);
         Ok(())
     }
 
@@ -785,6 +803,10 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
 impl crate::server::ServedBackend for BlkBackend {
     fn name(&self) -> &str {
         &self.name
+    }
+
+    fn metrics(&self) -> Arc<crate::metrics::DeviceMetrics> {
+        self.metrics.clone()
     }
 
     fn new_session(&mut self) {

@@ -67,6 +67,16 @@ pub enum ControlError {
         /// The kind the command is for.
         applies_to: &'static str,
     },
+    /// An early configuration was refused (malformed, or it does not fit
+    /// the device); the device keeps its full configuration path.
+    #[error("presetup of {id} refused")]
+    Presetup {
+        /// The device id.
+        id: String,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     /// The request line exceeds [`MAX_LINE_BYTES`]; the connection closes.
     #[error("request line longer than {limit} bytes; closing the connection")]
     LineTooLong {
@@ -96,6 +106,7 @@ impl ControlError {
             | ControlError::BadArguments { .. }
             | ControlError::LineTooLong { .. }
             | ControlError::WrongKind { .. }
+            | ControlError::Presetup { .. }
             | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
         }
     }
@@ -422,7 +433,45 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["query-commands", "query-devices", "fence-release", "quit"]
+            [
+                "query-commands",
+                "query-devices",
+                "query-metrics",
+                "presetup",
+                "fence-release",
+                "quit"
+            ]
+        );
+    }
+
+    #[test]
+    fn query_metrics_reports_every_device_or_one_in_either_format() {
+        let (registry, _) = registry();
+        registry.get("src").unwrap().metrics().connected();
+        let (reply, _) = ask(&registry, r#"{"execute": "query-metrics"}"#);
+        let devices = reply["return"].as_array().unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[1]["device"], "src");
+        assert_eq!(devices[1]["sessions"], 1);
+        assert_eq!(devices[1]["stop-time-us"], Value::Null);
+        let (reply, _) = ask(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"device": "dst", "format": "prometheus"}}"#,
+        );
+        let text = reply["return"].as_str().unwrap();
+        assert!(text.contains("vhost_agent_sessions_total{device=\"dst\"} 0\n"));
+        assert!(!text.contains("device=\"src\""));
+        assert_error(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"device": "nope"}}"#,
+            "DeviceNotFound",
+            "nope",
+        );
+        assert_error(
+            &registry,
+            r#"{"execute": "query-metrics", "arguments": {"format": "xml"}}"#,
+            "GenericError",
+            "expected `json` or `prometheus`",
         );
     }
 

@@ -100,7 +100,7 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<BoundBlk, DeviceEr
             fence: fence.clone(),
         },
     );
-    let backend = BlkBackend::new(&name, config, disk, engine, fence);
+    let backend = BlkBackend::new(&name, config, disk, engine, fence, device.metrics().clone());
     let server = DeviceServer::bind(&name, &spec.socket, backend)?;
     Ok(BoundBlk { server, device })
 }
@@ -170,13 +170,15 @@ pub fn bind_net(
         poll: std::time::Duration::from_micros(u64::from(spec.poll_us)),
         rss,
     };
-    let backend = NetBackend::new(&name, options, dataplane)?;
-    let device = RegisteredDevice::new(
+    let metrics = Arc::new(crate::metrics::DeviceMetrics::new(&name));
+    let backend = NetBackend::new(&name, options, dataplane, metrics.clone())?;
+    let device = RegisteredDevice::with_metrics(
         &name,
         &spec.socket,
         DeviceKind::Net {
             shared: backend.shared(),
         },
+        metrics,
     );
     let server = DeviceServer::bind(&name, &spec.socket, backend)?;
     Ok(BoundNet { server, device })

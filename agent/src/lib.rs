@@ -9,6 +9,7 @@
 //! * [`memory`]: guest memory from the front-end's memory table.
 //! * [`device`]: building a served disk from command-line options.
 //! * [`registry`]: the served devices by id.
+//! * [`metrics`]: per-device protocol timeline and downtime figures.
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
 pub mod backend_shared;
@@ -18,7 +19,9 @@ pub mod control;
 pub mod device;
 pub mod dirty_log;
 pub mod memory;
+pub mod metrics;
 pub mod net_backend;
+pub mod net_presetup;
 pub mod net_worker;
 pub mod registry;
 pub mod requests;

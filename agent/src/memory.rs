@@ -21,6 +21,16 @@ pub const MAX_MEM_SLOTS: u64 = 32;
 /// A memory table request could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// fstat of a region's fd failed (its file identity is needed to
+    /// compare memory tables by meaning).
+    #[error("cannot identify the file of the region at guest address {guest_phys_addr:#x}")]
+    Identify {
+        /// Guest physical address of the region.
+        guest_phys_addr: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// mmap of a region failed.
     #[error("cannot map region at guest address {guest_phys_addr:#x} ({size} bytes)")]
     Map {
@@ -49,6 +59,10 @@ struct Region {
     guest_phys_addr: u64,
     size: u64,
     user_addr: u64,
+    /// Backing file identity (st_dev, st_ino) and offset: what presetup
+    /// compares regions by, since fd numbers mean nothing across messages.
+    file: presetup::FileIdentity,
+    file_offset: u64,
     mapping: Arc<GuestRegionMmap<LogBitmap>>,
 }
 
@@ -80,6 +94,22 @@ impl MemoryMap {
     /// Number of regions mapped.
     pub fn region_count(&self) -> usize {
         self.regions.len()
+    }
+
+    /// The regions as presetup describes them (file identity, offset,
+    /// size, guest and front-end addresses), for the switchover plan and
+    /// `query-config`.
+    pub fn describe(&self) -> Vec<presetup::MemoryRegion> {
+        self.regions
+            .iter()
+            .map(|region| presetup::MemoryRegion {
+                file: region.file,
+                file_offset: region.file_offset,
+                size_bytes: region.size,
+                guest_phys_addr: presetup::GuestAddr(region.guest_phys_addr),
+                user_addr: presetup::FrontendAddr(region.user_addr),
+            })
+            .collect()
     }
 
     /// Whether any memory is mapped.
@@ -208,6 +238,18 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, Memo
             "region at {guest_phys_addr:#x} of {size} bytes"
         )));
     }
+    let file_identity = {
+        use std::os::unix::fs::MetadataExt;
+        let metadata = file.metadata().map_err(|source| MemoryError::Identify {
+            guest_phys_addr,
+            source,
+        })?;
+        presetup::FileIdentity {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        }
+    };
+    let file_offset = region.mmap_offset;
     let mmap = region
         .mmap_region::<LogBitmap>(file)
         .map_err(|source| MemoryError::Map {
@@ -222,6 +264,8 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, Memo
         guest_phys_addr,
         size,
         user_addr: region.user_addr,
+        file: file_identity,
+        file_offset,
         mapping: Arc::new(mapping),
     })
 }

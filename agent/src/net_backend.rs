@@ -90,6 +90,10 @@ pub struct NetShared {
     pub state: Mutex<NetState>,
     /// What a `sim` dataplane charged so far (`None` for others).
     pub sim: Arc<Mutex<Option<crate::net_worker::SimReport>>>,
+    /// The early configuration (control API `presetup`).
+    pub presetup: crate::net_presetup::NetPresetup,
+    /// The device's timeline and figures.
+    pub metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// The vhost-user back-end of one net device.
@@ -107,6 +111,10 @@ pub struct NetBackend {
     worker: NetWorker,
     shared: Arc<NetShared>,
     transfer: Option<Transfer>,
+    metrics: Arc<crate::metrics::DeviceMetrics>,
+    /// The current start was planned (and counted) against the early
+    /// configuration; cleared by a stop or a disconnect.
+    start_planned: bool,
 }
 
 /// Protocol features a net device offers.
@@ -130,6 +138,7 @@ impl NetBackend {
         name: &str,
         options: NetOptions,
         dataplane: Dataplane,
+        metrics: Arc<crate::metrics::DeviceMetrics>,
     ) -> Result<NetBackend, NetWorkerError> {
         let name: Arc<str> = Arc::from(name);
         let pairs = options.queue_pairs;
@@ -138,10 +147,26 @@ impl NetBackend {
         let status = DeviceStatus::default();
         let offered_offloads = dataplane.offload_features();
         let sim = Arc::new(Mutex::new(None));
+        let described = dataplane.describe();
+        let atomic: GuestMemoryAtomic<GuestRam> = memory.atomic();
+        let worker = NetWorker::spawn(
+            name.clone(),
+            dataplane,
+            pairs,
+            atomic,
+            DataPathOutputs {
+                stats: stats.clone(),
+                sim_report: sim.clone(),
+                needs_reset: status.needs_reset_flag(),
+            },
+            options.poll,
+        )?;
         let shared = Arc::new(NetShared {
             sim: sim.clone(),
             stats: stats.clone(),
-            dataplane: dataplane.describe(),
+            presetup: crate::net_presetup::NetPresetup::new(worker.early_handle(), pairs),
+            metrics: metrics.clone(),
+            dataplane: described,
             state: Mutex::new(NetState {
                 version: NET_STATE_VERSION,
                 queue_pairs: pairs,
@@ -150,19 +175,6 @@ impl NetBackend {
                 rss: options.rss.clone(),
             }),
         });
-        let atomic: GuestMemoryAtomic<GuestRam> = memory.atomic();
-        let worker = NetWorker::spawn(
-            name.clone(),
-            dataplane,
-            pairs,
-            atomic,
-            DataPathOutputs {
-                stats,
-                sim_report: sim,
-                needs_reset: status.needs_reset_flag(),
-            },
-            options.poll,
-        )?;
         let mut backend = NetBackend {
             name,
             vrings: (0..2 * pairs).map(|_| VringConfig::default()).collect(),
@@ -177,6 +189,8 @@ impl NetBackend {
             worker,
             shared,
             transfer: None,
+            metrics,
+            start_planned: false,
         };
         if let Some(config) = backend.options.rss.clone() {
             if let Err(e) = backend.set_rss(Some(config)) {
@@ -278,6 +292,16 @@ impl NetBackend {
             enabled,
         });
         self.running[slot] = true;
+        if !self.start_planned {
+            // The first ring of a start: plan the switchover against what
+            // the device holds early (the heavy work was done then) and
+            // count it. The dataplane already skipped what it had.
+            self.start_planned = true;
+            let early = self.shared.presetup.take_applied();
+            let final_ = self.current_config();
+            crate::net_presetup::switchover(&self.name, early.as_ref(), final_, &self.metrics);
+        }
+        self.metrics.ring_started(index as u16);
         log::info!("{name}: queue {index} started (size {size}, avail {next_avail})");
         Ok(())
     }
@@ -296,6 +320,9 @@ impl NetBackend {
         if let Some(running) = self.running.get_mut(slot) {
             *running = false;
         }
+        if stopped.is_some() {
+            self.metrics.ring_stopped(index as u16, 0);
+        }
         let vring = self.vring(index)?;
         if let Some(next_avail) = stopped {
             vring.next_avail = next_avail;
@@ -309,6 +336,26 @@ impl NetBackend {
             // index < 2 * MAX_QUEUE_PAIRS.
             let _ = self.stop_vring(index as u32);
             self.vrings[index] = VringConfig::default();
+        }
+    }
+
+    /// The configuration the device holds, as presetup describes it.
+    /// Rings are left out: the planner compares their front-end addresses,
+    /// which this back-end translates and does not keep.
+    pub fn current_config(&self) -> presetup::DeviceConfig {
+        let state = self.lock_state().clone();
+        presetup::DeviceConfig {
+            version: presetup::FORMAT_VERSION,
+            acked_features: self.acked_features,
+            protocol_features: self.acked_protocol_features,
+            memory: self.memory.describe(),
+            rings: Vec::new(),
+            device: presetup::DeviceKind::Net(presetup::NetConfig {
+                mtu: state.mtu,
+                mac: state.mac.0,
+                queue_pairs: self.options.queue_pairs,
+                rss: state.rss.as_ref().map(crate::net_presetup::rss_spec),
+            }),
         }
     }
 
@@ -472,6 +519,8 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
         let size = ring_size(index, num, spec::MAX_QUEUE_SIZE)?;
         self.vring(index)?.size = size;
+        // index < 2 * MAX_QUEUE_PAIRS (checked by vring()).
+        self.metrics.ring_configured(index as u16);
         Ok(())
     }
 
@@ -501,6 +550,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        self.start_planned = false;
         let next_avail = self.stop_vring(index)?;
         let vring = self.vring(index)?;
         // The ring is stopped: a new start needs a new kick (spec "Ring states").
@@ -713,7 +763,12 @@ impl crate::server::ServedBackend for NetBackend {
         &self.name
     }
 
+    fn metrics(&self) -> Arc<crate::metrics::DeviceMetrics> {
+        self.metrics.clone()
+    }
+
     fn disconnect(&mut self) {
+        self.start_planned = false;
         self.reset_rings();
         self.log.forget(&mut self.memory);
         self.acked_features = 0;

@@ -110,7 +110,31 @@ enum Command {
     SetRss(Option<Rss>, Reply<()>),
     Announce(MacAddress, Reply<Result<bool, String>>),
     MapMemory(Reply<()>),
+    Presetup(EarlyWork, Reply<EarlyDone>),
     Exit,
+}
+
+/// The heavy work of an early configuration that needs no guest memory,
+/// done by the data path thread so the dataplane charges it now.
+#[derive(Debug)]
+pub struct EarlyWork {
+    /// Virtqueues whose dataplane queue to create ahead of their start.
+    pub queues: u16,
+    /// RSS steering to program (`None`: leave it as it is).
+    pub rss: Option<Rss>,
+    /// MTU to set if the dataplane does not have it already.
+    pub mtu: u16,
+}
+
+/// What the data path actually did for an [`EarlyWork`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EarlyDone {
+    /// Dataplane queues created (waiting for their rings).
+    pub queues_created: u16,
+    /// RSS programmed.
+    pub rss_programmed: bool,
+    /// MTU set.
+    pub mtu_set: bool,
 }
 
 /// Handle to a device's data path thread.
@@ -189,6 +213,8 @@ impl NetWorker {
             poll,
             warned: 0,
             sim_report,
+            precreated: 0,
+            mtu: None,
         };
         let wake_thread = wake.clone();
         let thread = std::thread::Builder::new()
@@ -266,6 +292,49 @@ impl NetWorker {
     pub fn map_memory(&self) {
         self.call(Command::MapMemory);
     }
+
+    /// A handle the control API can use to do early (presetup) work on
+    /// this data path without going through the protocol thread.
+    pub fn early_handle(&self) -> EarlyHandle {
+        EarlyHandle {
+            name: self.name.clone(),
+            commands: self.commands.clone(),
+            wake: self.wake.clone(),
+        }
+    }
+}
+
+/// Sends presetup work to a device's data path thread (see
+/// [`NetWorker::early_handle`]).
+#[derive(Clone)]
+pub struct EarlyHandle {
+    name: Arc<str>,
+    commands: mpsc::Sender<Command>,
+    wake: Arc<EventFd>,
+}
+
+impl std::fmt::Debug for EarlyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlyHandle")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl EarlyHandle {
+    /// Do `work` now; returns what was done, or `None` if the data path
+    /// thread is gone.
+    pub fn presetup(&self, work: EarlyWork) -> Option<EarlyDone> {
+        let (reply, answer) = mpsc::sync_channel(1);
+        if self.commands.send(Command::Presetup(work, reply)).is_err() {
+            log::error!("{}: the net data path thread is gone", self.name);
+            return None;
+        }
+        if let Err(e) = self.wake.write(1) {
+            log::error!("{}: cannot wake the net data path: {e}", self.name);
+        }
+        answer.recv().ok()
+    }
 }
 
 impl Drop for NetWorker {
@@ -324,6 +393,11 @@ struct DataPath {
     warned: u32,
     /// The sim dataplane's accounting, for the control API.
     sim_report: Arc<Mutex<Option<SimReport>>>,
+    /// Dataplane queues created early (presetup) that no ring took yet: a
+    /// ring that starts takes one instead of creating its own.
+    precreated: u16,
+    /// The MTU the dataplane has, once one was set.
+    mtu: Option<u16>,
 }
 
 fn tx_index(pair: u16) -> usize {
@@ -822,11 +896,29 @@ impl DataPath {
                 let _ = reply.send(result);
             }
             Command::SetMtu(mtu, reply) => {
-                let result = self
-                    .dataplane
-                    .set_mtu(mtu)
-                    .map_err(|e| crate::error_chain(&e));
+                let result = self.set_mtu(mtu);
                 let _ = reply.send(result);
+            }
+            Command::Presetup(work, reply) => {
+                let mut done = EarlyDone::default();
+                let wanted = work.queues.saturating_sub(self.precreated);
+                for _ in 0..wanted {
+                    self.dataplane.queue_started(true);
+                    self.precreated += 1;
+                    done.queues_created += 1;
+                }
+                if let Some(rss) = work.rss {
+                    self.dataplane.program_rss();
+                    self.rss = Some(rss);
+                    done.rss_programmed = true;
+                }
+                if self.mtu != Some(work.mtu) {
+                    match self.set_mtu(work.mtu) {
+                        Ok(()) => done.mtu_set = true,
+                        Err(e) => log::warn!("{}: presetup MTU {}: {e}", self.name, work.mtu),
+                    }
+                }
+                let _ = reply.send(done);
             }
             Command::SetRss(rss, reply) => {
                 if rss.is_some() {
@@ -871,7 +963,12 @@ impl DataPath {
             self.needs_reset.store(true, Ordering::SeqCst);
             return;
         }
-        self.dataplane.queue_started(true);
+        if self.precreated > 0 {
+            // Created early (presetup): the ring takes it as it is.
+            self.precreated -= 1;
+        } else {
+            self.dataplane.queue_started(true);
+        }
         self.rings[index] = Some(Slot {
             ring: NetRing::new(start.queue),
             kick: start.kick,
@@ -894,6 +991,19 @@ impl DataPath {
         // Everything taken from the ring was answered within its step and
         // published at the step's end: the index is exact.
         Some(slot.ring.next_avail())
+    }
+
+    /// Set the MTU on the dataplane unless it has it already (an early
+    /// configuration may have set it).
+    fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
+        if self.mtu == Some(mtu) {
+            return Ok(());
+        }
+        self.dataplane
+            .set_mtu(mtu)
+            .map_err(|e| crate::error_chain(&e))?;
+        self.mtu = Some(mtu);
+        Ok(())
     }
 
     fn stop_all(&mut self, poller: &Poll) {

@@ -8,6 +8,8 @@ use std::sync::{Arc, RwLock};
 
 use blkdev::fence::Fence;
 
+use crate::metrics::DeviceMetrics;
+
 /// A device could not be registered.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -51,6 +53,7 @@ pub struct RegisteredDevice {
     id: String,
     socket: PathBuf,
     kind: DeviceKind,
+    metrics: Arc<DeviceMetrics>,
 }
 
 impl RegisteredDevice {
@@ -60,6 +63,29 @@ impl RegisteredDevice {
             id: id.to_string(),
             socket: socket.to_path_buf(),
             kind,
+            metrics: Arc::new(DeviceMetrics::new(id)),
+        }
+    }
+
+    /// Its timeline and downtime figures, shared with its protocol thread
+    /// (hand this to the back-end so both see the same figures).
+    pub fn metrics(&self) -> &Arc<DeviceMetrics> {
+        &self.metrics
+    }
+
+    /// A device whose metrics were made first (its back-end needs them
+    /// before the registry entry can exist).
+    pub fn with_metrics(
+        id: &str,
+        socket: &Path,
+        kind: DeviceKind,
+        metrics: Arc<DeviceMetrics>,
+    ) -> RegisteredDevice {
+        RegisteredDevice {
+            id: id.to_string(),
+            socket: socket.to_path_buf(),
+            kind,
+            metrics,
         }
     }
 

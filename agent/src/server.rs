@@ -30,6 +30,9 @@ const SHUTDOWN: Token = Token(2);
 pub trait ServedBackend: VhostUserBackendReqHandlerMut + Send + 'static {
     /// Device name for logs.
     fn name(&self) -> &str;
+    /// The device's timeline: the server records connects, disconnects,
+    /// message arrivals and stop replies in it.
+    fn metrics(&self) -> Arc<crate::metrics::DeviceMetrics>;
     /// A front-end connected.
     fn new_session(&mut self) {}
     /// The front-end went away: stop the rings, forget its state.
@@ -109,6 +112,7 @@ pub struct DeviceServer<B: ServedBackend> {
     poll: Poll,
     waker: Arc<Waker>,
     backend: Arc<Mutex<B>>,
+    metrics: Arc<crate::metrics::DeviceMetrics>,
 }
 
 /// The connected front-end.
@@ -169,7 +173,9 @@ impl<B: ServedBackend> DeviceServer<B> {
                 Interest::READABLE,
             )
             .map_err(listen_error)?;
+        let metrics = backend.metrics();
         Ok(DeviceServer {
+            metrics,
             name: name.to_string(),
             path: path.to_path_buf(),
             listener,
@@ -263,6 +269,7 @@ impl<B: ServedBackend> DeviceServer<B> {
             CONNECTION,
             Interest::READABLE,
         )?;
+        self.metrics.connected();
         lock(&self.backend).new_session();
         let handler = BackendReqHandler::from_stream(stream, self.backend.clone());
         Ok(Connection {
@@ -279,6 +286,7 @@ impl<B: ServedBackend> DeviceServer<B> {
                 .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
             // Stop queues (in-flight requests complete) before the memory goes.
             lock(&self.backend).disconnect();
+            self.metrics.disconnected();
         }
     }
 
@@ -292,6 +300,7 @@ impl<B: ServedBackend> DeviceServer<B> {
                 Err(e) => return Outcome::Disconnect(format!("read failed: {e}")),
             };
             let started = Instant::now();
+            self.metrics.message(header.code);
             let info = requests::lookup(header.code);
             let name = requests::name(header.code);
             let outcome = match info.map(|info| info.handled_by) {
@@ -301,6 +310,9 @@ impl<B: ServedBackend> DeviceServer<B> {
                 },
                 _ => self.handle_own(conn, header.code),
             };
+            if outcome.is_ok() && crate::metrics::is_stop(header.code) {
+                self.metrics.stop_replied(header.code);
+            }
             lock(&self.backend).flush_deferred_logs();
             log::debug!(
                 "{}: {name} ({}) size {} -> {} in {:?}",

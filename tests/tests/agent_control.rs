@@ -309,3 +309,116 @@ fn duplicate_ids_and_a_control_path_that_is_not_a_socket_are_refused() {
     assert!(stderr.contains("is not a socket"), "{stderr}");
     assert_eq!(std::fs::read_to_string(&not_a_socket).unwrap(), "keep me");
 }
+
+/// The Prometheus text of `query-metrics`: every sample line is
+/// `name{device="ID"} value` with a number, and each family has HELP and
+/// TYPE lines. Returns the samples as (name, device, value).
+fn parse_prometheus(text: &str) -> Vec<(String, String, f64)> {
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if line.starts_with("# HELP ") || line.starts_with("# TYPE ") {
+            continue;
+        }
+        let (series, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value in {line:?}"));
+        let (name, labels) = series
+            .split_once('{')
+            .unwrap_or_else(|| panic!("no labels in {line:?}"));
+        assert!(
+            name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+            "bad metric name in {line:?}"
+        );
+        let device = labels
+            .strip_prefix("device=\"")
+            .and_then(|rest| rest.strip_suffix("\"}"))
+            .unwrap_or_else(|| panic!("bad labels in {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|e| panic!("bad value in {line:?}: {e}"));
+        samples.push((name.to_string(), device.to_string(), value));
+    }
+    samples
+}
+
+#[test]
+fn query_metrics_measures_a_start_and_a_stop_of_a_disk() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let started = std::time::Instant::now();
+    let mut frontend = TestFrontend::connect(&agent.path("src.sock"), 1, 16);
+    let start_wall = started.elapsed();
+    assert!(frontend.round_trip(0, 0, 1), "a request after the start");
+    let stopping = std::time::Instant::now();
+    frontend.stop(vhost_agent_tests::frontend::StopRequest::GetVringBase);
+    let stop_wall = stopping.elapsed();
+
+    let reply = client.execute("query-metrics", json!({"device": "src"}));
+    let src = &reply["return"][0];
+    assert_eq!(src["device"], "src", "{reply}");
+    assert_eq!(src["sessions"], 1, "{src}");
+    assert_eq!(src["starts"], 1, "{src}");
+    assert_eq!(src["stops"], 1, "{src}");
+    let critical_path = src["start-critical-path-us"].as_u64().expect("a start");
+    let stop_time = src["stop-time-us"].as_u64().expect("a stop");
+    assert!(
+        critical_path > 0 && critical_path < start_wall.as_micros() as u64,
+        "critical path {critical_path} us, the start took {start_wall:?}"
+    );
+    assert!(
+        stop_time > 0 && stop_time < stop_wall.as_micros() as u64,
+        "stop time {stop_time} us, the stop took {stop_wall:?}"
+    );
+    assert_eq!(
+        src["handed-off-last-stop"], 0,
+        "drained, nothing handed off"
+    );
+    assert_eq!(src["rings-running"], 0);
+    let timeline = src["timeline"].as_array().unwrap();
+    let events: Vec<&str> = timeline
+        .iter()
+        .map(|event| event["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(events.first(), Some(&"connect"), "{events:?}");
+    assert_eq!(events.iter().filter(|e| **e == "ring-started").count(), 1);
+    assert_eq!(events.iter().filter(|e| **e == "ring-stopped").count(), 1);
+    let stamps: Vec<u64> = timeline
+        .iter()
+        .map(|event| event["at-us"].as_u64().unwrap())
+        .collect();
+    assert!(stamps.windows(2).all(|w| w[0] <= w[1]), "not monotonic");
+
+    // All devices by default; the untouched one has no windows.
+    let all = client.execute("query-metrics", json!({}));
+    let dst = all["return"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["device"] == "dst")
+        .expect("dst in query-metrics");
+    assert_eq!(dst["start-critical-path-us"], Value::Null);
+
+    let reply = client.execute("query-metrics", json!({"format": "prometheus"}));
+    let text = reply["return"].as_str().expect("a string");
+    let samples = parse_prometheus(text);
+    let sample = |name: &str, device: &str| {
+        samples
+            .iter()
+            .find(|(n, d, _)| n == name && d == device)
+            .map(|(_, _, v)| *v)
+    };
+    let stop_seconds = sample("vhost_agent_stop_seconds", "src").expect("stop sample");
+    assert!((stop_seconds * 1e6 - stop_time as f64).abs() < 1.0);
+    assert_eq!(sample("vhost_agent_starts_total", "src"), Some(1.0));
+    assert_eq!(sample("vhost_agent_stop_seconds", "dst"), None);
+    assert_eq!(sample("vhost_agent_sessions_total", "dst"), Some(0.0));
+
+    for bad in [
+        json!({"format": "xml"}),
+        json!({"device": "nope"}),
+        json!({"extra": 1}),
+    ] {
+        let reply = client.execute("query-metrics", bad.clone());
+        assert!(reply["error"]["class"].is_string(), "{bad} -> {reply}");
+    }
+}

@@ -54,6 +54,18 @@ impl Rig {
         extra: &str,
         protocol: VhostUserProtocolFeatures,
     ) -> Rig {
+        Self::start_after(dataplane, pairs, extra, protocol, |_| {})
+    }
+
+    /// Like [`Self::start_on`], calling `before_start` with the control
+    /// socket once the agent runs and before the front-end connects.
+    fn start_after(
+        dataplane: &str,
+        pairs: usize,
+        extra: &str,
+        protocol: VhostUserProtocolFeatures,
+        before_start: impl FnOnce(&Path),
+    ) -> Rig {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("net.sock");
         let control = dir.path().join("control.sock");
@@ -65,6 +77,7 @@ impl Rig {
             &["--control", control.to_str().unwrap()],
             Some(&dir.path().join("agent.log")),
         );
+        before_start(&control);
         let mut options = StartOptions::plain(2 * pairs, QUEUE_SIZE);
         options.queues_per_unit = 2;
         options.protocol = protocol.bits();
@@ -669,4 +682,192 @@ fn one_agent_serves_a_disk_and_a_net_device_side_by_side() {
         frontend.queues[0].wait_used(&ram, 1, WAIT).is_some(),
         "no frame came back"
     );
+}
+
+/// `query-metrics` of the device through `vhost-agent ctl`.
+fn query_metrics(control: &Path, arguments: &str) -> Value {
+    let output = std::process::Command::new(agent_binary())
+        .args(["ctl", control.to_str().unwrap(), "query-metrics", arguments])
+        .output()
+        .expect("run vhost-agent ctl");
+    assert!(output.status.success(), "ctl failed: {output:?}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+#[test]
+fn query_metrics_measures_the_start_critical_path_and_the_stop_time() {
+    let started = std::time::Instant::now();
+    let mut rig = Rig::start(2, "", VhostUserProtocolFeatures::empty());
+    let start_wall = started.elapsed();
+    rig.post_rx(0, 1, 2048);
+    rig.queue_tx(0, &udp_frame(1, 2, 64));
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    // QEMU's net stop: GET_VRING_BASE on every ring, nothing else.
+    let stopping = std::time::Instant::now();
+    for queue in 0..4 {
+        rig.frontend.frontend.get_vring_base(queue).unwrap();
+    }
+    let stop_wall = stopping.elapsed();
+
+    let metrics = query_metrics(&rig.control(), r#"{"device": "net0"}"#);
+    let net = &metrics[0];
+    assert_eq!(net["starts"], 1, "{net}");
+    assert_eq!(net["stops"], 1, "{net}");
+    let critical_path = net["start-critical-path-us"].as_u64().expect("a start");
+    let stop_time = net["stop-time-us"].as_u64().expect("a stop");
+    assert!(
+        critical_path > 0 && critical_path < start_wall.as_micros() as u64,
+        "critical path {critical_path} us, the start took {start_wall:?}"
+    );
+    assert!(
+        stop_time > 0 && stop_time < stop_wall.as_micros() as u64,
+        "stop time {stop_time} us, the stop took {stop_wall:?}"
+    );
+    // Message arrivals carry their code and name.
+    let timeline = net["timeline"].as_array().unwrap();
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e["event"] == "message" && e["code"] == 11 && e["name"] == "GET_VRING_BASE"),
+        "{net}"
+    );
+
+    let text = query_metrics(&rig.control(), r#"{"format": "prometheus"}"#);
+    let text = text.as_str().expect("a string");
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("vhost_agent_start_critical_path_seconds{"))
+        .unwrap_or_else(|| panic!("no critical path sample in {text}"));
+    assert!(line.starts_with("vhost_agent_start_critical_path_seconds{device=\"net0\"} "));
+    let seconds: f64 = line.rsplit_once(' ').unwrap().1.parse().unwrap();
+    assert!((seconds * 1e6 - critical_path as f64).abs() < 1.0, "{line}");
+}
+
+/// Run `vhost-agent ctl CONTROL command arguments`: the result on success,
+/// the error text otherwise.
+fn ctl(control: &Path, command: &str, arguments: &str) -> Result<Value, String> {
+    let output = std::process::Command::new(agent_binary())
+        .args(["ctl", control.to_str().unwrap(), command, arguments])
+        .output()
+        .expect("run vhost-agent ctl");
+    if output.status.success() {
+        Ok(serde_json::from_slice(&output.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// An early configuration for a sim device with `pairs` queue pairs, as an
+/// orchestrator would relay it from the source's `query-config`.
+fn early_config(pairs: u16) -> String {
+    serde_json::json!({
+        "device": "net0",
+        "config": {
+            "version": 1,
+            "acked_features": 0,
+            "protocol_features": 0,
+            "memory": [],
+            "rings": [],
+            "device": {"net": {"mtu": 1500, "mac": [82, 84, 0, 18, 52, 86], "queue_pairs": pairs, "rss": null}}
+        }
+    })
+    .to_string()
+}
+
+/// Start a 2-pair device on the 191 ms sim profile, optionally after a
+/// `presetup` call; check frames move; return the agent's start critical
+/// path and its presetup counters.
+fn sim_start(presetup: Option<&str>) -> (Duration, Value, Rig) {
+    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let mut rig = Rig::start_after(
+        &format!("sim:{}", profile.display()),
+        2,
+        "",
+        VhostUserProtocolFeatures::empty(),
+        |control| {
+            if let Some(arguments) = presetup {
+                let _ = ctl(control, "presetup", arguments);
+            }
+        },
+    );
+    for pair in 0..2 {
+        let rx = rig.post_rx(pair, 1, 2048);
+        let frame = udp_frame(pair as u16 + 7, 9, 200);
+        rig.queue_tx(pair, &frame);
+        rig.kick_tx(pair);
+        rig.used(2 * pair, 1);
+        assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+    }
+    let metrics = query_metrics(&rig.control(), r#"{"device": "net0"}"#);
+    let net = metrics[0].clone();
+    let critical_path = net["start-critical-path-us"].as_u64().expect("a start");
+    (
+        Duration::from_micros(critical_path),
+        net["presetup"].clone(),
+        rig,
+    )
+}
+
+#[test]
+fn presetup_takes_the_sim_queue_creation_off_the_start_critical_path() {
+    let (full, counts, _rig) = sim_start(None);
+    assert!(
+        full > Duration::from_millis(150),
+        "without presetup the start took {full:?}"
+    );
+    assert_eq!(counts["hits"], 0, "{counts}");
+    assert_eq!(counts["heavy-skipped"], 0, "{counts}");
+
+    let (early, counts, rig) = sim_start(Some(&early_config(2)));
+    assert!(
+        early < Duration::from_millis(20),
+        "with presetup the start took {early:?} (without: {full:?})"
+    );
+    assert_eq!(counts["hits"], 1, "{counts}");
+    assert_eq!(counts["fallbacks"], 0, "{counts}");
+    // Both pairs' dataplane queues and the MTU were done early.
+    assert!(counts["heavy-skipped"].as_u64().unwrap() >= 3, "{counts}");
+    // The sim charged queue creation once per virtqueue, at presetup.
+    let sim = &rig.device()["sim"];
+    assert_eq!(sim["charged"]["create_queue"]["count"], 4, "{sim}");
+    eprintln!("start critical path on vdpa-191ms, 2 pairs: {full:?} full, {early:?} with presetup");
+}
+
+#[test]
+fn garbage_presetup_is_refused_counted_and_the_device_still_works() {
+    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let mut refusals = Vec::new();
+    let mut rig = Rig::start_after(
+        &format!("sim:{}", profile.display()),
+        1,
+        "",
+        VhostUserProtocolFeatures::empty(),
+        |control| {
+            for arguments in [
+                r#"{"device": "net0", "config": {"version": 1}}"#.to_string(),
+                r#"{"device": "net0", "config": "not a config"}"#.to_string(),
+                // More pairs than the device has.
+                early_config(4),
+            ] {
+                refusals.push(ctl(control, "presetup", &arguments).expect_err(&arguments));
+            }
+        },
+    );
+    assert!(
+        refusals
+            .iter()
+            .all(|e| e.contains("presetup of net0 refused")),
+        "{refusals:?}"
+    );
+    let rx = rig.post_rx(0, 1, 2048);
+    let frame = udp_frame(3, 4, 100);
+    rig.queue_tx(0, &frame);
+    rig.kick_tx(0);
+    rig.used(0, 1);
+    assert_eq!(rig.read(rx[0].1 + HDR as u64, frame.len()), frame);
+    let net = &query_metrics(&rig.control(), r#"{"device": "net0"}"#)[0];
+    assert_eq!(net["presetup"]["fallbacks"], 3, "{net}");
+    assert_eq!(net["presetup"]["hits"], 0, "{net}");
+    assert!(rig.log().contains("presetup of net0 refused"));
 }

@@ -46,6 +46,14 @@ static COMMANDS: &[Command] = &[
         run: query_devices,
     },
     Command {
+        name: "query-metrics",
+        run: query_metrics,
+    },
+    Command {
+        name: "presetup",
+        run: presetup,
+    },
+    Command {
         name: "fence-release",
         run: fence_release,
     },
@@ -214,6 +222,119 @@ fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
         })
         .collect();
     Ok((to_json("query-devices", &devices)?, Effect::None))
+}
+
+/// Output format of `query-metrics`.
+#[derive(Debug, Default, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum MetricsFormat {
+    /// An array of per-device objects.
+    #[default]
+    Json,
+    /// The Prometheus text exposition format, as one JSON string.
+    Prometheus,
+}
+
+/// Arguments of `query-metrics`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricsArguments {
+    /// Only this device (default: all).
+    device: Option<String>,
+    /// `json` (default) or `prometheus`.
+    #[serde(default)]
+    format: MetricsFormat,
+}
+
+/// Per-device timelines and downtime figures (source stop time,
+/// destination critical path, requests handed off, presetup counts).
+/// Reads only the devices' shared metrics, never a protocol thread.
+fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let MetricsArguments { device: id, format } = arguments.parse("query-metrics")?;
+    let devices = match id {
+        Some(id) => vec![device(registry, &id)?],
+        None => registry.list(),
+    };
+    let reports: Vec<_> = devices
+        .iter()
+        .map(|device| device.metrics().report())
+        .collect();
+    let value = match format {
+        MetricsFormat::Json => to_json("query-metrics", &reports)?,
+        MetricsFormat::Prometheus => Value::String(crate::metrics::prometheus_text(&reports)),
+    };
+    Ok((value, Effect::None))
+}
+
+/// Arguments of `presetup`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PresetupArguments {
+    /// The device's id.
+    device: String,
+    /// Its early configuration: a `DeviceConfig` (as `query-config`
+    /// returns it), checked here rather than by serde so a malformed one
+    /// is counted as a presetup fallback.
+    config: Value,
+}
+
+/// Take an early configuration for a net device and do its heavy work now
+/// (see `agent/src/net_presetup.rs`). A malformed or unfitting one is
+/// refused with an error, logged at warn and counted as a fallback: the
+/// device then gets its full configuration at start, as without presetup.
+fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let PresetupArguments { device: id, config } = arguments.parse("presetup")?;
+    let device = device(registry, &id)?;
+    let refuse = |source: Box<dyn std::error::Error + Send + Sync>| {
+        let error = ControlError::Presetup {
+            id: id.clone(),
+            source,
+        };
+        log::warn!(
+            "{id}: {}; the device will be configured in full",
+            crate::error_chain(&error)
+        );
+        device
+            .metrics()
+            .record_presetup(|counts| counts.fallbacks += 1);
+        error
+    };
+    let shared = match device.kind() {
+        DeviceKind::Net { shared } => shared,
+        DeviceKind::Blk { .. } => {
+            return Err(ControlError::WrongKind {
+                command: "presetup",
+                id,
+                kind: "blk",
+                applies_to: "net",
+            })
+        }
+    };
+    let config: presetup::DeviceConfig =
+        serde_json::from_value(config).map_err(|e| refuse(Box::new(e)))?;
+    let valid = presetup::ValidConfig::new(config).map_err(|e| refuse(Box::new(e)))?;
+    let (applied, rss, mtu) = shared
+        .presetup
+        .apply(&valid)
+        .map_err(|e| refuse(Box::new(e)))?;
+    {
+        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.mtu = mtu;
+        if rss.is_some() {
+            state.rss = rss;
+        }
+    }
+    log::info!(
+        "{id}: presetup applied ({} dataplane queue(s) created, RSS {}, MTU {})",
+        applied.queues_created,
+        if applied.rss_programmed {
+            "programmed"
+        } else {
+            "unchanged"
+        },
+        if applied.mtu_set { "set" } else { "unchanged" }
+    );
+    Ok((to_json("presetup", &applied)?, Effect::None))
 }
 
 /// Open a disk's write fence gate. In `api` mode this is the release the

@@ -1,0 +1,617 @@
+//! Per-device protocol timeline and the downtime figures derived from it.
+//!
+//! Migration downtime is made of two windows the agent can see: on the
+//! source, from the first GET_VRING_BASE to the last reply (the rings must
+//! stop before the VM can move); on the destination, from the first
+//! message of the start sequence to the moment every configured ring runs.
+//! Each device keeps a bounded timeline of protocol events with monotonic
+//! timestamps and derives both windows as the events arrive, so a full
+//! timeline never loses a figure.
+//!
+//! [`DeviceMetrics`] is shared (an `Arc`) between the device's protocol
+//! thread, which records, and the control API, which reads. Its own small
+//! mutex is held only to push an event or copy a report out, never while a
+//! message is handled, so `query-metrics` never waits on a protocol thread.
+
+use std::collections::{BTreeSet, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::requests;
+
+/// Events a device's timeline keeps; older ones are dropped (and counted)
+/// so a long-lived device's memory stays bounded.
+pub const TIMELINE_CAPACITY: usize = 512;
+
+/// GET_VRING_BASE.
+const GET_VRING_BASE: u32 = 11;
+/// GET_VRING_BASE_SKIP_DRAIN (PROTOCOL.md, "Decisions").
+const GET_VRING_BASE_SKIP_DRAIN: u32 = 45;
+
+/// Whether a request begins a start sequence when no ring runs: features,
+/// memory, ring configuration, NET_SET_MTU, the inflight region. Queries
+/// (GET_FEATURES, GET_CONFIG, ...) and the handshake (SET_OWNER,
+/// SET_PROTOCOL_FEATURES) do not: QEMU sends them at connect time, long
+/// before it starts the device.
+fn starts_device(code: u32) -> bool {
+    matches!(
+        code,
+        2 // SET_FEATURES
+        | 5 // SET_MEM_TABLE
+        | 8
+            ..=10 // SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE
+        | 12 | 13 // SET_VRING_KICK, SET_VRING_CALL
+        | 20 // NET_SET_MTU
+        | 32 // SET_INFLIGHT_FD
+        | 37 // ADD_MEM_REG
+    )
+}
+
+/// Whether `code` is a stop request (GET_VRING_BASE or its skip-drain
+/// variant), whose reply the server reports with
+/// [`DeviceMetrics::stop_replied`].
+pub fn is_stop(code: u32) -> bool {
+    code == GET_VRING_BASE || code == GET_VRING_BASE_SKIP_DRAIN
+}
+
+/// One protocol event the device saw.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum EventKind {
+    /// A front-end connected.
+    Connect,
+    /// The front-end went away.
+    Disconnect,
+    /// A message arrived (before it was handled).
+    Message {
+        /// Request code.
+        code: u32,
+        /// Its spec name.
+        name: &'static str,
+    },
+    /// The reply to a GET_VRING_BASE (or its skip-drain variant) was sent.
+    StopReply {
+        /// Request code.
+        code: u32,
+    },
+    /// A ring was handed to the data path and runs.
+    RingStarted {
+        /// Virtqueue index.
+        queue: u16,
+    },
+    /// A ring was taken back from the data path.
+    RingStopped {
+        /// Virtqueue index.
+        queue: u16,
+        /// Requests left in the inflight region for the destination (blk
+        /// suspend); zero when the ring drained.
+        handed_off: u64,
+    },
+}
+
+/// A timeline entry.
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct Event {
+    /// Microseconds since the device was created (monotonic clock).
+    #[serde(rename = "at-us")]
+    pub at_us: u64,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+/// Where the device is between starts and stops, for deriving windows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Nothing runs and no start sequence began (after connect or a stop).
+    Idle,
+    /// A start sequence began; not every configured ring runs yet.
+    Starting,
+    /// Every configured ring ran at least once since the start began.
+    Running,
+    /// A GET_VRING_BASE arrived while rings ran; waiting for the last reply.
+    Stopping,
+}
+
+/// What presetup did at device starts: ops of the switchover plan by class,
+/// and whether the early configuration was used.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PresetupCounts {
+    /// Heavy ops applied at starts.
+    pub heavy_applied: u64,
+    /// Heavy ops skipped because the early configuration already did them.
+    pub heavy_skipped: u64,
+    /// Light ops applied at starts.
+    pub light_applied: u64,
+    /// Light ops skipped.
+    pub light_skipped: u64,
+    /// Starts that used an early configuration.
+    pub hits: u64,
+    /// Early configurations refused (malformed, mismatching): the device
+    /// was configured in full.
+    pub fallbacks: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    timeline: VecDeque<Event>,
+    dropped: u64,
+    sessions: u64,
+    phase: Phase,
+    configured: BTreeSet<u16>,
+    running: BTreeSet<u16>,
+    start_began: Option<Instant>,
+    stop_began: Option<Instant>,
+    last_stop_reply: Option<Instant>,
+    /// The message being handled is a stop request: a ring stopping now
+    /// is stopped by it, and its reply follows at once.
+    in_stop_request: bool,
+    last_critical_path: Option<Duration>,
+    starts: u64,
+    last_stop_time: Option<Duration>,
+    stops: u64,
+    handed_off_this_stop: u64,
+    handed_off_last_stop: u64,
+    handed_off_total: u64,
+    presetup: PresetupCounts,
+}
+
+/// A device's timeline and derived figures (see the module docs).
+#[derive(Debug)]
+pub struct DeviceMetrics {
+    device: String,
+    epoch: Instant,
+    inner: Mutex<Inner>,
+}
+
+fn micros(duration: Duration) -> u64 {
+    u64::try_from(duration.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl DeviceMetrics {
+    /// Metrics for the device named `device`, its clock starting now.
+    pub fn new(device: &str) -> DeviceMetrics {
+        DeviceMetrics {
+            device: device.to_string(),
+            epoch: Instant::now(),
+            inner: Mutex::new(Inner {
+                timeline: VecDeque::with_capacity(64),
+                dropped: 0,
+                sessions: 0,
+                phase: Phase::Idle,
+                configured: BTreeSet::new(),
+                running: BTreeSet::new(),
+                start_began: None,
+                stop_began: None,
+                last_stop_reply: None,
+                in_stop_request: false,
+                last_critical_path: None,
+                starts: 0,
+                last_stop_time: None,
+                stops: 0,
+                handed_off_this_stop: 0,
+                handed_off_last_stop: 0,
+                handed_off_total: 0,
+                presetup: PresetupCounts::default(),
+            }),
+        }
+    }
+
+    /// The device's id.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, inner: &mut Inner, now: Instant, kind: EventKind) {
+        if inner.timeline.len() >= TIMELINE_CAPACITY {
+            inner.timeline.pop_front();
+            inner.dropped += 1;
+        }
+        inner.timeline.push_back(Event {
+            at_us: micros(now.saturating_duration_since(self.epoch)),
+            kind,
+        });
+    }
+
+    /// A front-end connected: a new session, nothing runs.
+    pub fn connected(&self) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(&mut inner, now, EventKind::Connect);
+        inner.sessions += 1;
+        Self::reset_session(&mut inner);
+    }
+
+    /// The front-end went away. A stop that got its replies but whose
+    /// rings were not all asked for still counts, up to its last reply.
+    pub fn disconnected(&self) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(&mut inner, now, EventKind::Disconnect);
+        if inner.phase == Phase::Stopping {
+            if let (Some(began), Some(reply)) = (inner.stop_began, inner.last_stop_reply) {
+                Self::finish_stop(&mut inner, reply.saturating_duration_since(began));
+            }
+        }
+        Self::reset_session(&mut inner);
+    }
+
+    fn reset_session(inner: &mut Inner) {
+        inner.phase = Phase::Idle;
+        inner.configured.clear();
+        inner.running.clear();
+        inner.start_began = None;
+        inner.stop_began = None;
+        inner.last_stop_reply = None;
+        inner.handed_off_this_stop = 0;
+    }
+
+    /// A message with request `code` arrived (recorded before it is
+    /// handled, so its handling time is inside the windows).
+    pub fn message(&self, code: u32) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(
+            &mut inner,
+            now,
+            EventKind::Message {
+                code,
+                name: requests::name(code),
+            },
+        );
+        inner.in_stop_request = is_stop(code);
+        if inner.phase == Phase::Idle && starts_device(code) {
+            inner.phase = Phase::Starting;
+            inner.start_began = Some(now);
+        } else if is_stop(code)
+            && matches!(inner.phase, Phase::Starting | Phase::Running)
+            && !inner.running.is_empty()
+        {
+            inner.phase = Phase::Stopping;
+            inner.stop_began = Some(now);
+            inner.last_stop_reply = None;
+            inner.handed_off_this_stop = 0;
+        }
+    }
+
+    /// The reply to a stop request (`code` 11 or 45) went out. The stop
+    /// itself ends in [`Self::ring_stopped`], when the request that stops
+    /// the last running ring has stopped it: its reply is written right
+    /// after, and a front-end that got the reply must find the figure
+    /// already there (the server records this event only once the write
+    /// returned, and a busy host may deschedule it in between).
+    pub fn stop_replied(&self, code: u32) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(&mut inner, now, EventKind::StopReply { code });
+        inner.in_stop_request = false;
+        if inner.phase == Phase::Stopping {
+            inner.last_stop_reply = Some(now);
+        }
+    }
+
+    fn finish_stop(inner: &mut Inner, took: Duration) {
+        inner.last_stop_time = Some(took);
+        inner.stops += 1;
+        inner.handed_off_last_stop = inner.handed_off_this_stop;
+        inner.handed_off_this_stop = 0;
+        inner.phase = Phase::Idle;
+        inner.configured.clear();
+        inner.start_began = None;
+        inner.stop_began = None;
+        inner.last_stop_reply = None;
+    }
+
+    /// Ring `queue` got its size: the device will run it, so a start is
+    /// complete only once it runs.
+    pub fn ring_configured(&self, queue: u16) {
+        self.lock().configured.insert(queue);
+    }
+
+    /// Ring `queue` runs. While a start is open, each start that leaves
+    /// every configured ring running moves the end of the critical path to
+    /// now (the front-end configures rings one after another).
+    pub fn ring_started(&self, queue: u16) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(&mut inner, now, EventKind::RingStarted { queue });
+        inner.configured.insert(queue);
+        inner.running.insert(queue);
+        let all_running = inner.configured.is_subset(&inner.running);
+        match (inner.phase, inner.start_began) {
+            (Phase::Starting | Phase::Running, Some(began)) if all_running => {
+                if inner.phase == Phase::Starting {
+                    inner.starts += 1;
+                }
+                inner.phase = Phase::Running;
+                inner.last_critical_path = Some(now.saturating_duration_since(began));
+            }
+            (Phase::Idle, _) => inner.phase = Phase::Running,
+            _ => {}
+        }
+    }
+
+    /// Ring `queue` was taken back from the data path, leaving
+    /// `handed_off` requests in the inflight region (blk suspend).
+    pub fn ring_stopped(&self, queue: u16, handed_off: u64) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        self.push(
+            &mut inner,
+            now,
+            EventKind::RingStopped { queue, handed_off },
+        );
+        inner.running.remove(&queue);
+        inner.handed_off_this_stop = inner.handed_off_this_stop.saturating_add(handed_off);
+        inner.handed_off_total = inner.handed_off_total.saturating_add(handed_off);
+        if inner.phase == Phase::Stopping && inner.in_stop_request && inner.running.is_empty() {
+            if let Some(began) = inner.stop_began {
+                Self::finish_stop(&mut inner, now.saturating_duration_since(began));
+            }
+        }
+    }
+
+    /// Add what presetup planned for one device start.
+    pub fn record_presetup(&self, update: impl FnOnce(&mut PresetupCounts)) {
+        update(&mut self.lock().presetup);
+    }
+
+    /// A copy of the figures and the timeline, for the control API.
+    pub fn report(&self) -> MetricsReport {
+        let inner = self.lock();
+        MetricsReport {
+            device: self.device.clone(),
+            sessions: inner.sessions,
+            starts: inner.starts,
+            start_critical_path_us: inner.last_critical_path.map(micros),
+            stops: inner.stops,
+            stop_time_us: inner.last_stop_time.map(micros),
+            handed_off_last_stop: inner.handed_off_last_stop,
+            handed_off_total: inner.handed_off_total,
+            rings_running: inner.running.len(),
+            presetup: inner.presetup,
+            timeline_dropped: inner.dropped,
+            timeline: inner.timeline.iter().copied().collect(),
+        }
+    }
+}
+
+/// One device's figures as `query-metrics` returns them.
+#[derive(Clone, Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MetricsReport {
+    /// Device id.
+    pub device: String,
+    /// Front-end connections so far.
+    pub sessions: u64,
+    /// Starts completed (every configured ring ran).
+    pub starts: u64,
+    /// Destination critical path of the last start: first start-sequence
+    /// message to the moment every configured ring ran.
+    pub start_critical_path_us: Option<u64>,
+    /// Stops completed.
+    pub stops: u64,
+    /// Source stop time of the last stop: first GET_VRING_BASE to the
+    /// reply that left no ring running.
+    pub stop_time_us: Option<u64>,
+    /// Requests left in the inflight region at the last stop (blk suspend).
+    pub handed_off_last_stop: u64,
+    /// Requests left in the inflight region at all stops.
+    pub handed_off_total: u64,
+    /// Rings running now.
+    pub rings_running: usize,
+    /// Presetup at starts: ops by class, hits, fallbacks.
+    pub presetup: PresetupCounts,
+    /// Timeline events dropped to keep it bounded (oldest first).
+    pub timeline_dropped: u64,
+    /// The last [`TIMELINE_CAPACITY`] events, oldest first.
+    pub timeline: Vec<Event>,
+}
+
+/// One Prometheus metric family: name, type, help, value per report.
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    value: fn(&MetricsReport) -> Option<f64>,
+}
+
+const FAMILIES: &[Family] = &[
+    Family {
+        name: "vhost_agent_sessions_total",
+        kind: "counter",
+        help: "Front-end connections.",
+        value: |r| Some(r.sessions as f64),
+    },
+    Family {
+        name: "vhost_agent_starts_total",
+        kind: "counter",
+        help: "Device starts completed (every configured ring ran).",
+        value: |r| Some(r.starts as f64),
+    },
+    Family {
+        name: "vhost_agent_start_critical_path_seconds",
+        kind: "gauge",
+        help: "Last start: first start-sequence message to every configured ring running.",
+        value: |r| r.start_critical_path_us.map(|us| us as f64 / 1e6),
+    },
+    Family {
+        name: "vhost_agent_stops_total",
+        kind: "counter",
+        help: "Device stops completed.",
+        value: |r| Some(r.stops as f64),
+    },
+    Family {
+        name: "vhost_agent_stop_seconds",
+        kind: "gauge",
+        help: "Last stop: first GET_VRING_BASE to the last reply.",
+        value: |r| r.stop_time_us.map(|us| us as f64 / 1e6),
+    },
+    Family {
+        name: "vhost_agent_requests_handed_off",
+        kind: "gauge",
+        help: "Requests left in the inflight region at the last stop.",
+        value: |r| Some(r.handed_off_last_stop as f64),
+    },
+    Family {
+        name: "vhost_agent_requests_handed_off_total",
+        kind: "counter",
+        help: "Requests left in the inflight region at all stops.",
+        value: |r| Some(r.handed_off_total as f64),
+    },
+    Family {
+        name: "vhost_agent_rings_running",
+        kind: "gauge",
+        help: "Rings running now.",
+        value: |r| Some(r.rings_running as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_heavy_ops_applied_total",
+        kind: "counter",
+        help: "Heavy configuration ops applied at device starts.",
+        value: |r| Some(r.presetup.heavy_applied as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_heavy_ops_skipped_total",
+        kind: "counter",
+        help: "Heavy configuration ops skipped at device starts (done early).",
+        value: |r| Some(r.presetup.heavy_skipped as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_light_ops_applied_total",
+        kind: "counter",
+        help: "Light configuration ops applied at device starts.",
+        value: |r| Some(r.presetup.light_applied as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_light_ops_skipped_total",
+        kind: "counter",
+        help: "Light configuration ops skipped at device starts.",
+        value: |r| Some(r.presetup.light_skipped as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_hits_total",
+        kind: "counter",
+        help: "Device starts that used an early configuration.",
+        value: |r| Some(r.presetup.hits as f64),
+    },
+    Family {
+        name: "vhost_agent_presetup_fallbacks_total",
+        kind: "counter",
+        help: "Early configurations refused; the device was configured in full.",
+        value: |r| Some(r.presetup.fallbacks as f64),
+    },
+    Family {
+        name: "vhost_agent_timeline_events_dropped_total",
+        kind: "counter",
+        help: "Timeline events dropped to keep the timeline bounded.",
+        value: |r| Some(r.timeline_dropped as f64),
+    },
+];
+
+/// A label value escaped as the exposition format requires.
+fn escape_label(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The reports in the Prometheus text exposition format (version 0.0.4):
+/// one family per figure, one sample per device (`device` label). A figure
+/// not measured yet (no stop so far) has no sample.
+pub fn prometheus_text(reports: &[MetricsReport]) -> String {
+    use std::fmt::Write;
+    let mut text = String::new();
+    for family in FAMILIES {
+        let _ = writeln!(text, "# HELP {} {}", family.name, family.help);
+        let _ = writeln!(text, "# TYPE {} {}", family.name, family.kind);
+        for report in reports {
+            if let Some(value) = (family.value)(report) {
+                let _ = writeln!(
+                    text,
+                    "{}{{device=\"{}\"}} {value}",
+                    family.name,
+                    escape_label(&report.device)
+                );
+            }
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A start over two rings, then a stop: both windows are measured and
+    /// the critical path ends at the second ring, not the first.
+    #[test]
+    fn a_start_and_a_stop_give_both_windows() {
+        let metrics = DeviceMetrics::new("net0");
+        metrics.connected();
+        metrics.message(1); // SET_OWNER: handshake, not a start
+        assert_eq!(metrics.lock().phase, Phase::Idle);
+        metrics.message(2); // SET_FEATURES
+        metrics.ring_configured(0);
+        metrics.ring_started(0);
+        let first = metrics.report().start_critical_path_us;
+        metrics.ring_configured(1);
+        std::thread::sleep(Duration::from_millis(2));
+        metrics.ring_started(1);
+        let report = metrics.report();
+        assert_eq!(report.starts, 1);
+        assert!(report.start_critical_path_us.unwrap() >= first.unwrap() + 2000);
+        metrics.message(GET_VRING_BASE);
+        metrics.ring_stopped(0, 3);
+        metrics.stop_replied(GET_VRING_BASE);
+        assert_eq!(metrics.report().stops, 0, "ring 1 still runs");
+        metrics.message(GET_VRING_BASE);
+        metrics.ring_stopped(1, 0);
+        metrics.stop_replied(GET_VRING_BASE);
+        let report = metrics.report();
+        assert_eq!(report.stops, 1);
+        assert!(report.stop_time_us.is_some());
+        assert_eq!(report.handed_off_last_stop, 3);
+        assert_eq!(report.rings_running, 0);
+        // A restart after the stop is a new start window.
+        metrics.message(10); // SET_VRING_BASE
+        metrics.ring_started(0);
+        assert_eq!(metrics.report().starts, 2);
+    }
+
+    #[test]
+    fn the_timeline_stays_bounded() {
+        let metrics = DeviceMetrics::new("blk0");
+        for _ in 0..TIMELINE_CAPACITY + 10 {
+            metrics.message(3);
+        }
+        let report = metrics.report();
+        assert_eq!(report.timeline.len(), TIMELINE_CAPACITY);
+        assert_eq!(report.timeline_dropped, 10);
+    }
+
+    #[test]
+    fn prometheus_lines_carry_the_device_label() {
+        let metrics = DeviceMetrics::new("a\"b");
+        let text = prometheus_text(&[metrics.report()]);
+        assert!(text.contains("vhost_agent_sessions_total{device=\"a\\\"b\"} 0\n"));
+        assert!(
+            !text.contains("vhost_agent_stop_seconds{"),
+            "no sample before a stop"
+        );
+    }
+}

@@ -1,0 +1,217 @@
+//! Presetup for net devices: take an early configuration (control API
+//! `presetup`), do its heavy work that needs no guest memory right away on
+//! the data path thread (create dataplane queues, program RSS, set the
+//! MTU), and remember what was actually applied. At the next start the
+//! back-end plans the switchover from that ([`switchover`]), so the plan
+//! and the metrics say what presetup really saved.
+//!
+//! Memory is never mapped early over the control API (it comes without
+//! fds), so the applied configuration has no memory and no rings, as the
+//! `presetup::plan` contract asks.
+
+use std::sync::Mutex;
+
+use netdev::rss::{Rss, RssConfig};
+use presetup::{DeviceConfig, DeviceKind, NetConfig, RssSpec, ValidConfig};
+use serde::Serialize;
+
+use crate::net_worker::{EarlyHandle, EarlyWork};
+
+/// An early configuration could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PresetupError {
+    /// The configuration is for a block device.
+    #[error("the early configuration is for a blk device; this device is net")]
+    WrongKind,
+    /// It names more queue pairs than the device has.
+    #[error("the early configuration has {early} queue pair(s); the device has {device}")]
+    QueuePairs {
+        /// Pairs in the early configuration.
+        early: u16,
+        /// Pairs of the device.
+        device: u16,
+    },
+    /// Its RSS steering does not fit the device.
+    #[error("the early RSS configuration is unusable: {0}")]
+    Rss(String),
+    /// The data path thread is gone.
+    #[error("the net data path thread is gone")]
+    DataPathGone,
+}
+
+/// What `presetup` did, as the control API reports it.
+#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct EarlyApplied {
+    /// Dataplane queues created ahead of their rings.
+    pub queues_created: u16,
+    /// RSS programmed.
+    pub rss_programmed: bool,
+    /// MTU set.
+    pub mtu_set: bool,
+}
+
+/// The early-configuration state of a net device, shared between the
+/// control API (which sets it) and the protocol thread (which uses it at
+/// the next start).
+#[derive(Debug)]
+pub struct NetPresetup {
+    handle: EarlyHandle,
+    queue_pairs: u16,
+    /// What the device holds from the last early configuration, until a
+    /// start uses it.
+    applied: Mutex<Option<DeviceConfig>>,
+}
+
+fn rss_config(spec: &RssSpec) -> RssConfig {
+    RssConfig {
+        hash_types: spec.hash_types,
+        key: spec.key.clone(),
+        indirection_table: spec.indirection_table.clone(),
+        default_queue: spec.default_queue,
+    }
+}
+
+/// The presetup form of the device's RSS steering.
+pub fn rss_spec(config: &RssConfig) -> RssSpec {
+    RssSpec {
+        hash_types: config.hash_types,
+        key: config.key.clone(),
+        indirection_table: config.indirection_table.clone(),
+        default_queue: config.default_queue,
+    }
+}
+
+impl NetPresetup {
+    /// Presetup for a device with `queue_pairs` pairs whose data path
+    /// `handle` reaches.
+    pub fn new(handle: EarlyHandle, queue_pairs: u16) -> NetPresetup {
+        NetPresetup {
+            handle,
+            queue_pairs,
+            applied: Mutex::new(None),
+        }
+    }
+
+    /// Take `config` as the early configuration: do its heavy work now and
+    /// remember what was applied. Returns what was done and the RSS
+    /// steering now in force (for the device's state).
+    pub fn apply(
+        &self,
+        config: &ValidConfig,
+    ) -> Result<(EarlyApplied, Option<RssConfig>, u16), PresetupError> {
+        let DeviceKind::Net(net) = &config.device else {
+            return Err(PresetupError::WrongKind);
+        };
+        if net.queue_pairs > self.queue_pairs || net.queue_pairs == 0 {
+            return Err(PresetupError::QueuePairs {
+                early: net.queue_pairs,
+                device: self.queue_pairs,
+            });
+        }
+        let rss_config = net.rss.as_ref().map(rss_config);
+        let rss = rss_config
+            .clone()
+            .map(|config| Rss::new(config, self.queue_pairs))
+            .transpose()
+            .map_err(|e| PresetupError::Rss(e.to_string()))?;
+        let done = self
+            .handle
+            .presetup(EarlyWork {
+                queues: 2 * net.queue_pairs,
+                rss,
+                mtu: net.mtu,
+            })
+            .ok_or(PresetupError::DataPathGone)?;
+        // What the device now holds: features are recorded (they cost
+        // nothing to apply), memory and rings are not (no fds).
+        let applied = DeviceConfig {
+            version: config.version,
+            acked_features: config.acked_features,
+            protocol_features: config.protocol_features,
+            memory: Vec::new(),
+            rings: Vec::new(),
+            device: DeviceKind::Net(NetConfig {
+                mtu: net.mtu,
+                mac: net.mac,
+                queue_pairs: net.queue_pairs,
+                rss: net.rss.clone(),
+            }),
+        };
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(applied);
+        Ok((
+            EarlyApplied {
+                queues_created: done.queues_created,
+                rss_programmed: done.rss_programmed,
+                mtu_set: done.mtu_set,
+            },
+            rss_config,
+            net.mtu,
+        ))
+    }
+
+    /// The applied early configuration, taken: one start uses it.
+    pub fn take_applied(&self) -> Option<DeviceConfig> {
+        self.applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+}
+
+/// Plan the switchover from what the device holds early to `final_` and
+/// count it in `metrics`; the plan's verdict is logged once.
+pub fn switchover(
+    name: &str,
+    early: Option<&DeviceConfig>,
+    final_: DeviceConfig,
+    metrics: &crate::metrics::DeviceMetrics,
+) {
+    let final_ = match ValidConfig::new(final_) {
+        Ok(valid) => valid,
+        Err(e) => {
+            log::warn!(
+                "{name}: the device's own configuration does not validate ({}); presetup not counted",
+                crate::error_chain(&e)
+            );
+            return;
+        }
+    };
+    let plan = match early {
+        Some(early) => presetup::plan(early, &final_),
+        None => presetup::plan_full(&final_),
+    };
+    metrics.record_presetup(|counts| {
+        counts.heavy_applied += plan.applied.heavy as u64;
+        counts.heavy_skipped += plan.skipped.heavy as u64;
+        counts.light_applied += plan.applied.light as u64;
+        counts.light_skipped += plan.skipped.light as u64;
+        if plan.fallback.is_some() {
+            counts.fallbacks += 1;
+        } else if early.is_some() {
+            counts.hits += 1;
+        }
+    });
+    if early.is_none() {
+        log::debug!(
+            "{name}: full configuration: {} heavy and {} light op(s)",
+            plan.applied.heavy,
+            plan.applied.light
+        );
+        return;
+    }
+    match &plan.fallback {
+        Some(reason) => log::warn!(
+            "{name}: presetup fallback ({}): {}; full configuration",
+            reason.label(),
+            crate::error_chain(reason)
+        ),
+        None => log::info!(
+            "{name}: presetup used: {} heavy and {} light op(s) applied, {} heavy and {} light skipped",
+            plan.applied.heavy,
+            plan.applied.light,
+            plan.skipped.heavy,
+            plan.skipped.light
+        ),
+    }
+}
