@@ -820,8 +820,10 @@ fn presetup_takes_the_sim_queue_creation_off_the_start_critical_path() {
     assert_eq!(counts["heavy-skipped"], 0, "{counts}");
 
     let (early, counts, rig) = sim_start(Some(&early_config(2)));
+    // Not a speed goal (those live in benchmarks): the 160 ms of queue
+    // creation must be gone from the critical path, whatever the load.
     assert!(
-        early < Duration::from_millis(20),
+        early < full / 4,
         "with presetup the start took {early:?} (without: {full:?})"
     );
     assert_eq!(counts["hits"], 1, "{counts}");
