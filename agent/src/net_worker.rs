@@ -581,17 +581,7 @@ impl DataPath {
             // for reflecting dataplanes): the RX header starts zeroed.
             let mut header = [0u8; spec::HDR_LEN_MRG];
             let header = &mut header[..self.hdr_len];
-            let outcome = Self::deliver(
-                &mut self.rings,
-                &mut self.counts,
-                &self.needs_reset,
-                &self.name,
-                mem,
-                target,
-                header,
-                payload,
-                self.mrg_rxbuf,
-            );
+            let outcome = self.deliver_frame(mem, target, header, payload);
             if outcome == Some(RxOutcome::NoBuffers) {
                 self.counts[usize::from(target)].rx_dropped += 1;
             }
@@ -694,7 +684,7 @@ impl DataPath {
         if let Some(mut pending) = self.pending[p].take() {
             let hdr_len = self.hdr_len;
             let (header, frame) = pending.frame[..pending.len].split_at_mut(hdr_len);
-            let outcome = Self::deliver_waiting(self, mem, pending.target, header, frame);
+            let outcome = Self::deliver_frame(self, mem, pending.target, header, frame);
             if outcome == Some(RxOutcome::NoBuffers) {
                 self.pending[p] = Some(pending);
                 return false;
@@ -728,7 +718,7 @@ impl DataPath {
             let target = self.steer(&self.rx_buf[self.hdr_len..len], pair);
             let mut buf = std::mem::take(&mut self.rx_buf);
             let (header, frame) = buf[..len].split_at_mut(self.hdr_len);
-            let outcome = Self::deliver_waiting(self, mem, target, header, frame);
+            let outcome = Self::deliver_frame(self, mem, target, header, frame);
             if outcome == Some(RxOutcome::NoBuffers) {
                 // Keep the frame and stop reading until the guest posts
                 // buffers: the kernel queues (and drops) the rest.
@@ -745,9 +735,9 @@ impl DataPath {
         moved
     }
 
-    /// [`Self::deliver`] for a dataplane frame (which waits when there are
-    /// no buffers).
-    fn deliver_waiting(
+    /// [`Self::deliver`] with this device's rings, counters and header
+    /// layout.
+    fn deliver_frame(
         &mut self,
         mem: &GuestRam,
         target: u16,
