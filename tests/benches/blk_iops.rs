@@ -37,11 +37,11 @@
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
-use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost_agent_tests::bench::{catch_panic, load_average};
 use vhost_agent_tests::blkio_client::{fill_pattern, BlkioClient, Direction, IoStats, Workload};
 use vhost_agent_tests::support::{
     agent_binary, have_program, spawn_agent, workspace_root, ChildGuard,
@@ -221,36 +221,6 @@ fn log_tail(path: &Path, lines: usize) -> String {
         return "(empty)".to_string();
     }
     all[all.len().saturating_sub(lines)..].join("\n")
-}
-
-/// The message of a caught panic.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_string()
-    }
-}
-
-/// Run `f`, turning a panic into `Err` with its message. The default panic
-/// hook is silenced meanwhile: the caller reports the failure itself, and a
-/// backtrace of the support code would only bury the message.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    let hook = panic::take_hook();
-    panic::set_hook(Box::new(|_| {}));
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    panic::set_hook(hook);
-    result.map_err(|payload| panic_message(payload.as_ref()))
-}
-
-/// The 1-minute load average: other work on the machine skews the figures.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string())
 }
 
 /// First line of `program --version`, or `"?"`.

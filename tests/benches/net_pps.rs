@@ -50,10 +50,10 @@
 //! with the table; compare runs made on a quiet machine.
 
 use std::fmt::Write as _;
-use std::panic::{self, AssertUnwindSafe};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use vhost_agent_tests::bench::{catch_panic, load_average};
 use vhost_agent_tests::net_agent::{NetAgent, NetAgentOptions, PairCounters};
 use vhost_agent_tests::support::agent_binary;
 use vhost_agent_tests::testpmd::{check_dpdk, ForwardMode, Testpmd, TestpmdOptions};
@@ -333,34 +333,6 @@ fn measure(
         pps: packets as f64 / elapsed,
         agent,
     })
-}
-
-/// The message of a caught panic.
-fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = payload.downcast_ref::<&str>() {
-        s.to_string()
-    } else if let Some(s) = payload.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "panic".to_string()
-    }
-}
-
-/// Run `f`, turning a panic into `Err` with its message.
-fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
-    let hook = panic::take_hook();
-    panic::set_hook(Box::new(|_| {}));
-    let result = panic::catch_unwind(AssertUnwindSafe(f));
-    panic::set_hook(hook);
-    result.map_err(|payload| panic_message(payload.as_ref()))
-}
-
-/// The 1-minute load average.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|text| text.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "?".to_string())
 }
 
 /// The installed DPDK version (Debian's dpdk-dev package), or `"?"`.

@@ -5,6 +5,7 @@
 //! the net tests a private network namespace with a bridge and a DHCP
 //! server. Nothing is mocked.
 
+pub mod bench;
 pub mod blkio_client;
 pub mod frontend;
 pub mod net_agent;
