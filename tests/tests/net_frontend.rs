@@ -436,6 +436,24 @@ fn pipe() -> (File, File) {
     }
 }
 
+/// Load `state` into the device as QEMU does on a migration destination:
+/// SET_DEVICE_STATE_FD(LOAD) with a pipe, write it all, close, then
+/// CHECK_DEVICE_STATE (whose result is returned).
+fn load_device_state(frontend: &TestFrontend, state: &[u8]) -> Result<(), vhost::Error> {
+    let (reader, mut writer) = pipe();
+    frontend
+        .frontend
+        .set_device_state_fd(
+            VhostTransferStateDirection::LOAD,
+            VhostTransferStatePhase::STOPPED,
+            reader.into(),
+        )
+        .expect("SET_DEVICE_STATE_FD load");
+    writer.write_all(state).unwrap();
+    drop(writer);
+    frontend.frontend.check_device_state()
+}
+
 #[test]
 fn device_state_carries_rss_and_mtu_to_another_agent() {
     let source = Rig::start(
@@ -468,41 +486,13 @@ fn device_state_carries_rss_and_mtu_to_another_agent() {
     assert!(!state.is_empty());
 
     // LOAD on the destination.
-    let (reader, mut writer) = pipe();
-    destination
-        .frontend
-        .frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            reader.into(),
-        )
-        .expect("SET_DEVICE_STATE_FD load");
-    writer.write_all(&state).unwrap();
-    drop(writer);
-    destination
-        .frontend
-        .frontend
-        .check_device_state()
-        .expect("CHECK_DEVICE_STATE load");
+    load_device_state(&destination.frontend, &state).expect("CHECK_DEVICE_STATE load");
     let device = destination.device();
     assert_eq!(device["rss"], source.device()["rss"]);
     assert_eq!(device["mtu"], 9000);
 
     // Garbage is refused at CHECK_DEVICE_STATE; the device keeps its state.
-    let (reader, mut writer) = pipe();
-    destination
-        .frontend
-        .frontend
-        .set_device_state_fd(
-            VhostTransferStateDirection::LOAD,
-            VhostTransferStatePhase::STOPPED,
-            reader.into(),
-        )
-        .expect("SET_DEVICE_STATE_FD load");
-    writer.write_all(b"{\"version\": 99").unwrap();
-    drop(writer);
-    assert!(destination.frontend.frontend.check_device_state().is_err());
+    assert!(load_device_state(&destination.frontend, b"{\"version\": 99").is_err());
     assert_eq!(destination.device()["rss"], device["rss"]);
 }
 
