@@ -465,21 +465,6 @@ fn packet_socket(ifname: &str) -> OwnedFd {
         "bind to {ifname}: {}",
         std::io::Error::last_os_error()
     );
-    let timeout = libc::timeval {
-        tv_sec: 0,
-        tv_usec: 100_000,
-    };
-    // SAFETY: the option value is a valid timeval that outlives the call,
-    // and its size is passed with it.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&timeout as *const libc::timeval).cast(),
-            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+    crate::pinger::set_receive_timeout(&fd);
     fd
 }

@@ -131,24 +131,30 @@ fn raw_icmp_socket(ns: &Netns) -> OwnedFd {
         );
         // SAFETY: `fd` is a socket we just created and nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let timeout = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
-        // SAFETY: the option value is a valid timeval that outlives the
-        // call, and its size is passed with it.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_RCVTIMEO,
-                (&timeout as *const libc::timeval).cast(),
-                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
+        set_receive_timeout(&fd);
         fd
     })
+}
+
+/// Give a raw socket a 100 ms receive timeout, so its reader can notice
+/// when it should stop.
+pub(crate) fn set_receive_timeout(fd: &OwnedFd) {
+    let timeout = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: the option value is a valid timeval that outlives the call,
+    // and its size is passed with it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_RCVTIMEO: {}", std::io::Error::last_os_error());
 }
 
 /// Pings one address at a fixed interval until stopped.
