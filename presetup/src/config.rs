@@ -351,13 +351,19 @@ impl DeviceConfig {
         self.memory.iter().find_map(|region| region.translate(addr))
     }
 
-    /// The same configuration with regions sorted by guest address and
-    /// rings by index, so that two configurations that mean the same can be
+    /// The same configuration with regions sorted by guest address, rings
+    /// by index, and the depth of a disk without queues zeroed (it means
+    /// nothing then), so that two configurations that mean the same can be
     /// compared with `==`.
     pub fn normalized(&self) -> DeviceConfig {
         let mut config = self.clone();
         config.memory.sort();
         config.rings.sort_by_key(|ring| ring.index);
+        if let DeviceKind::Blk(blk) = &mut config.device {
+            if blk.num_queues == 0 {
+                blk.queue_size = 0;
+            }
+        }
         config
     }
 }

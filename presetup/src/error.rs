@@ -87,8 +87,8 @@ pub enum ConfigError {
         /// Pairs given.
         queue_pairs: u16,
     },
-    /// A blk device with no queues or more virtqueues than [`MAX_RINGS`].
-    #[error("{num_queues} block queues (1 to {MAX_RINGS})")]
+    /// A blk device with more virtqueues than [`MAX_RINGS`].
+    #[error("{num_queues} block queues (at most {MAX_RINGS})")]
     BlkQueues {
         /// Queues given.
         num_queues: u16,

@@ -100,6 +100,8 @@ pub struct Plan {
     /// Ops a full configuration would have applied that this plan does
     /// not, by class: the work presetup saved.
     pub skipped: ClassCounts,
+    /// Those ops, in the full plan's order.
+    pub skipped_ops: Vec<ConfigOp>,
     /// Set when the early configuration was not used.
     pub fallback: Option<FallbackReason>,
 }
@@ -115,6 +117,7 @@ impl Plan {
             applied.add(op.class());
         }
         let mut skipped = ClassCounts::default();
+        let mut skipped_ops = Vec::new();
         if let Some(full) = full {
             // Multiset difference: each op of the full plan is matched by
             // at most one equal op of this plan.
@@ -125,7 +128,10 @@ impl Plan {
             for op in full {
                 match present.get_mut(op) {
                     Some(count) if *count > 0 => *count -= 1,
-                    _ => skipped.add(op.class()),
+                    _ => {
+                        skipped.add(op.class());
+                        skipped_ops.push(op.clone());
+                    }
                 }
             }
         }
@@ -133,6 +139,7 @@ impl Plan {
             ops,
             applied,
             skipped,
+            skipped_ops,
             fallback,
         }
     }

@@ -51,12 +51,16 @@ impl DeviceConfig {
         match &self.device {
             DeviceKind::Net(net) => validate_net(net)?,
             DeviceKind::Blk(blk) => {
-                if blk.num_queues == 0 || u32::from(blk.num_queues) > MAX_RINGS {
+                // Zero queues is a disk whose storage is open and whose
+                // queues are not set up yet: what an agent holds before a
+                // start, and the base it plans a start from.
+                if u32::from(blk.num_queues) > MAX_RINGS {
                     return Err(ConfigError::BlkQueues {
                         num_queues: blk.num_queues,
                     });
                 }
-                if !valid_ring_size(blk.queue_size, MAX_RING_SIZE) {
+                // Without queues the depth means nothing (see normalized()).
+                if blk.num_queues > 0 && !valid_ring_size(blk.queue_size, MAX_RING_SIZE) {
                     return Err(ConfigError::BlkQueueSize {
                         queue_size: blk.queue_size,
                     });

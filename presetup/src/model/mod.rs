@@ -237,7 +237,8 @@ impl ModelDevice {
         let features = state.features?;
         let device = match &state.resources {
             ModelResources::Net(net) => {
-                let queue_pairs = contiguous_count(net.queues.iter().copied())?;
+                let queue_pairs = contiguous_count(net.queues.iter().copied())
+                    .filter(|&pairs| pairs > 0)?;
                 if net.offloads? != features & NET_DATAPLANE_FEATURES {
                     return None;
                 }
@@ -252,7 +253,8 @@ impl ModelDevice {
                 let storage = blk.storage?;
                 let num_queues = contiguous_count(blk.io_rings.keys().copied())?;
                 let mapped: BTreeSet<RegionKey> = state.memory.keys().copied().collect();
-                let queue_size = blk.io_rings.values().next()?.depth;
+                // No I/O rings: the depth means nothing (0, as normalized).
+                let queue_size = blk.io_rings.values().next().map_or(0, |r| r.depth);
                 let consistent = blk.io_rings.values().all(|io_ring| {
                     io_ring.depth == queue_size && io_ring.buffers.as_ref() == Some(&mapped)
                 });
@@ -310,7 +312,7 @@ impl ModelDevice {
     }
 }
 
-/// n if `ids` (ascending) is exactly 0..n with n >= 1.
+/// n if `ids` (ascending) is exactly 0..n (n may be 0).
 fn contiguous_count(ids: impl Iterator<Item = u16>) -> Option<u16> {
     let mut count: u16 = 0;
     for id in ids {
@@ -319,7 +321,7 @@ fn contiguous_count(ids: impl Iterator<Item = u16>) -> Option<u16> {
         }
         count = count.checked_add(1)?;
     }
-    (count > 0).then_some(count)
+    Some(count)
 }
 
 /// Whether the queue a ring belongs to exists: the net pair `ring / 2`, or

@@ -218,7 +218,8 @@ fn build(raw: &Raw) -> DeviceConfig {
         })
     } else {
         DeviceKind::Blk(BlkConfig {
-            num_queues: queues,
+            // 0 included: storage open, no queue set up yet (a baseline).
+            num_queues: u16::from(raw.queues % 5),
             queue_size: 1 << (raw.queue_size_exp % 9),
             readonly: raw.readonly,
             direct: raw.direct,
@@ -232,7 +233,7 @@ fn build(raw: &Raw) -> DeviceConfig {
     };
     let mut rings: Vec<RingConfig> = Vec::new();
     for ring in &raw.rings {
-        if memory.is_empty() {
+        if memory.is_empty() || ring_count == 0 {
             break;
         }
         // ring_count <= 8 here.
