@@ -132,6 +132,8 @@ struct Vring {
     call: Option<Arc<File>>,
     enabled: bool,
     worker: Option<Worker>,
+    /// SET_VRING_ADDR as sent, for `query-config`.
+    frontend_addresses: Option<presetup::RingAddresses>,
 }
 
 /// The vhost-user back-end of one disk.
@@ -159,6 +161,10 @@ pub struct BlkBackend {
     deferred_logs: Vec<String>,
     /// The device's timeline (ring starts and stops, requests handed off).
     metrics: Arc<crate::metrics::DeviceMetrics>,
+    /// Engines and the configuration made early (control API `presetup`).
+    presetup: Arc<crate::blk_presetup::BlkPresetup>,
+    /// The current start's switchover was planned (first ring started).
+    start_planned: bool,
 }
 
 /// Protocol features a block device offers.
@@ -184,6 +190,7 @@ impl BlkBackend {
         engine_kind: EngineKind,
         fence: Arc<Fence>,
         metrics: Arc<crate::metrics::DeviceMetrics>,
+        presetup: Arc<crate::blk_presetup::BlkPresetup>,
     ) -> BlkBackend {
         let vrings = (0..config.options().num_queues)
             .map(|_| Vring::default())
@@ -204,6 +211,8 @@ impl BlkBackend {
             reapers: Vec::new(),
             deferred_logs: Vec::new(),
             metrics,
+            presetup,
+            start_planned: false,
         }
     }
 
@@ -274,6 +283,7 @@ impl BlkBackend {
     }
 
     fn get_base(&mut self, index: u32, which: GetBase) -> Result<u16, BackendError> {
+        self.start_planned = false;
         let mode = self.stop_mode(which);
         let next_avail = self.stop_vring(index, mode)?;
         let vring = self.vring(index)?;
@@ -305,6 +315,45 @@ impl BlkBackend {
         &self.name
     }
 
+    /// The configuration the disk holds, as presetup describes it: what
+    /// `query-config` serves.
+    pub fn current_config(&self) -> presetup::DeviceConfig {
+        let options = self.config.options();
+        let rings = self
+            .vrings
+            .iter()
+            .enumerate()
+            .filter_map(|(index, vring)| {
+                crate::vring::describe_ring(
+                    // index < num_queues <= u16::MAX.
+                    index as u16,
+                    vring.size,
+                    vring.frontend_addresses,
+                    crate::vring::RingFds {
+                        next_avail: vring.next_avail,
+                        enabled: vring.enabled,
+                        kick: vring.kick.is_some() || vring.worker.is_some(),
+                        call: vring.call.is_some(),
+                    },
+                )
+            })
+            .collect();
+        presetup::DeviceConfig {
+            version: presetup::FORMAT_VERSION,
+            acked_features: self.acked_features,
+            protocol_features: self.acked_protocol_features,
+            memory: self.memory.describe(),
+            rings,
+            device: presetup::DeviceKind::Blk(presetup::BlkConfig {
+                num_queues: options.num_queues,
+                queue_size: options.queue_size,
+                readonly: options.readonly,
+                direct: options.direct,
+                writeback: self.config.writeback(),
+            }),
+        }
+    }
+
     /// Protocol features the front-end acked (SET_PROTOCOL_FEATURES).
     pub fn acked_protocol_features(&self) -> u64 {
         self.acked_protocol_features
@@ -328,6 +377,7 @@ impl BlkBackend {
     /// The front-end went away: stop every queue (finishing in-flight
     /// requests), forget the memory table and negotiated state.
     pub fn disconnect(&mut self) {
+        self.start_planned = false;
         self.reset_rings();
         self.inflight = None;
         self.log.forget(&mut self.memory);
@@ -447,6 +497,9 @@ impl BlkBackend {
         let Some(kick) = vring.kick.take() else {
             return Ok(());
         };
+        // index < num_queues <= u16::MAX (checked by vring()).
+        let early_engine = self.presetup.take_engine(index as u16);
+        let vring = self.vring(index)?;
         let setup = QueueSetup {
             device: name.clone(),
             // index < num_queues <= u16::MAX (checked by vring()).
@@ -474,12 +527,26 @@ impl BlkBackend {
             needs_reset,
             inflight,
             fence,
+            early_engine,
         )?);
         log::info!(
             "{name}: queue {index} started (size {}, avail {})",
             vring.size,
             vring.next_avail
         );
+        if !self.start_planned {
+            // The first ring of a start: plan it against what the disk
+            // holds (early engines, or just its open storage) and count it.
+            self.start_planned = true;
+            let early = self.presetup.take_applied();
+            let baseline = self.presetup.baseline();
+            let held = match &early {
+                Some(early) => crate::switchover::Held::Early(early),
+                None => crate::switchover::Held::Baseline(&baseline),
+            };
+            let final_ = self.current_config();
+            crate::switchover::switchover(&self.name, held, final_, &self.metrics);
+        }
         // index < num_queues <= u16::MAX (checked by vring()).
         self.metrics.ring_started(index as u16);
         Ok(())
@@ -595,6 +662,9 @@ impl VhostUserBackendReqHandlerMut for BlkBackend {
         vring.desc_table = Some(desc_table);
         vring.used_ring = Some(used_ring);
         vring.avail_ring = Some(avail_ring);
+        vring.frontend_addresses = Some(crate::vring::frontend_addresses(
+            descriptor, used, available,
+        ));
         Ok(())
     }
 
@@ -837,6 +907,10 @@ impl crate::server::ServedBackend for BlkBackend {
 
     fn get_status(&self) -> u8 {
         BlkBackend::get_status(self)
+    }
+
+    fn current_config(&self) -> presetup::DeviceConfig {
+        BlkBackend::current_config(self)
     }
 
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> crate::server::OwnRequest {

@@ -77,6 +77,10 @@ pub enum ControlError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// The device has not published a configuration yet (its protocol
+    /// thread has not been set up).
+    #[error("{0} has no configuration yet")]
+    NoConfig(String),
     /// The request line exceeds [`MAX_LINE_BYTES`]; the connection closes.
     #[error("request line longer than {limit} bytes; closing the connection")]
     LineTooLong {
@@ -107,6 +111,7 @@ impl ControlError {
             | ControlError::LineTooLong { .. }
             | ControlError::WrongKind { .. }
             | ControlError::Presetup { .. }
+            | ControlError::NoConfig(_)
             | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
         }
     }
@@ -200,6 +205,7 @@ mod tests {
                 DeviceKind::Blk {
                     image,
                     fence: fence.clone(),
+                    presetup: crate::blk_presetup::unserved(),
                 },
             ))
             .unwrap();
@@ -211,6 +217,7 @@ mod tests {
                 DeviceKind::Blk {
                     fence: Fence::new(FenceMode::Lock, &image),
                     image,
+                    presetup: crate::blk_presetup::unserved(),
                 },
             ))
             .unwrap();
@@ -437,6 +444,7 @@ mod tests {
                 "query-commands",
                 "query-devices",
                 "query-metrics",
+                "query-config",
                 "presetup",
                 "fence-release",
                 "quit"

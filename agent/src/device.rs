@@ -8,6 +8,7 @@ use blkdev::queue::DiskShared;
 use blkdev::{BlkConfig, Storage, StorageError};
 
 use crate::blk_backend::BlkBackend;
+use crate::blk_presetup::{BlkPresetup, EngineRecipe};
 use crate::cli::{BlkSpec, EngineChoice};
 use crate::registry::{DeviceKind, RegisteredDevice};
 use crate::server::{DeviceServer, ServerError};
@@ -92,16 +93,41 @@ pub fn bind_blk(spec: &BlkSpec, default_name: &str) -> Result<BoundBlk, DeviceEr
         engine.name()
     );
     let fence = blkdev::fence::Fence::new(spec.options.fence, &spec.image);
+    let presetup = Arc::new(BlkPresetup::new(
+        disk.clone(),
+        EngineRecipe {
+            kind: engine,
+            depth: spec.options.queue_size,
+            latency: std::time::Duration::from_millis(u64::from(spec.options.latency_ms)),
+        },
+        presetup::BlkConfig {
+            num_queues: spec.options.num_queues,
+            queue_size: spec.options.queue_size,
+            readonly: spec.options.readonly,
+            direct: spec.options.direct,
+            writeback: config.writeback(),
+        },
+    ));
     let device = RegisteredDevice::new(
         &name,
         &spec.socket,
         DeviceKind::Blk {
             image: spec.image.clone(),
             fence: fence.clone(),
+            presetup: presetup.clone(),
         },
     );
-    let backend = BlkBackend::new(&name, config, disk, engine, fence, device.metrics().clone());
+    let backend = BlkBackend::new(
+        &name,
+        config,
+        disk,
+        engine,
+        fence,
+        device.metrics().clone(),
+        presetup,
+    );
     let server = DeviceServer::bind(&name, &spec.socket, backend)?;
+    let device = device.with_config(server.config_snapshot());
     Ok(BoundBlk { server, device })
 }
 
@@ -181,5 +207,6 @@ pub fn bind_net(
         metrics,
     );
     let server = DeviceServer::bind(&name, &spec.socket, backend)?;
+    let device = device.with_config(server.config_snapshot());
     Ok(BoundNet { server, device })
 }

@@ -10,10 +10,13 @@
 //! * [`device`]: building a served disk from command-line options.
 //! * [`registry`]: the served devices by id.
 //! * [`metrics`]: per-device protocol timeline and downtime figures.
+//! * [`net_presetup`], [`blk_presetup`], [`switchover`]: early
+//!   configuration and the plan of a start against it.
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
 pub mod backend_shared;
 pub mod blk_backend;
+pub mod blk_presetup;
 pub mod cli;
 pub mod control;
 pub mod device;
@@ -26,6 +29,7 @@ pub mod net_worker;
 pub mod registry;
 pub mod requests;
 pub mod server;
+pub mod switchover;
 pub mod vring;
 pub mod wire;
 pub mod worker;

@@ -135,6 +135,44 @@ pub struct PresetupCounts {
     pub fallbacks: u64,
 }
 
+/// The last switchover plan of a device, op by op: which heavy ops its
+/// start applied and which the early configuration saved, so a test or an
+/// operator can tell exactly what a changed MTU or memory layout cost.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SwitchoverReport {
+    /// Whether an early configuration was used.
+    pub early: bool,
+    /// Why it was not, when it was refused (a fallback label).
+    pub fallback: Option<&'static str>,
+    /// Heavy ops applied at the start, in order (`presetup::ConfigOp` names).
+    pub heavy_applied: Vec<&'static str>,
+    /// Heavy ops a full configuration would have applied and this start did
+    /// not.
+    pub heavy_skipped: Vec<&'static str>,
+    /// Light ops applied at the start.
+    pub light_applied: usize,
+}
+
+impl SwitchoverReport {
+    /// The report of `plan`; `early` says whether it was planned from an
+    /// early configuration.
+    pub fn of(plan: &presetup::Plan, early: bool) -> SwitchoverReport {
+        let heavy = |ops: &mut dyn Iterator<Item = &presetup::ConfigOp>| {
+            ops.filter(|op| op.class() == presetup::OpClass::Heavy)
+                .map(presetup::ConfigOp::name)
+                .collect()
+        };
+        SwitchoverReport {
+            early,
+            fallback: plan.fallback.as_ref().map(presetup::FallbackReason::label),
+            heavy_applied: heavy(&mut plan.ops.iter()),
+            heavy_skipped: heavy(&mut plan.skipped_ops.iter()),
+            light_applied: plan.applied.light,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Inner {
     timeline: VecDeque<Event>,
@@ -157,6 +195,7 @@ struct Inner {
     handed_off_last_stop: u64,
     handed_off_total: u64,
     presetup: PresetupCounts,
+    last_switchover: Option<SwitchoverReport>,
 }
 
 /// A device's timeline and derived figures (see the module docs).
@@ -196,6 +235,7 @@ impl DeviceMetrics {
                 handed_off_last_stop: 0,
                 handed_off_total: 0,
                 presetup: PresetupCounts::default(),
+                last_switchover: None,
             }),
         }
     }
@@ -363,6 +403,11 @@ impl DeviceMetrics {
         update(&mut self.lock().presetup);
     }
 
+    /// Keep the op-by-op report of the last start's switchover plan.
+    pub fn record_switchover(&self, report: SwitchoverReport) {
+        self.lock().last_switchover = Some(report);
+    }
+
     /// A copy of the figures and the timeline, for the control API.
     pub fn report(&self) -> MetricsReport {
         let inner = self.lock();
@@ -377,6 +422,7 @@ impl DeviceMetrics {
             handed_off_total: inner.handed_off_total,
             rings_running: inner.running.len(),
             presetup: inner.presetup,
+            last_switchover: inner.last_switchover.clone(),
             timeline_dropped: inner.dropped,
             timeline: inner.timeline.iter().copied().collect(),
         }
@@ -409,6 +455,8 @@ pub struct MetricsReport {
     pub rings_running: usize,
     /// Presetup at starts: ops by class, hits, fallbacks.
     pub presetup: PresetupCounts,
+    /// The last start's switchover plan, op by op (none before a start).
+    pub last_switchover: Option<SwitchoverReport>,
     /// Timeline events dropped to keep it bounded (oldest first).
     pub timeline_dropped: u64,
     /// The last [`TIMELINE_CAPACITY`] events, oldest first.

@@ -298,8 +298,12 @@ impl NetBackend {
             // count it. The dataplane already skipped what it had.
             self.start_planned = true;
             let early = self.shared.presetup.take_applied();
+            let held = match &early {
+                Some(early) => crate::switchover::Held::Early(early),
+                None => crate::switchover::Held::Nothing,
+            };
             let final_ = self.current_config();
-            crate::net_presetup::switchover(&self.name, early.as_ref(), final_, &self.metrics);
+            crate::switchover::switchover(&self.name, held, final_, &self.metrics);
         }
         self.metrics.ring_started(index as u16);
         log::info!("{name}: queue {index} started (size {size}, avail {next_avail})");
@@ -339,17 +343,26 @@ impl NetBackend {
         }
     }
 
-    /// The configuration the device holds, as presetup describes it.
-    /// Rings are left out: the planner compares their front-end addresses,
-    /// which this back-end translates and does not keep.
+    /// The configuration the device holds, as presetup describes it: what
+    /// the switchover is planned against and what `query-config` serves.
     pub fn current_config(&self) -> presetup::DeviceConfig {
         let state = self.lock_state().clone();
+        let rings = self
+            .vrings
+            .iter()
+            .enumerate()
+            .filter_map(|(index, vring)| {
+                let running = self.running.get(index).copied().unwrap_or(false);
+                // index < 2 * MAX_QUEUE_PAIRS.
+                vring.describe(index as u16, running)
+            })
+            .collect();
         presetup::DeviceConfig {
             version: presetup::FORMAT_VERSION,
             acked_features: self.acked_features,
             protocol_features: self.acked_protocol_features,
             memory: self.memory.describe(),
-            rings: Vec::new(),
+            rings,
             device: presetup::DeviceKind::Net(presetup::NetConfig {
                 mtu: state.mtu,
                 mac: state.mac.0,
@@ -539,6 +552,9 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         vring.desc_table = Some(desc_table);
         vring.used_ring = Some(used_ring);
         vring.avail_ring = Some(avail_ring);
+        vring.frontend_addresses = Some(crate::vring::frontend_addresses(
+            descriptor, used, available,
+        ));
         Ok(())
     }
 
@@ -789,6 +805,10 @@ impl crate::server::ServedBackend for NetBackend {
 
     fn get_status(&self) -> u8 {
         self.status.get()
+    }
+
+    fn current_config(&self) -> presetup::DeviceConfig {
+        NetBackend::current_config(self)
     }
 
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {

@@ -49,6 +49,8 @@ pub struct EarlyApplied {
     pub rss_programmed: bool,
     /// MTU set.
     pub mtu_set: bool,
+    /// Header layout and offloads configured for the early features.
+    pub offloads_set: bool,
 }
 
 /// The early-configuration state of a net device, shared between the
@@ -121,10 +123,11 @@ impl NetPresetup {
                 queues: 2 * net.queue_pairs,
                 rss,
                 mtu: net.mtu,
+                features: (config.acked_features != 0).then_some(config.acked_features),
             })
             .ok_or(PresetupError::DataPathGone)?;
-        // What the device now holds: features are recorded (they cost
-        // nothing to apply), memory and rings are not (no fds).
+        // What the device now holds: features (offloads configured),
+        // queues, RSS and MTU; memory and rings are not (no fds).
         let applied = DeviceConfig {
             version: config.version,
             acked_features: config.acked_features,
@@ -144,6 +147,7 @@ impl NetPresetup {
                 queues_created: done.queues_created,
                 rss_programmed: done.rss_programmed,
                 mtu_set: done.mtu_set,
+                offloads_set: done.offloads_set,
             },
             rss_config,
             net.mtu,
@@ -156,62 +160,5 @@ impl NetPresetup {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()
-    }
-}
-
-/// Plan the switchover from what the device holds early to `final_` and
-/// count it in `metrics`; the plan's verdict is logged once.
-pub fn switchover(
-    name: &str,
-    early: Option<&DeviceConfig>,
-    final_: DeviceConfig,
-    metrics: &crate::metrics::DeviceMetrics,
-) {
-    let final_ = match ValidConfig::new(final_) {
-        Ok(valid) => valid,
-        Err(e) => {
-            log::warn!(
-                "{name}: the device's own configuration does not validate ({}); presetup not counted",
-                crate::error_chain(&e)
-            );
-            return;
-        }
-    };
-    let plan = match early {
-        Some(early) => presetup::plan(early, &final_),
-        None => presetup::plan_full(&final_),
-    };
-    metrics.record_presetup(|counts| {
-        counts.heavy_applied += plan.applied.heavy as u64;
-        counts.heavy_skipped += plan.skipped.heavy as u64;
-        counts.light_applied += plan.applied.light as u64;
-        counts.light_skipped += plan.skipped.light as u64;
-        if plan.fallback.is_some() {
-            counts.fallbacks += 1;
-        } else if early.is_some() {
-            counts.hits += 1;
-        }
-    });
-    if early.is_none() {
-        log::debug!(
-            "{name}: full configuration: {} heavy and {} light op(s)",
-            plan.applied.heavy,
-            plan.applied.light
-        );
-        return;
-    }
-    match &plan.fallback {
-        Some(reason) => log::warn!(
-            "{name}: presetup fallback ({}): {}; full configuration",
-            reason.label(),
-            crate::error_chain(reason)
-        ),
-        None => log::info!(
-            "{name}: presetup used: {} heavy and {} light op(s) applied, {} heavy and {} light skipped",
-            plan.applied.heavy,
-            plan.applied.light,
-            plan.skipped.heavy,
-            plan.skipped.light
-        ),
     }
 }

@@ -124,6 +124,9 @@ pub struct EarlyWork {
     pub rss: Option<Rss>,
     /// MTU to set if the dataplane does not have it already.
     pub mtu: u16,
+    /// Virtio features whose offloads to configure (`None`: none acked
+    /// yet in the early configuration).
+    pub features: Option<u64>,
 }
 
 /// What the data path actually did for an [`EarlyWork`].
@@ -135,6 +138,8 @@ pub struct EarlyDone {
     pub rss_programmed: bool,
     /// MTU set.
     pub mtu_set: bool,
+    /// Header layout and offloads configured.
+    pub offloads_set: bool,
 }
 
 /// Handle to a device's data path thread.
@@ -215,6 +220,7 @@ impl NetWorker {
             sim_report,
             precreated: 0,
             mtu: None,
+            offloads: None,
         };
         let wake_thread = wake.clone();
         let thread = std::thread::Builder::new()
@@ -398,6 +404,9 @@ struct DataPath {
     precreated: u16,
     /// The MTU the dataplane has, once one was set.
     mtu: Option<u16>,
+    /// The dataplane-relevant features ([`presetup::NET_DATAPLANE_FEATURES`])
+    /// the dataplane was configured for, once it was.
+    offloads: Option<u64>,
 }
 
 fn tx_index(pair: u16) -> usize {
@@ -879,10 +888,7 @@ impl DataPath {
             Command::SetFeatures(features, reply) => {
                 self.hdr_len = spec::header_len(features);
                 self.mrg_rxbuf = spec::mrg_rxbuf(features);
-                let result = self
-                    .dataplane
-                    .set_features(features)
-                    .map_err(|e| crate::error_chain(&e));
+                let result = self.configure_offloads(features);
                 let _ = reply.send(result);
             }
             Command::SetMtu(mtu, reply) => {
@@ -891,6 +897,13 @@ impl DataPath {
             }
             Command::Presetup(work, reply) => {
                 let mut done = EarlyDone::default();
+                if let Some(features) = work.features {
+                    let before = self.offloads;
+                    match self.configure_offloads(features) {
+                        Ok(()) => done.offloads_set = before != self.offloads,
+                        Err(e) => log::warn!("{}: presetup offloads: {e}", self.name),
+                    }
+                }
                 let wanted = work.queues.saturating_sub(self.precreated);
                 for _ in 0..wanted {
                     self.dataplane.queue_started(true);
@@ -981,6 +994,21 @@ impl DataPath {
         // Everything taken from the ring was answered within its step and
         // published at the step's end: the index is exact.
         Some(slot.ring.next_avail())
+    }
+
+    /// Configure the dataplane's header layout and offloads for `features`
+    /// unless it has them already (an early configuration may have set
+    /// them).
+    fn configure_offloads(&mut self, features: u64) -> Result<(), String> {
+        let relevant = features & presetup::NET_DATAPLANE_FEATURES;
+        if self.offloads == Some(relevant) {
+            return Ok(());
+        }
+        self.dataplane
+            .set_features(features)
+            .map_err(|e| crate::error_chain(&e))?;
+        self.offloads = Some(relevant);
+        Ok(())
     }
 
     /// Set the MTU on the dataplane unless it has it already (an early

@@ -9,6 +9,7 @@ use std::sync::{Arc, RwLock};
 use blkdev::fence::Fence;
 
 use crate::metrics::DeviceMetrics;
+use crate::server::ConfigSnapshot;
 
 /// A device could not be registered.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,8 @@ pub enum DeviceKind {
         image: PathBuf,
         /// The disk's write fence, shared with its queues.
         fence: Arc<Fence>,
+        /// Its early configuration (control API `presetup`).
+        presetup: Arc<crate::blk_presetup::BlkPresetup>,
     },
     /// A virtio-net device.
     Net {
@@ -54,6 +57,7 @@ pub struct RegisteredDevice {
     socket: PathBuf,
     kind: DeviceKind,
     metrics: Arc<DeviceMetrics>,
+    config: Arc<ConfigSnapshot>,
 }
 
 impl RegisteredDevice {
@@ -64,6 +68,7 @@ impl RegisteredDevice {
             socket: socket.to_path_buf(),
             kind,
             metrics: Arc::new(DeviceMetrics::new(id)),
+            config: Arc::default(),
         }
     }
 
@@ -86,7 +91,20 @@ impl RegisteredDevice {
             socket: socket.to_path_buf(),
             kind,
             metrics,
+            config: Arc::default(),
         }
+    }
+
+    /// Read the configuration from where the device's protocol thread
+    /// publishes it (`DeviceServer::config_snapshot`).
+    pub fn with_config(mut self, config: Arc<ConfigSnapshot>) -> RegisteredDevice {
+        self.config = config;
+        self
+    }
+
+    /// The configuration the device last published (`query-config`).
+    pub fn config(&self) -> Option<presetup::DeviceConfig> {
+        self.config.get()
     }
 
     /// The device's id (`id=` or the default `blkN`).
@@ -160,7 +178,11 @@ mod tests {
         RegisteredDevice::new(
             id,
             Path::new(&format!("/nonexistent/{id}.sock")),
-            DeviceKind::Blk { image, fence },
+            DeviceKind::Blk {
+                image,
+                fence,
+                presetup: crate::blk_presetup::unserved(),
+            },
         )
     }
 

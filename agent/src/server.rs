@@ -47,6 +47,9 @@ pub trait ServedBackend: VhostUserBackendReqHandlerMut + Send + 'static {
     fn set_status(&mut self, status: u8);
     /// GET_STATUS.
     fn get_status(&self) -> u8;
+    /// The configuration the device holds now, published after every
+    /// message for `query-config`.
+    fn current_config(&self) -> presetup::DeviceConfig;
     /// A request the agent answers itself, other than SET/GET_STATUS.
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {
         let _ = (code, payload);
@@ -66,6 +69,24 @@ pub enum OwnRequest {
     Fail(String),
     /// Not a request this device handles.
     Unknown,
+}
+
+/// The last configuration a device's protocol thread published: how the
+/// control thread reads it (`query-config`) without waiting for that
+/// thread, which may be blocked in a message.
+#[derive(Debug, Default)]
+pub struct ConfigSnapshot(Mutex<Option<presetup::DeviceConfig>>);
+
+impl ConfigSnapshot {
+    /// The configuration as of the last message handled; `None` before the
+    /// device has published one.
+    pub fn get(&self) -> Option<presetup::DeviceConfig> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn set(&self, config: presetup::DeviceConfig) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(config);
+    }
 }
 
 /// Setting up a device's socket failed.
@@ -113,6 +134,7 @@ pub struct DeviceServer<B: ServedBackend> {
     waker: Arc<Waker>,
     backend: Arc<Mutex<B>>,
     metrics: Arc<crate::metrics::DeviceMetrics>,
+    config: Arc<ConfigSnapshot>,
 }
 
 /// The connected front-end.
@@ -174,8 +196,11 @@ impl<B: ServedBackend> DeviceServer<B> {
             )
             .map_err(listen_error)?;
         let metrics = backend.metrics();
+        let config = Arc::new(ConfigSnapshot::default());
+        config.set(backend.current_config());
         Ok(DeviceServer {
             metrics,
+            config,
             name: name.to_string(),
             path: path.to_path_buf(),
             listener,
@@ -183,6 +208,11 @@ impl<B: ServedBackend> DeviceServer<B> {
             waker,
             backend: Arc::new(Mutex::new(backend)),
         })
+    }
+
+    /// Where the device publishes its configuration (`query-config`).
+    pub fn config_snapshot(&self) -> Arc<ConfigSnapshot> {
+        self.config.clone()
     }
 
     /// A handle that stops [`Self::run`].
@@ -285,7 +315,10 @@ impl<B: ServedBackend> DeviceServer<B> {
                 .registry()
                 .deregister(&mut SourceFd(&conn.stream.as_raw_fd()));
             // Stop queues (in-flight requests complete) before the memory goes.
-            lock(&self.backend).disconnect();
+            let mut backend = lock(&self.backend);
+            backend.disconnect();
+            self.config.set(backend.current_config());
+            drop(backend);
             self.metrics.disconnected();
         }
     }
@@ -313,7 +346,11 @@ impl<B: ServedBackend> DeviceServer<B> {
             if outcome.is_ok() && crate::metrics::is_stop(header.code) {
                 self.metrics.stop_replied(header.code);
             }
-            lock(&self.backend).flush_deferred_logs();
+            {
+                let mut backend = lock(&self.backend);
+                backend.flush_deferred_logs();
+                self.config.set(backend.current_config());
+            }
             log::debug!(
                 "{}: {name} ({}) size {} -> {} in {:?}",
                 self.name,

@@ -30,12 +30,74 @@ pub struct VringConfig {
     pub call: Option<Arc<File>>,
     /// SET_VRING_ENABLE.
     pub enabled: bool,
+    /// SET_VRING_ADDR as the front-end sent it, for `query-config`: another
+    /// agent needs the front-end's addresses, not this one's translation.
+    pub frontend_addresses: Option<presetup::RingAddresses>,
 }
 
 impl VringConfig {
     /// The ring's addresses, once all three are set.
     pub fn addresses(&self) -> Option<(GuestAddress, GuestAddress, GuestAddress)> {
         Some((self.desc_table?, self.avail_ring?, self.used_ring?))
+    }
+
+    /// The ring as presetup describes it, once it has a size and
+    /// addresses; `running` says whether a worker holds its kick fd.
+    pub fn describe(&self, index: u16, running: bool) -> Option<presetup::RingConfig> {
+        describe_ring(
+            index,
+            self.size,
+            self.frontend_addresses,
+            RingFds {
+                next_avail: self.next_avail,
+                enabled: self.enabled,
+                kick: self.kick.is_some() || running,
+                call: self.call.is_some(),
+            },
+        )
+    }
+}
+
+/// A ring's state besides its size and addresses, for [`describe_ring`].
+pub struct RingFds {
+    /// Next available index.
+    pub next_avail: u16,
+    /// SET_VRING_ENABLE.
+    pub enabled: bool,
+    /// A kick eventfd is attached (or taken by the running ring).
+    pub kick: bool,
+    /// A call eventfd is attached.
+    pub call: bool,
+}
+
+/// A ring as presetup describes it; `None` until it has a size and
+/// addresses (rings the front-end never set up are left out).
+pub fn describe_ring(
+    index: u16,
+    size: u16,
+    addresses: Option<presetup::RingAddresses>,
+    state: RingFds,
+) -> Option<presetup::RingConfig> {
+    if size == 0 {
+        return None;
+    }
+    Some(presetup::RingConfig {
+        index,
+        size,
+        addresses: addresses?,
+        next_avail: state.next_avail,
+        enabled: state.enabled,
+        kick_fd: state.kick,
+        call_fd: state.call,
+    })
+}
+
+/// SET_VRING_ADDR's three addresses in presetup's form.
+pub fn frontend_addresses(descriptor: u64, used: u64, available: u64) -> presetup::RingAddresses {
+    presetup::RingAddresses {
+        desc_table: presetup::FrontendAddr(descriptor),
+        avail_ring: presetup::FrontendAddr(available),
+        used_ring: presetup::FrontendAddr(used),
     }
 }
 

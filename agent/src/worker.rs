@@ -152,6 +152,7 @@ impl Worker {
         needs_reset: Arc<AtomicBool>,
         inflight: Option<InflightQueue>,
         fence: Arc<Fence>,
+        early_engine: Option<IoEngine>,
     ) -> Result<Worker, WorkerError> {
         let index = setup.index;
         let start_error = |source| WorkerError::Start { index, source };
@@ -164,13 +165,18 @@ impl Worker {
             call: Mutex::new(call),
             needs_reset,
         });
-        let engine = IoEngine::with_latency(
-            engine_kind,
-            disk.file.clone(),
-            u32::from(setup.size),
-            setup.latency,
-        )
-        .map_err(start_error)?;
+        // An engine made early (presetup) is taken as it is; it is at
+        // least as deep as the ring.
+        let engine = match early_engine {
+            Some(engine) => engine,
+            None => IoEngine::with_latency(
+                engine_kind,
+                disk.file.clone(),
+                u32::from(setup.size),
+                setup.latency,
+            )
+            .map_err(start_error)?,
+        };
         let blk = BlkQueue::new(disk, engine, setup.size)
             .with_inflight(inflight)
             .with_bounced_reads(setup.bounce_reads);

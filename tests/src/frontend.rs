@@ -198,6 +198,17 @@ pub struct DriverQueue {
 }
 
 impl DriverQueue {
+    /// The ring's descriptor table, avail ring and used ring (guest
+    /// physical addresses).
+    pub fn addresses(&self) -> (u64, u64, u64) {
+        (self.desc_table, self.avail_ring, self.used_ring)
+    }
+
+    /// The ring's size.
+    pub fn size(&self) -> u16 {
+        self.size
+    }
+
     fn new(index: usize, size: u16, base: u64) -> DriverQueue {
         let desc_table = base;
         let avail_ring = desc_table + 16 * u64::from(size);

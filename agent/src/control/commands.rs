@@ -50,6 +50,10 @@ static COMMANDS: &[Command] = &[
         run: query_metrics,
     },
     Command {
+        name: "query-config",
+        run: query_config,
+    },
+    Command {
         name: "presetup",
         run: presetup,
     },
@@ -198,7 +202,7 @@ fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
             kind: device.kind().name(),
             socket: device.socket().to_string_lossy().into_owned(),
             details: match device.kind() {
-                DeviceKind::Blk { image, fence } => KindInfo::Blk {
+                DeviceKind::Blk { image, fence, .. } => KindInfo::Blk {
                     image: image.to_string_lossy().into_owned(),
                     fence: FenceInfo::of(fence),
                 },
@@ -266,6 +270,20 @@ fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
     Ok((value, Effect::None))
 }
 
+/// The device's configuration as presetup describes it (features, memory
+/// regions by backing file, rings by front-end address, the device part):
+/// what an orchestrator reads on the source agent and hands to `presetup`
+/// on the destination. As of the last vhost-user message the device
+/// handled; read without waiting for its protocol thread.
+fn query_config(registry: &Registry, arguments: Arguments) -> CommandResult {
+    let DeviceArguments { device: id } = arguments.parse("query-config")?;
+    let device = device(registry, &id)?;
+    let config = device
+        .config()
+        .ok_or_else(|| ControlError::NoConfig(id.clone()))?;
+    Ok((to_json("query-config", &config)?, Effect::None))
+}
+
 /// Arguments of `presetup`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -278,10 +296,11 @@ struct PresetupArguments {
     config: Value,
 }
 
-/// Take an early configuration for a net device and do its heavy work now
-/// (see `agent/src/net_presetup.rs`). A malformed or unfitting one is
-/// refused with an error, logged at warn and counted as a fallback: the
-/// device then gets its full configuration at start, as without presetup.
+/// Take an early configuration for a device and do its heavy work now
+/// (net: `agent/src/net_presetup.rs`, blk: `agent/src/blk_presetup.rs`). A
+/// malformed or unfitting one is refused with an error, logged at warn and
+/// counted as a fallback: the device then gets its full configuration at
+/// start, as without presetup.
 fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
     let PresetupArguments { device: id, config } = arguments.parse("presetup")?;
     let device = device(registry, &id)?;
@@ -299,42 +318,45 @@ fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
             .record_presetup(|counts| counts.fallbacks += 1);
         error
     };
-    let shared = match device.kind() {
-        DeviceKind::Net { shared } => shared,
-        DeviceKind::Blk { .. } => {
-            return Err(ControlError::WrongKind {
-                command: "presetup",
-                id,
-                kind: "blk",
-                applies_to: "net",
-            })
-        }
-    };
     let config: presetup::DeviceConfig =
         serde_json::from_value(config).map_err(|e| refuse(Box::new(e)))?;
     let valid = presetup::ValidConfig::new(config).map_err(|e| refuse(Box::new(e)))?;
-    let (applied, rss, mtu) = shared
-        .presetup
-        .apply(&valid)
-        .map_err(|e| refuse(Box::new(e)))?;
-    {
-        let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.mtu = mtu;
-        if rss.is_some() {
-            state.rss = rss;
+    match device.kind() {
+        DeviceKind::Net { shared } => {
+            let (applied, rss, mtu) = shared
+                .presetup
+                .apply(&valid)
+                .map_err(|e| refuse(Box::new(e)))?;
+            {
+                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.mtu = mtu;
+                if rss.is_some() {
+                    state.rss = rss;
+                }
+            }
+            log::info!(
+                "{id}: presetup applied ({} dataplane queue(s) created, offloads {}, RSS {}, MTU {})",
+                applied.queues_created,
+                if applied.offloads_set { "set" } else { "unchanged" },
+                if applied.rss_programmed {
+                    "programmed"
+                } else {
+                    "unchanged"
+                },
+                if applied.mtu_set { "set" } else { "unchanged" }
+            );
+            Ok((to_json("presetup", &applied)?, Effect::None))
+        }
+        DeviceKind::Blk { presetup, .. } => {
+            let applied = presetup.apply(&valid).map_err(|e| refuse(Box::new(e)))?;
+            log::info!(
+                "{id}: presetup applied ({} I/O ring(s) created, {} kept)",
+                applied.io_rings_created,
+                applied.io_rings_kept
+            );
+            Ok((to_json("presetup", &applied)?, Effect::None))
         }
     }
-    log::info!(
-        "{id}: presetup applied ({} dataplane queue(s) created, RSS {}, MTU {})",
-        applied.queues_created,
-        if applied.rss_programmed {
-            "programmed"
-        } else {
-            "unchanged"
-        },
-        if applied.mtu_set { "set" } else { "unchanged" }
-    );
-    Ok((to_json("presetup", &applied)?, Effect::None))
 }
 
 /// Open a disk's write fence gate. In `api` mode this is the release the

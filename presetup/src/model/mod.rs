@@ -237,8 +237,8 @@ impl ModelDevice {
         let features = state.features?;
         let device = match &state.resources {
             ModelResources::Net(net) => {
-                let queue_pairs = contiguous_count(net.queues.iter().copied())
-                    .filter(|&pairs| pairs > 0)?;
+                let queue_pairs =
+                    contiguous_count(net.queues.iter().copied()).filter(|&pairs| pairs > 0)?;
                 if net.offloads? != features & NET_DATAPLANE_FEATURES {
                     return None;
                 }
