@@ -34,7 +34,9 @@ const GET_VRING_BASE_SKIP_DRAIN: u32 = 45;
 /// memory, ring configuration, NET_SET_MTU, the inflight region. Queries
 /// (GET_FEATURES, GET_CONFIG, ...) and the handshake (SET_OWNER,
 /// SET_PROTOCOL_FEATURES) do not: QEMU sends them at connect time, long
-/// before it starts the device.
+/// before it starts the device. Neither does SET_VRING_CALL: QEMU sends it
+/// when it sets a device up (a migration destination does so before the
+/// guest's memory has even arrived) and whenever it masks interrupts.
 fn starts_device(code: u32) -> bool {
     matches!(
         code,
@@ -42,7 +44,7 @@ fn starts_device(code: u32) -> bool {
         | 5 // SET_MEM_TABLE
         | 8
             ..=10 // SET_VRING_NUM, SET_VRING_ADDR, SET_VRING_BASE
-        | 12 | 13 // SET_VRING_KICK, SET_VRING_CALL
+        | 12 // SET_VRING_KICK
         | 20 // NET_SET_MTU
         | 32 // SET_INFLIGHT_FD
         | 37 // ADD_MEM_REG
