@@ -7,8 +7,9 @@
 //!
 //! * [`protocol`]: the request and reply types on the wire.
 //! * [`dispatch`] (here): one request line in, one reply line out, given
-//!   the device [`Registry`]; every protocol rule lives here, so it is
-//!   tested without a socket.
+//!   the [`Devices`]; every protocol rule lives here, so it is tested
+//!   without a socket. A command that may block (`remove-device`) answers
+//!   [`Dispatched::Later`]: the server finishes it off its thread.
 //! * `commands`: the command table and the commands themselves. A new
 //!   command is a row there plus its typed arguments.
 //! * [`server`]: the socket and its mio loop on a thread of its own.
@@ -16,7 +17,7 @@
 
 use serde_json::Value;
 
-use crate::registry::Registry;
+use crate::supervisor::{Devices, DevicesError};
 
 pub mod client;
 mod commands;
@@ -55,6 +56,23 @@ pub enum ControlError {
     /// No device has this id.
     #[error("device '{0}' not found")]
     DeviceNotFound(String),
+    /// An `add-device` spec does not parse (same grammar as `--blk` /
+    /// `--net`).
+    #[error("invalid {kind} spec: {reason}")]
+    BadSpec {
+        /// `blk` or `net`.
+        kind: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// `add-device` failed; nothing was added. (Boxed: the cause is large
+    /// and errors travel by value.)
+    #[error("cannot add the device")]
+    AddDevice(#[source] Box<DevicesError>),
+    /// `remove-device` was refused (the device is being removed already,
+    /// or the agent is shutting down).
+    #[error("cannot remove the device")]
+    RemoveDevice(#[source] Box<DevicesError>),
     /// The command does not apply to this kind of device.
     #[error("{id} is a {kind} device; {command} applies to {applies_to} devices")]
     WrongKind {
@@ -110,6 +128,9 @@ impl ControlError {
             | ControlError::BadArguments { .. }
             | ControlError::LineTooLong { .. }
             | ControlError::WrongKind { .. }
+            | ControlError::BadSpec { .. }
+            | ControlError::AddDevice(_)
+            | ControlError::RemoveDevice(_)
             | ControlError::Presetup { .. }
             | ControlError::NoConfig(_)
             | ControlError::EncodeResult { .. } => ErrorClass::GenericError,
@@ -123,42 +144,85 @@ impl ControlError {
 }
 
 /// The answer to one request line.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Dispatched {
-    /// The reply line, newline included.
-    pub reply: String,
-    /// The request was `quit`: once the reply is on its way, the agent
-    /// shuts down as on SIGTERM.
-    pub quit: bool,
+#[derive(Debug)]
+pub enum Dispatched {
+    /// The reply is ready.
+    Now {
+        /// The reply line, newline included.
+        reply: String,
+        /// The request was `quit`: once the reply is on its way, the
+        /// agent shuts down as on SIGTERM.
+        quit: bool,
+    },
+    /// The command goes on and may block (`remove-device` waits for the
+    /// device to stop): [`Later::finish`] it off the control thread.
+    Later(Later),
+}
+
+/// The blocking rest of a command, and the reply it makes.
+pub struct Later {
+    command: &'static str,
+    work: commands::Work,
+    id: Option<Value>,
+}
+
+impl std::fmt::Debug for Later {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Later")
+            .field("command", &self.command)
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Later {
+    /// Run the rest of the command (this may block) and return the reply
+    /// line, newline included.
+    pub fn finish(self) -> String {
+        let reply = match (self.work)() {
+            Ok(value) => {
+                log::debug!("control: {} done", self.command);
+                Reply::Return { value, id: self.id }
+            }
+            Err(error) => {
+                log::debug!("control: request refused: {}", crate::error_chain(&error));
+                error.reply(self.id)
+            }
+        };
+        reply.to_line()
+    }
 }
 
 /// Answer one request line (with or without its newline). A blank line
 /// gets no reply (`None`), so people typing at the socket can press Enter.
 /// Never fails: every error becomes an error reply, with the request's
 /// `id` when the request got far enough to have one.
-pub fn dispatch(line: &[u8], registry: &Registry) -> Option<Dispatched> {
+pub fn dispatch(line: &[u8], devices: &Devices) -> Option<Dispatched> {
     if line.iter().all(u8::is_ascii_whitespace) {
         return None;
     }
-    let (reply, quit) = match execute(line, registry) {
-        Ok((value, effect, id)) => (
-            Reply::Return { value, id },
-            matches!(effect, commands::Effect::Quit),
-        ),
+    let dispatched = match execute(line, devices) {
+        Ok((value, effect, id, command)) => match effect {
+            commands::Effect::Later(work) => Dispatched::Later(Later { command, work, id }),
+            effect => Dispatched::Now {
+                reply: Reply::Return { value, id }.to_line(),
+                quit: matches!(effect, commands::Effect::Quit),
+            },
+        },
         Err((error, id)) => {
             log::debug!("control: request refused: {}", crate::error_chain(&error));
-            (error.reply(id), false)
+            Dispatched::Now {
+                reply: error.reply(id).to_line(),
+                quit: false,
+            }
         }
     };
-    Some(Dispatched {
-        reply: reply.to_line(),
-        quit,
-    })
+    Some(dispatched)
 }
 
-type Executed = (Value, commands::Effect, Option<Value>);
+type Executed = (Value, commands::Effect, Option<Value>, &'static str);
 
-fn execute(line: &[u8], registry: &Registry) -> Result<Executed, (ControlError, Option<Value>)> {
+fn execute(line: &[u8], devices: &Devices) -> Result<Executed, (ControlError, Option<Value>)> {
     // Two steps, so that the id is known (and echoed) even when the rest
     // of the request is wrong.
     let value: Value = serde_json::from_slice(line).map_err(|e| (ControlError::Parse(e), None))?;
@@ -174,10 +238,12 @@ fn execute(line: &[u8], registry: &Registry) -> Result<Executed, (ControlError, 
             id.clone(),
         )
     })?;
-    let (value, effect) = (command.run)(registry, commands::Arguments::new(request.arguments))
+    let (value, effect) = (command.run)(devices, commands::Arguments::new(request.arguments))
         .map_err(|e| (e, id.clone()))?;
-    log::debug!("control: {} done", command.name);
-    Ok((value, effect, id))
+    if !matches!(effect, commands::Effect::Later(_)) {
+        log::debug!("control: {} done", command.name);
+    }
+    Ok((value, effect, id, command.name))
 }
 
 #[cfg(test)]
@@ -190,11 +256,12 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::registry::{DeviceKind, RegisteredDevice};
+    use crate::registry::{DeviceKind, RegisteredDevice, Registry};
 
-    /// A registry with `dst` (fence=api, so its gate starts closed) and
-    /// `src` (fence=lock). Neither fence touches the file system here.
-    fn registry() -> (Registry, Arc<Fence>) {
+    /// Devices `dst` (fence=api, so its gate starts closed) and `src`
+    /// (fence=lock), registered without servers. Neither fence touches the
+    /// file system here.
+    fn registry() -> (Devices, Arc<Fence>) {
         let registry = Registry::new();
         let image = PathBuf::from("/nonexistent/dst.img");
         let fence = Fence::new(FenceMode::Api, &image);
@@ -221,23 +288,24 @@ mod tests {
                 },
             ))
             .unwrap();
-        (registry, fence)
+        (Devices::new(Arc::new(registry)), fence)
     }
 
-    /// Dispatch `line` and parse the reply line back.
-    fn ask(registry: &Registry, line: &str) -> (Value, bool) {
-        let dispatched = dispatch(line.as_bytes(), registry).expect("a reply");
-        assert!(dispatched.reply.ends_with('\n'));
-        assert_eq!(dispatched.reply.matches('\n').count(), 1, "one line");
-        (
-            serde_json::from_str(&dispatched.reply).unwrap(),
-            dispatched.quit,
-        )
+    /// Dispatch `line` (finishing it here if it answers later) and parse
+    /// the reply line back.
+    fn ask(registry: &Devices, line: &str) -> (Value, bool) {
+        let (reply, quit) = match dispatch(line.as_bytes(), registry).expect("a reply") {
+            Dispatched::Now { reply, quit } => (reply, quit),
+            Dispatched::Later(later) => (later.finish(), false),
+        };
+        assert!(reply.ends_with('\n'));
+        assert_eq!(reply.matches('\n').count(), 1, "one line");
+        (serde_json::from_str(&reply).unwrap(), quit)
     }
 
     /// Assert an error reply of `class` whose description contains `text`;
     /// returns the reply.
-    fn assert_error(registry: &Registry, line: &str, class: &str, text: &str) -> Value {
+    fn assert_error(registry: &Devices, line: &str, class: &str, text: &str) -> Value {
         let (reply, quit) = ask(registry, line);
         assert!(!quit);
         assert_eq!(reply["error"]["class"], class, "{line} -> {reply}");
@@ -256,7 +324,9 @@ mod tests {
         }
         let invalid_utf8: &[u8] = b"{\"execute\": \"\xff\"}";
         let dispatched = dispatch(invalid_utf8, &registry).unwrap();
-        assert!(dispatched.reply.contains("GenericError"));
+        assert!(
+            matches!(dispatched, Dispatched::Now { reply, .. } if reply.contains("GenericError"))
+        );
     }
 
     #[test]
@@ -270,8 +340,8 @@ mod tests {
     #[test]
     fn blank_lines_get_no_reply() {
         let (registry, _) = registry();
-        assert_eq!(dispatch(b"", &registry), None);
-        assert_eq!(dispatch(b"  \r\n", &registry), None);
+        assert!(dispatch(b"", &registry).is_none());
+        assert!(dispatch(b"  \r\n", &registry).is_none());
     }
 
     #[test]
@@ -447,6 +517,8 @@ mod tests {
                 "query-config",
                 "presetup",
                 "fence-release",
+                "add-device",
+                "remove-device",
                 "quit"
             ]
         );
@@ -455,7 +527,12 @@ mod tests {
     #[test]
     fn query_metrics_reports_every_device_or_one_in_either_format() {
         let (registry, _) = registry();
-        registry.get("src").unwrap().metrics().connected();
+        registry
+            .registry()
+            .get("src")
+            .unwrap()
+            .metrics()
+            .connected();
         let (reply, _) = ask(&registry, r#"{"execute": "query-metrics"}"#);
         let devices = reply["return"].as_array().unwrap();
         assert_eq!(devices.len(), 2);
@@ -481,6 +558,94 @@ mod tests {
             "GenericError",
             "expected `json` or `prometheus`",
         );
+    }
+
+    #[test]
+    fn add_device_refuses_bad_arguments_and_specs() {
+        let (registry, _) = registry();
+        for (arguments, text) in [
+            (json!({"kind": "blk"}), "missing field `spec`"),
+            (json!({"spec": "socket=/x"}), "missing field `kind`"),
+            (
+                json!({"kind": "scsi", "spec": "socket=/x"}),
+                "unknown variant `scsi`, expected `blk` or `net`",
+            ),
+            (
+                json!({"kind": "blk", "spec": "socket=/x", "id": "a"}),
+                "unknown field `id`",
+            ),
+            (
+                json!({"kind": "blk", "spec": "socket=/x"}),
+                "invalid blk spec: missing image=PATH",
+            ),
+            (
+                json!({"kind": "net", "spec": "socket=/x,dataplane=loop,mtu=9"}),
+                "invalid net spec: mtu=9: must be 68..=65535",
+            ),
+            (
+                json!({"kind": "blk", "spec": "socket=/run/src.sock,image=/i,id=src"}),
+                "cannot add the device: two devices are named src",
+            ),
+            (
+                json!({"kind": "blk", "spec": "socket=/run/src.sock,image=/i"}),
+                "socket /run/src.sock belongs to device src",
+            ),
+        ] {
+            let line = json!({"execute": "add-device", "arguments": arguments}).to_string();
+            assert_error(&registry, &line, "GenericError", text);
+        }
+        assert_eq!(registry.registry().list().len(), 2, "nothing was added");
+    }
+
+    #[test]
+    fn add_device_serves_a_disk_that_remove_device_takes_away() {
+        let (registry, _) = registry();
+        let dir = tempfile::tempdir().unwrap();
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let socket = dir.path().join("disk.sock");
+        let spec = format!(
+            "socket={},image={},engine=threads",
+            socket.display(),
+            image.display()
+        );
+        let add = json!({"execute": "add-device", "arguments": {"kind": "blk", "spec": spec}})
+            .to_string();
+        let (reply, _) = ask(&registry, &add);
+        let added = &reply["return"];
+        assert_eq!(added["id"], "blk0", "{reply}");
+        assert_eq!(added["kind"], "blk");
+        assert_eq!(added["socket"], socket.to_str().unwrap());
+        assert_eq!(added["fence"]["mode"], "lock");
+        assert!(socket.exists());
+        let (devices, _) = ask(&registry, r#"{"execute": "query-devices"}"#);
+        assert_eq!(devices["return"][2], *added);
+
+        let remove = r#"{"execute": "remove-device", "arguments": {"device": "blk0"}, "id": 4}"#;
+        let dispatched = dispatch(remove.as_bytes(), &registry).unwrap();
+        assert!(
+            matches!(dispatched, Dispatched::Later(_)),
+            "a removal waits off the control thread"
+        );
+        drop(dispatched);
+        assert!(!socket.exists(), "an unfinished removal still completes");
+        assert_error(
+            &registry,
+            remove,
+            "DeviceNotFound",
+            "device 'blk0' not found",
+        );
+
+        // The id and socket are free again.
+        let (reply, _) = ask(&registry, &add);
+        assert_eq!(reply["return"]["id"], "blk0", "{reply}");
+        let (reply, _) = ask(&registry, remove);
+        assert_eq!(reply, json!({"return": {"handed-off": 0}, "id": 4}));
+        assert!(!socket.exists());
+        assert_eq!(registry.registry().list().len(), 2);
     }
 
     #[test]

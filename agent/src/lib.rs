@@ -9,6 +9,8 @@
 //! * [`memory`]: guest memory from the front-end's memory table.
 //! * [`device`]: building a served disk from command-line options.
 //! * [`registry`]: the served devices by id.
+//! * [`supervisor`]: the running devices and their protocol threads: added
+//!   at start-up or through the control API, removed, shut down.
 //! * [`metrics`]: per-device protocol timeline and downtime figures.
 //! * [`net_presetup`], [`blk_presetup`], [`switchover`]: early
 //!   configuration and the plan of a start against it.
@@ -29,6 +31,7 @@ pub mod net_worker;
 pub mod registry;
 pub mod requests;
 pub mod server;
+pub mod supervisor;
 pub mod switchover;
 pub mod vring;
 pub mod wire;

@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vhost_agent::cli::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
 use vhost_agent::control::{self, ControlServer, Reply, Request};
-use vhost_agent::device::{bind_blk, bind_net};
 use vhost_agent::registry::Registry;
+use vhost_agent::supervisor::{DeviceSpec, Devices};
 
 mod demo;
 
@@ -43,14 +43,21 @@ enum Command {
 
 #[derive(clap::Args, Debug)]
 struct ServeArgs {
-    #[arg(long = "blk", value_name = "SPEC", help = BLK_HELP, required_unless_present = "net")]
+    #[arg(
+        long = "blk",
+        value_name = "SPEC",
+        help = BLK_HELP,
+        required_unless_present_any = ["net", "control"]
+    )]
     blk: Vec<BlkSpec>,
     #[arg(long = "net", value_name = "SPEC", help = NET_HELP)]
     net: Vec<NetSpec>,
     /// Serve the JSON control API on a unix socket at PATH: QMP-style
     /// requests, one per line (see docs/control-api.md, or `vhost-agent ctl`
     /// for a client). The socket is created with mode 0600, so only this
-    /// user (and root) can connect; a stale socket file is replaced.
+    /// user (and root) can connect; a stale socket file is replaced. With
+    /// --control, --blk and --net are optional: devices can be added later
+    /// with add-device.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
 }
@@ -67,11 +74,20 @@ Commands (full schema in docs/control-api.md):
   fence-release '{\"device\": ID}'
                                 open the write fence of disk ID (fence=api:
                                 a migration destination's held writes go)
+  add-device '{\"kind\": \"blk\", \"spec\": \"socket=...,image=...\"}'
+                                serve one more device; spec as for --blk or
+                                --net (kind \"net\"); prints it as
+                                query-devices shows it
+  remove-device '{\"device\": ID}'
+                                stop device ID as shutdown does (its
+                                front-end is disconnected) and forget it
   quit                          shut the agent down as SIGTERM does
   query-commands                the commands this agent knows
 
-Example:
-  vhost-agent ctl /run/vhost-agent.ctl fence-release '{\"device\": \"blk0\"}'";
+Examples:
+  vhost-agent ctl /run/vhost-agent.ctl fence-release '{\"device\": \"blk0\"}'
+  vhost-agent ctl /run/vhost-agent.ctl add-device \\
+      '{\"kind\": \"net\", \"spec\": \"socket=/run/n.sock,dataplane=loop\"}'";
 
 /// How long `ctl` waits to send its request and again for the reply.
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -137,7 +153,7 @@ enum ShutdownCause {
 fn serve(args: ServeArgs) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask.
     let signals = block_termination_signals()?;
-    let registry = Arc::new(Registry::new());
+    let devices = Arc::new(Devices::new(Arc::new(Registry::new())));
     let (stop_tx, stop_rx) = mpsc::channel();
     // The control socket first: once the disks' sockets exist, so does it.
     let control = match &args.control {
@@ -148,33 +164,33 @@ fn serve(args: ServeArgs) -> Result<()> {
                 // nobody is left to tell.
                 let _ = stop_tx.send(ShutdownCause::Quit);
             });
-            let server = ControlServer::bind(path, registry.clone(), on_quit)
+            let server = ControlServer::bind(path, devices.clone(), on_quit)
                 .with_context(|| format!("setting up --control {}", path.display()))?;
             Some(server)
         }
         None => None,
     };
-    let mut servers: Vec<Box<dyn FnOnce() + Send>> = Vec::new();
-    let mut handles = Vec::new();
-    for (index, spec) in args.blk.iter().enumerate() {
-        let bound = bind_blk(spec, &format!("blk{index}"))
-            .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
-        registry
-            .insert(bound.device)
-            .with_context(|| format!("setting up --blk {}", spec.socket.display()))?;
-        handles.push(bound.server.shutdown_handle());
-        let server = bound.server;
-        servers.push(Box::new(move || server.run()));
-    }
-    for (index, spec) in args.net.iter().enumerate() {
-        let bound = bind_net(spec, &format!("net{index}"))
-            .with_context(|| format!("setting up --net {}", spec.socket.display()))?;
-        registry
-            .insert(bound.device)
-            .with_context(|| format!("setting up --net {}", spec.socket.display()))?;
-        handles.push(bound.server.shutdown_handle());
-        let server = bound.server;
-        servers.push(Box::new(move || server.run()));
+    // Each device's protocol thread starts as soon as it is bound; a later
+    // device that fails stops the earlier ones again.
+    let specs = args
+        .blk
+        .iter()
+        .enumerate()
+        .map(|(index, spec)| ("--blk", index, DeviceSpec::Blk(spec.clone())))
+        .chain(
+            args.net
+                .iter()
+                .enumerate()
+                .map(|(index, spec)| ("--net", index, DeviceSpec::Net(spec.clone()))),
+        );
+    for (option, index, spec) in specs {
+        // Default ids count by position on the command line.
+        let default_id = format!("{}{index}", spec.kind());
+        if let Err(e) = devices.add(&spec, &default_id) {
+            devices.shut_down();
+            return Err(e)
+                .with_context(|| format!("setting up {option} {}", spec.socket().display()));
+        }
     }
     std::thread::Builder::new()
         .name("signals".into())
@@ -184,14 +200,6 @@ fn serve(args: ServeArgs) -> Result<()> {
                 return;
             }
         })?;
-    let mut threads = Vec::new();
-    for run in servers {
-        threads.push(
-            std::thread::Builder::new()
-                .name("protocol".into())
-                .spawn(run)?,
-        );
-    }
     let control = match control {
         Some(server) => {
             let handle = server.shutdown_handle();
@@ -211,15 +219,12 @@ fn serve(args: ServeArgs) -> Result<()> {
         ),
         Err(mpsc::RecvError) => bail!("the signal thread is gone"),
     }
-    for handle in &handles {
-        handle.shutdown();
-    }
-    for thread in threads {
-        let _ = thread.join();
-    }
-    // The control API goes last: a disk whose resubmitted writes wait
-    // behind fence=api cannot finish them, and so cannot stop, until
-    // fence-release arrives.
+    // Every device, from the command line or added since, and removals
+    // still under way.
+    devices.shut_down();
+    // The control API goes last: a device whose protocol thread is
+    // draining a ring behind a closed fence=api gate (a GET_VRING_BASE
+    // that waits for held writes) stops only once fence-release arrives.
     if let Some((handle, thread)) = control {
         handle.shutdown();
         let _ = thread.join();

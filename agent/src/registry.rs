@@ -148,6 +148,14 @@ impl Registry {
         Ok(device)
     }
 
+    /// Take the device named `id` out (its server has stopped); the id is
+    /// free again.
+    pub fn remove(&self, id: &str) -> Option<Arc<RegisteredDevice>> {
+        let mut devices = self.devices.write().unwrap_or_else(|p| p.into_inner());
+        let index = devices.iter().position(|device| device.id == id)?;
+        Some(devices.remove(index))
+    }
+
     /// The device named `id`.
     pub fn get(&self, id: &str) -> Option<Arc<RegisteredDevice>> {
         self.devices
@@ -204,5 +212,18 @@ mod tests {
         let error = registry.insert(blk("disk")).unwrap_err();
         assert!(matches!(error, RegistryError::DuplicateId(ref id) if id == "disk"));
         assert_eq!(registry.list().len(), 1);
+    }
+
+    #[test]
+    fn a_removed_id_can_be_registered_again() {
+        let registry = Registry::new();
+        registry.insert(blk("a")).unwrap();
+        registry.insert(blk("b")).unwrap();
+        assert_eq!(registry.remove("a").unwrap().id(), "a");
+        assert!(registry.remove("a").is_none());
+        assert!(registry.get("a").is_none());
+        registry.insert(blk("a")).unwrap();
+        let ids: Vec<_> = registry.list().iter().map(|d| d.id().to_string()).collect();
+        assert_eq!(ids, ["b", "a"]);
     }
 }

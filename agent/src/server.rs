@@ -185,16 +185,23 @@ impl<B: ServedBackend> DeviceServer<B> {
         };
         remove_stale_socket(path)?;
         let listener = UnixListener::bind(path).map_err(listen_error)?;
-        listener.set_nonblocking(true).map_err(listen_error)?;
-        let poll = Poll::new().map_err(listen_error)?;
-        let waker = Arc::new(Waker::new(poll.registry(), SHUTDOWN).map_err(listen_error)?);
-        poll.registry()
-            .register(
+        // From here on the socket file exists: a failure below removes it,
+        // so a refused device (add-device at runtime) leaves nothing behind.
+        let watch = || -> io::Result<(Poll, Arc<Waker>)> {
+            listener.set_nonblocking(true)?;
+            let poll = Poll::new()?;
+            let waker = Arc::new(Waker::new(poll.registry(), SHUTDOWN)?);
+            poll.registry().register(
                 &mut SourceFd(&listener.as_raw_fd()),
                 LISTENER,
                 Interest::READABLE,
-            )
-            .map_err(listen_error)?;
+            )?;
+            Ok((poll, waker))
+        };
+        let (poll, waker) = watch().map_err(|source| {
+            let _ = std::fs::remove_file(path);
+            listen_error(source)
+        })?;
         let metrics = backend.metrics();
         let config = Arc::new(ConfigSnapshot::default());
         config.set(backend.current_config());

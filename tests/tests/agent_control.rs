@@ -1,8 +1,9 @@
 //! The control API of the real agent (`serve --control PATH`): the socket
 //! is private, requests and errors have QMP's shapes, a bad request costs
 //! only its reply, `fence-release` opens a `fence=api` disk's gate,
-//! `vhost-agent ctl` is a usable client, and `quit` shuts the agent down
-//! as SIGTERM does. Protocol: docs/control-api.md.
+//! `vhost-agent ctl` is a usable client, `add-device` and `remove-device`
+//! start and stop devices at runtime, and `quit` shuts the agent down as
+//! SIGTERM does. Protocol: docs/control-api.md.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -12,10 +13,15 @@ use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use vhost_agent_tests::frontend::TestFrontend;
+use vhost::VhostBackend;
+use vhost_agent_tests::frontend::{
+    wait_until, BlkRequest, Desc, StartOptions, StopRequest, TestFrontend, BUFFER_BASE,
+    PROTOCOL_F_INFLIGHT_SHMFD, PROTOCOL_SUSPEND, VIRTIO_BLK_S_OK,
+};
 use vhost_agent_tests::support::{
     agent_binary, create_image, spawn_agent, wait_for_path, ChildGuard,
 };
+use vm_memory::{Bytes, GuestAddress};
 
 /// An agent serving `dst` (fence=api) and `src` (default fence=lock), with
 /// its control socket.
@@ -27,9 +33,15 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Self::start_with(&[("dst", ",fence=api"), ("src", "")])
+    }
+
+    /// An agent serving one disk per (id, extra spec keys) on `ID.img` and
+    /// `ID.sock`; none at all (devices come with add-device) when empty.
+    fn start_with(disks: &[(&str, &str)]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         let mut specs = Vec::new();
-        for (id, extra) in [("dst", ",fence=api"), ("src", "")] {
+        for &(id, extra) in disks {
             let image = dir.path().join(format!("{id}.img"));
             create_image(&image, 1 << 20).unwrap();
             specs.push(format!(
@@ -421,4 +433,413 @@ fn query_metrics_measures_a_start_and_a_stop_of_a_disk() {
         let reply = client.execute("query-metrics", bad.clone());
         assert!(reply["error"]["class"].is_string(), "{bad} -> {reply}");
     }
+}
+
+/// How long a front-end waits for the agent's data path in these tests.
+const WAIT: Duration = Duration::from_secs(10);
+
+impl Agent {
+    /// A fresh 1 MiB image `NAME.img` and the spec of a disk serving it on
+    /// `NAME.sock`, with `extra` keys appended.
+    fn disk_spec(&self, name: &str, extra: &str) -> String {
+        let image = self.path(&format!("{name}.img"));
+        if !image.exists() {
+            create_image(&image, 1 << 20).unwrap();
+        }
+        format!(
+            "socket={},image={}{extra}",
+            self.path(&format!("{name}.sock")).display(),
+            image.display()
+        )
+    }
+
+    /// Every socket file left in the agent's directory.
+    fn sockets(&self) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(self.dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.ends_with(".sock"))
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+impl Client {
+    fn add(&mut self, kind: &str, spec: &str) -> Value {
+        self.execute("add-device", json!({"kind": kind, "spec": spec}))
+    }
+
+    fn remove(&mut self, id: &str) -> Value {
+        self.execute("remove-device", json!({"device": id}))
+    }
+
+    fn ids(&mut self) -> Vec<String> {
+        self.devices()
+            .iter()
+            .map(|device| device["id"].as_str().unwrap().to_string())
+            .collect()
+    }
+}
+
+/// The front-end's connection was closed by the agent: its next request
+/// gets no answer.
+fn assert_disconnected(frontend: &mut TestFrontend) {
+    assert!(
+        frontend.frontend.get_features().is_err(),
+        "the front-end is still served"
+    );
+}
+
+#[test]
+fn add_device_serves_a_disk_at_runtime() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let reply = client.add("blk", &agent.disk_spec("new", ",num-queues=2"));
+    let added = &reply["return"];
+    // No id= in the spec: the first free blkN.
+    assert_eq!(added["id"], "blk0", "{reply}");
+    assert_eq!(added["kind"], "blk");
+    assert_eq!(added["socket"], agent.path("new.sock").to_str().unwrap());
+    assert_eq!(added["image"], agent.path("new.img").to_str().unwrap());
+    assert_eq!(*device(&client.devices(), "blk0"), *added);
+    assert_eq!(client.ids(), ["dst", "src", "blk0"]);
+
+    let mut frontend = TestFrontend::connect(&agent.path("new.sock"), 2, 16);
+    assert!(
+        frontend.round_trip(0, 0, 3),
+        "I/O on queue 0 of the new disk"
+    );
+    assert!(
+        frontend.round_trip(1, 1, 9),
+        "I/O on queue 1 of the new disk"
+    );
+    let mut image = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(agent.path("new.img"))
+        .unwrap()
+        .read_exact_at(&mut image, 9 * 512)
+        .unwrap();
+    assert_eq!(frontend.data(1, 4096), image, "the data is in the image");
+
+    let reply = client.execute("query-metrics", json!({"device": "blk0"}));
+    assert_eq!(reply["return"][0]["sessions"], 1, "{reply}");
+}
+
+#[test]
+fn ctl_add_device_serves_a_net_device_that_moves_frames() {
+    const HEADER: usize = 12;
+    let agent = Agent::start_with(&[]);
+    let socket = agent.path("n.sock");
+    let arguments = json!({
+        "kind": "net",
+        "spec": format!("socket={},dataplane=loop", socket.display()),
+    })
+    .to_string();
+    let (code, stdout, stderr) = agent.ctl(&["add-device", &arguments]);
+    assert_eq!(code, 0, "{stderr}");
+    let added: Value = serde_json::from_str(&stdout).expect("ctl prints JSON");
+    assert_eq!(added["id"], "net0");
+    assert_eq!(added["kind"], "net");
+    assert_eq!(added["dataplane"], "loop");
+    assert_eq!(added["queue-pairs"], 1);
+
+    let mut options = StartOptions::plain(2, 256);
+    options.queues_per_unit = 2;
+    let mut frontend = TestFrontend::start(&socket, &options);
+    let rx = BUFFER_BASE;
+    let tx = BUFFER_BASE + 0x1_0000;
+    let frame: Vec<u8> = (0..96u8).map(|i| i.wrapping_mul(7)).collect();
+    let ram = frontend.ram.clone();
+    frontend.queues[0].add_chain(&ram, &[Desc::writable(rx, 2048)]);
+    ram.mem
+        .write_slice(&[0u8; HEADER], GuestAddress(tx))
+        .unwrap();
+    ram.mem
+        .write_slice(&frame, GuestAddress(tx + 0x100))
+        .unwrap();
+    frontend.queues[1].add_chain(
+        &ram,
+        &[
+            Desc::readable(tx, HEADER as u32),
+            Desc::readable(tx + 0x100, frame.len() as u32),
+        ],
+    );
+    frontend.queues[1].kick();
+    let used = frontend.queues[0]
+        .wait_used(&ram, 1, WAIT)
+        .unwrap_or_else(|| panic!("no frame came back; log:\n{}", agent.log()));
+    assert_eq!(used[0].1 as usize, HEADER + frame.len());
+    let mut back = vec![0u8; frame.len()];
+    ram.mem
+        .read_slice(&mut back, GuestAddress(rx + HEADER as u64))
+        .unwrap();
+    assert_eq!(back, frame, "the frame changed on the way");
+
+    let (_, stdout, _) = agent.ctl(&["query-devices"]);
+    let devices: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(devices[0]["pairs"][0]["tx-packets"], 1, "{devices}");
+    assert_eq!(devices[0]["pairs"][0]["rx-packets"], 1, "{devices}");
+}
+
+#[test]
+fn remove_device_disconnects_its_front_end_and_spares_the_others() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let mut src = TestFrontend::connect(&agent.path("src.sock"), 1, 16);
+    let mut dst = TestFrontend::connect(&agent.path("dst.sock"), 1, 16);
+    assert!(src.round_trip(0, 0, 1));
+    assert!(dst.round_trip(0, 0, 1));
+
+    let reply = client.remove("src");
+    assert_eq!(reply, json!({"return": {"handed-off": 0}}));
+    assert!(!agent.path("src.sock").exists(), "socket file left behind");
+    assert_disconnected(&mut src);
+    assert_eq!(client.ids(), ["dst"]);
+    assert!(dst.round_trip(0, 1, 2), "the other disk is still served");
+    let log = agent.log();
+    assert!(log.contains("src: stopped"), "{log}");
+
+    // Removed means gone, and the id and socket can be used again.
+    let reply = client.remove("src");
+    assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
+    let reply = client.add("blk", &agent.disk_spec("src", ",id=src"));
+    assert_eq!(reply["return"]["id"], "src", "{reply}");
+    let mut again = TestFrontend::connect(&agent.path("src.sock"), 1, 16);
+    assert_eq!(
+        again.request(0, 0, vhost_agent_tests::frontend::VIRTIO_BLK_T_IN, 1, 4096),
+        Some(VIRTIO_BLK_S_OK)
+    );
+    assert_eq!(
+        again.data(0, 4096),
+        src.data(0, 4096),
+        "the re-added disk serves what the first one wrote"
+    );
+    assert!(again.round_trip(0, 1, 5));
+    assert_eq!(client.ids(), ["dst", "src"]);
+}
+
+#[test]
+fn remove_device_lets_requests_storage_has_finish() {
+    let agent = Agent::start_with(&[("slow", ",latency-ms=300")]);
+    let mut client = agent.connect();
+    let options = StartOptions::with_protocol(1, 16, PROTOCOL_F_INFLIGHT_SHMFD);
+    let mut frontend = TestFrontend::start(&agent.path("slow.sock"), &options);
+    let data: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+    frontend.fill(0, &data);
+    let submitted = frontend.submit(0, &[BlkRequest::write(0, 16, 4096)]);
+    let taken = wait_until(WAIT, || frontend.region().queue(0).inflight_count() == 1);
+    assert!(taken, "the agent did not take the write");
+
+    let removing = std::time::Instant::now();
+    let reply = client.remove("slow");
+    let took = removing.elapsed();
+    assert_eq!(
+        reply,
+        json!({"return": {"handed-off": 0}}),
+        "{}",
+        agent.log()
+    );
+    // The write was answered before the reply: nothing to wait for now.
+    let heads = frontend.collect_used(0, 1, Duration::ZERO);
+    assert_eq!(heads, [submitted[0].head], "took {took:?}");
+    assert_eq!(frontend.status(0), VIRTIO_BLK_S_OK);
+    assert_eq!(frontend.region().queue(0).inflight_count(), 0);
+    let mut image = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(agent.path("slow.img"))
+        .unwrap()
+        .read_exact_at(&mut image, 16 * 512)
+        .unwrap();
+    assert_eq!(image, data, "the write landed before the removal ended");
+    assert_disconnected(&mut frontend);
+    assert!(agent.sockets() == ["control.sock"], "{:?}", agent.sockets());
+}
+
+#[test]
+fn remove_device_leaves_fence_held_writes_in_the_inflight_region() {
+    // src suspends with a slow write in flight; dst (fence=api, closed)
+    // takes over the same guest and holds the resubmitted write.
+    let agent = Agent::start_with(&[("dst", ",fence=api"), ("src", ",latency-ms=200")]);
+    let mut client = agent.connect();
+    let options = StartOptions::with_protocol(1, 16, PROTOCOL_SUSPEND);
+    let mut src = TestFrontend::start(&agent.path("src.sock"), &options);
+    src.fill(0, &[0xab; 4096]);
+    src.submit(0, &[BlkRequest::write(0, 24, 4096)]);
+    let taken = wait_until(WAIT, || src.region().queue(0).inflight_count() == 1);
+    assert!(taken, "the source did not take the write");
+    let stopped = src.stop(StopRequest::GetVringBase);
+    let region = src.region().migrate();
+    let mut dst = TestFrontend::resume(
+        &agent.path("dst.sock"),
+        &options,
+        &src,
+        region,
+        &stopped.bases,
+    );
+    let held = wait_until(WAIT, || agent.log().contains("held until the write fence"));
+    assert!(held, "dst does not hold the write: {}", agent.log());
+
+    let reply = client.remove("dst");
+    assert_eq!(
+        reply,
+        json!({"return": {"handed-off": 1}}),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(
+        dst.region().queue(0).inflight_count(),
+        1,
+        "the held write stays in the region for the next back-end"
+    );
+    assert!(
+        dst.collect_used(0, 1, Duration::ZERO).is_empty(),
+        "not answered"
+    );
+    let mut image = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    std::fs::File::open(agent.path("dst.img"))
+        .unwrap()
+        .read_exact_at(&mut image, 24 * 512)
+        .unwrap();
+    assert_eq!(image, [0u8; 4096], "the held write was not written");
+    assert_disconnected(&mut dst);
+    assert!(
+        agent.log().contains("held by the write fence stay"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn refused_adds_and_removes_leave_nothing_and_keep_the_connection() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let missing = agent.path("missing.img");
+    let cases = [
+        (
+            "blk",
+            format!("socket={}", agent.path("a.sock").display()),
+            "invalid blk spec: missing image=PATH",
+        ),
+        (
+            "blk",
+            format!("{},colour=blue", agent.disk_spec("a", "")),
+            "invalid blk spec: unknown --blk key `colour`",
+        ),
+        (
+            "net",
+            format!(
+                "socket={},dataplane=ethernet",
+                agent.path("a.sock").display()
+            ),
+            "invalid net spec",
+        ),
+        (
+            "blk",
+            agent.disk_spec("a", ",id=src"),
+            "cannot add the device: two devices are named src",
+        ),
+        (
+            "blk",
+            format!(
+                "socket={},image={}",
+                agent.path("dst.sock").display(),
+                agent.path("a.img").display()
+            ),
+            "belongs to device dst",
+        ),
+        (
+            "blk",
+            format!(
+                "socket={},image={}",
+                agent.path("a.sock").display(),
+                missing.display()
+            ),
+            "cannot set up blk device blk0: cannot open",
+        ),
+        (
+            "net",
+            format!(
+                "socket={},dataplane=sim:{}",
+                agent.path("a.sock").display(),
+                agent.path("no-profile.json").display()
+            ),
+            "cannot set up net device net0: cannot set up dataplane",
+        ),
+    ];
+    for (kind, spec, text) in &cases {
+        let reply = client.add(kind, spec);
+        assert_eq!(reply["error"]["class"], "GenericError", "{spec}: {reply}");
+        let desc = reply["error"]["desc"].as_str().unwrap();
+        assert!(desc.contains(text), "{spec}: `{text}` not in `{desc}`");
+        assert_eq!(
+            agent.sockets(),
+            ["control.sock", "dst.sock", "src.sock"],
+            "{spec}"
+        );
+        assert_eq!(client.ids(), ["dst", "src"], "{spec}");
+    }
+    // A socket some other process listens on.
+    let foreign = std::os::unix::net::UnixListener::bind(agent.path("foreign.sock")).unwrap();
+    let reply = client.add(
+        "blk",
+        &format!(
+            "socket={},image={}",
+            agent.path("foreign.sock").display(),
+            agent.path("a.img").display()
+        ),
+    );
+    let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+    assert!(desc.contains("in use by another process"), "{reply}");
+    assert!(agent.path("foreign.sock").exists());
+    drop(foreign);
+
+    let reply = client.execute("add-device", json!({"kind": "scsi", "spec": "x"}));
+    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+    let reply = client.remove("nope");
+    assert_eq!(reply["error"]["class"], "DeviceNotFound", "{reply}");
+    let reply = client.execute("remove-device", json!({}));
+    assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+
+    // The connection and the devices are as before.
+    let reply = client.add("blk", &agent.disk_spec("a", ""));
+    assert_eq!(reply["return"]["id"], "blk0", "{reply}");
+    let mut frontend = TestFrontend::connect(&agent.path("a.sock"), 1, 16);
+    assert!(frontend.round_trip(0, 0, 0));
+    let log = agent.log();
+    assert!(log.contains("add-device: cannot add the device"), "{log}");
+}
+
+#[test]
+fn quit_after_runtime_additions_stops_them_too() {
+    let mut agent = Agent::start_with(&[]);
+    let mut client = agent.connect();
+    assert!(client.devices().is_empty());
+    let reply = client.add("blk", &agent.disk_spec("disk", ",id=disk"));
+    assert_eq!(reply["return"]["id"], "disk", "{reply}");
+    let spec = format!("socket={},dataplane=loop", agent.path("net.sock").display());
+    assert_eq!(client.add("net", &spec)["return"]["id"], "net0");
+    let spec = format!(
+        "socket={},dataplane=loop",
+        agent.path("gone.sock").display()
+    );
+    assert_eq!(client.add("net", &spec)["return"]["id"], "net1");
+    assert_eq!(client.remove("net1"), json!({"return": {"handed-off": 0}}));
+    let mut frontend = TestFrontend::connect(&agent.path("disk.sock"), 1, 16);
+    assert!(frontend.round_trip(0, 0, 0));
+
+    let reply = client.send(r#"{"execute": "quit"}"#);
+    assert_eq!(reply, json!({"return": {}}));
+    let exit = agent
+        .process
+        .wait_timeout(Duration::from_secs(20))
+        .expect("the agent did not exit after quit");
+    assert!(exit.success(), "agent exited with {exit}");
+    assert!(agent.sockets().is_empty(), "{:?}", agent.sockets());
+    let log = agent.log();
+    for stopped in ["disk: stopped", "net0: stopped", "net1: stopped"] {
+        assert!(log.contains(stopped), "no `{stopped}` in\n{log}");
+    }
+    assert!(log.contains("shutdown complete"), "{log}");
 }

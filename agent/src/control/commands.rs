@@ -2,8 +2,9 @@
 //! arguments (serde, unknown members refused) and a typed result.
 //!
 //! Adding a command: write its argument struct (or use [`NoArguments`]),
-//! its result type, a `fn(&Registry, Arguments) -> CommandResult`, add the
-//! row, and document it in `docs/control-api.md`.
+//! its result type, a `fn(&Devices, Arguments) -> CommandResult`, add the
+//! row, and document it in `docs/control-api.md`. A command that may block
+//! returns [`Effect::Later`] with the blocking part.
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -13,15 +14,22 @@ use blkdev::fence::Fence;
 use blkdev::FenceMode;
 
 use super::ControlError;
+use crate::cli::{BlkSpec, NetSpec};
 use crate::registry::{DeviceKind, RegisteredDevice, Registry};
+use crate::supervisor::{DeviceSpec, Devices, DevicesError};
+
+/// The blocking part of a command; its result is the reply.
+pub(super) type Work = Box<dyn FnOnce() -> Result<Value, ControlError> + Send>;
 
 /// What the server does after sending a successful reply.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Effect {
     /// Nothing more.
     None,
     /// Shut the agent down as on SIGTERM.
     Quit,
+    /// No reply yet: run this off the control thread (it may block) and
+    /// reply with its result. The command's own value is not used.
+    Later(Work),
 }
 
 /// A command's JSON result and what follows it.
@@ -32,7 +40,7 @@ pub(super) struct Command {
     /// Its name (`execute`).
     pub name: &'static str,
     /// Runs it.
-    pub run: fn(&Registry, Arguments) -> CommandResult,
+    pub run: fn(&Devices, Arguments) -> CommandResult,
 }
 
 /// Every command, in the order `query-commands` lists them.
@@ -60,6 +68,14 @@ static COMMANDS: &[Command] = &[
     Command {
         name: "fence-release",
         run: fence_release,
+    },
+    Command {
+        name: "add-device",
+        run: add_device,
+    },
+    Command {
+        name: "remove-device",
+        run: remove_device,
     },
     Command {
         name: "quit",
@@ -122,7 +138,7 @@ struct CommandInfo {
     name: &'static str,
 }
 
-fn query_commands(_: &Registry, arguments: Arguments) -> CommandResult {
+fn query_commands(_: &Devices, arguments: Arguments) -> CommandResult {
     let NoArguments {} = arguments.parse("query-commands")?;
     let names: Vec<CommandInfo> = COMMANDS
         .iter()
@@ -192,9 +208,10 @@ impl FenceInfo {
     }
 }
 
-fn query_devices(registry: &Registry, arguments: Arguments) -> CommandResult {
+fn query_devices(devices: &Devices, arguments: Arguments) -> CommandResult {
     let NoArguments {} = arguments.parse("query-devices")?;
-    let devices: Vec<DeviceInfo> = registry
+    let devices: Vec<DeviceInfo> = devices
+        .registry()
         .list()
         .iter()
         .map(|device| DeviceInfo {
@@ -253,8 +270,9 @@ struct MetricsArguments {
 /// Per-device timelines and downtime figures (source stop time,
 /// destination critical path, requests handed off, presetup counts).
 /// Reads only the devices' shared metrics, never a protocol thread.
-fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
+fn query_metrics(devices: &Devices, arguments: Arguments) -> CommandResult {
     let MetricsArguments { device: id, format } = arguments.parse("query-metrics")?;
+    let registry = devices.registry();
     let devices = match id {
         Some(id) => vec![device(registry, &id)?],
         None => registry.list(),
@@ -275,9 +293,9 @@ fn query_metrics(registry: &Registry, arguments: Arguments) -> CommandResult {
 /// what an orchestrator reads on the source agent and hands to `presetup`
 /// on the destination. As of the last vhost-user message the device
 /// handled; read without waiting for its protocol thread.
-fn query_config(registry: &Registry, arguments: Arguments) -> CommandResult {
+fn query_config(devices: &Devices, arguments: Arguments) -> CommandResult {
     let DeviceArguments { device: id } = arguments.parse("query-config")?;
-    let device = device(registry, &id)?;
+    let device = device(devices.registry(), &id)?;
     let config = device
         .config()
         .ok_or_else(|| ControlError::NoConfig(id.clone()))?;
@@ -301,9 +319,9 @@ struct PresetupArguments {
 /// malformed or unfitting one is refused with an error, logged at warn and
 /// counted as a fallback: the device then gets its full configuration at
 /// start, as without presetup.
-fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
+fn presetup(devices: &Devices, arguments: Arguments) -> CommandResult {
     let PresetupArguments { device: id, config } = arguments.parse("presetup")?;
-    let device = device(registry, &id)?;
+    let device = device(devices.registry(), &id)?;
     let refuse = |source: Box<dyn std::error::Error + Send + Sync>| {
         let error = ControlError::Presetup {
             id: id.clone(),
@@ -362,9 +380,9 @@ fn presetup(registry: &Registry, arguments: Arguments) -> CommandResult {
 /// Open a disk's write fence gate. In `api` mode this is the release the
 /// gate waits for; in `lock` mode it overrides the wait for the source's
 /// lock; in `none` mode the gate is always open. See docs/control-api.md.
-fn fence_release(registry: &Registry, arguments: Arguments) -> CommandResult {
+fn fence_release(devices: &Devices, arguments: Arguments) -> CommandResult {
     let DeviceArguments { device: id } = arguments.parse("fence-release")?;
-    let device = device(registry, &id)?;
+    let device = device(devices.registry(), &id)?;
     match device.kind() {
         DeviceKind::Blk { fence, .. } => {
             let mode = fence.mode();
@@ -395,7 +413,106 @@ fn fence_release(registry: &Registry, arguments: Arguments) -> CommandResult {
     Ok((empty(), Effect::None))
 }
 
-fn quit(_: &Registry, arguments: Arguments) -> CommandResult {
+/// The kinds `add-device` takes.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindArgument {
+    Blk,
+    Net,
+}
+
+/// Arguments of `add-device`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddDeviceArguments {
+    /// `blk` or `net`.
+    kind: KindArgument,
+    /// A `--blk` or `--net` value: `socket=PATH,...`.
+    spec: String,
+}
+
+/// Serve one more device: bind its socket, register it, start its
+/// protocol thread. Binding is quick (open the image or dataplane, bind
+/// the socket), so it runs on the control thread. The reply is the device
+/// as `query-devices` shows it.
+fn add_device(devices: &Devices, arguments: Arguments) -> CommandResult {
+    let AddDeviceArguments { kind, spec } = arguments.parse("add-device")?;
+    let parsed = match kind {
+        KindArgument::Blk => spec.parse::<BlkSpec>().map(DeviceSpec::Blk),
+        KindArgument::Net => spec.parse::<NetSpec>().map(DeviceSpec::Net),
+    };
+    let spec = parsed.map_err(|reason| ControlError::BadSpec {
+        kind: match kind {
+            KindArgument::Blk => "blk",
+            KindArgument::Net => "net",
+        },
+        reason,
+    })?;
+    let default_id = devices.unused_id(spec.kind());
+    let device = devices.add(&spec, &default_id).map_err(|error| {
+        let error = ControlError::AddDevice(Box::new(error));
+        log::warn!("control: add-device: {}", crate::error_chain(&error));
+        error
+    })?;
+    let id = device.id().to_string();
+    log::info!(
+        "{id}: added through the control API ({} on {})",
+        spec.kind(),
+        spec.socket().display()
+    );
+    let (listed, _) = query_devices(devices, Arguments::new(None))?;
+    let shown = listed
+        .as_array()
+        .and_then(|listed| listed.iter().find(|device| device["id"] == id.as_str()))
+        .cloned()
+        // Only a racing remove-device of the new id gets here.
+        .ok_or(ControlError::DeviceNotFound(id))?;
+    Ok((shown, Effect::None))
+}
+
+/// What `remove-device` returns.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct RemovedInfo {
+    /// Requests the stop left in the front-end's inflight region (writes
+    /// held by a closed write fence).
+    handed_off: u64,
+}
+
+/// Stop a device as the agent's shutdown does and forget it. The stop
+/// waits for the device's protocol thread (storage operations in flight,
+/// or a GET_VRING_BASE draining behind a closed write fence), so it is
+/// finished off the control thread, which meanwhile serves other clients
+/// (fence-release among them).
+fn remove_device(devices: &Devices, arguments: Arguments) -> CommandResult {
+    let DeviceArguments { device: id } = arguments.parse("remove-device")?;
+    let removal = devices.remove(&id).map_err(|error| match error {
+        DevicesError::NotFound(id) => ControlError::DeviceNotFound(id),
+        error => ControlError::RemoveDevice(Box::new(error)),
+    })?;
+    log::info!("{id}: removing through the control API");
+    let work: Work = Box::new(move || {
+        let removed = removal.wait();
+        if removed.handed_off > 0 {
+            log::warn!(
+                "{}: removed; {} request(s) held by the write fence stay in the front-end's inflight region",
+                removed.id,
+                removed.handed_off
+            );
+        } else {
+            log::info!("{}: removed", removed.id);
+        }
+        to_json(
+            "remove-device",
+            &RemovedInfo {
+                handed_off: removed.handed_off,
+            },
+        )
+    });
+    Ok((Value::Null, Effect::Later(work)))
+}
+
+fn quit(_: &Devices, arguments: Arguments) -> CommandResult {
     let NoArguments {} = arguments.parse("quit")?;
     // The shutdown itself is logged by whoever carries it out.
     Ok((empty(), Effect::Quit))

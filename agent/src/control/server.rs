@@ -6,6 +6,11 @@
 //! [`MAX_LINE_BYTES`], and a client that does not read its replies is not
 //! read from either once [`MAX_PENDING_OUTPUT`] bytes wait for it. At most
 //! [`MAX_CLIENTS`] are served at once.
+//!
+//! A command that may block ([`Dispatched::Later`], `remove-device`) is
+//! finished on a thread of its own; its client's next requests wait for
+//! that reply (replies stay in request order), while other clients are
+//! served as usual.
 
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -14,14 +19,15 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
 
 use mio::net::{UnixListener, UnixStream};
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::{dispatch, ControlError, Reply, MAX_LINE_BYTES};
-use crate::registry::Registry;
+use super::{dispatch, ControlError, Dispatched, Later, Reply, MAX_LINE_BYTES};
 use crate::server::{remove_stale_socket, ServerError};
+use crate::supervisor::Devices;
 
 /// Most clients served at once; one more is told so and disconnected.
 pub const MAX_CLIENTS: usize = 32;
@@ -32,7 +38,9 @@ pub const MAX_PENDING_OUTPUT: usize = 1 << 20;
 pub const SOCKET_MODE: u32 = 0o600;
 
 const LISTENER: Token = Token(0);
-const SHUTDOWN: Token = Token(1);
+/// The loop's one waker: a shutdown was asked for, or a command finished
+/// off the loop's thread.
+const WAKE: Token = Token(1);
 const FIRST_CLIENT: usize = 2;
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -40,12 +48,14 @@ const READ_CHUNK: usize = 64 * 1024;
 #[derive(Clone)]
 pub struct ControlHandle {
     waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
 }
 
 impl ControlHandle {
     /// Ask the server to stop: pending replies are flushed as far as the
     /// clients take them without waiting, then the socket file is removed.
     pub fn shutdown(&self) {
+        self.stop.store(true, Ordering::SeqCst);
         if let Err(e) = self.waker.wake() {
             log::error!("control: cannot wake the control server for shutdown: {e}");
         }
@@ -58,20 +68,68 @@ pub struct ControlServer {
     listener: UnixListener,
     poll: Poll,
     waker: Arc<Waker>,
-    registry: Arc<Registry>,
+    stop: Arc<AtomicBool>,
+    devices: Arc<Devices>,
     on_quit: Box<dyn Fn() + Send>,
     clients: HashMap<Token, Client>,
     next_token: usize,
+    /// Finishes commands off the loop's thread.
+    later: LaterRunner,
+    finished: mpsc::Receiver<(Token, String)>,
+}
+
+/// Runs [`Later`] commands on threads of their own; each sends its reply
+/// line back for its client and wakes the loop.
+struct LaterRunner {
+    waker: Arc<Waker>,
+    finished: mpsc::Sender<(Token, String)>,
+}
+
+impl LaterRunner {
+    /// Finish `later` for `client`: on a new thread, or here if none can
+    /// be started (slower, still correct). Returns the reply if it is
+    /// already done.
+    fn start(&self, client: Token, later: Later) -> Option<String> {
+        let waker = self.waker.clone();
+        let finished = self.finished.clone();
+        // The command goes to the thread once it runs, so it is still here
+        // if the thread cannot start.
+        let (give, take) = mpsc::channel::<Later>();
+        let spawned = std::thread::Builder::new()
+            .name("control-later".into())
+            .spawn(move || {
+                let Ok(later) = take.recv() else {
+                    return;
+                };
+                let reply = later.finish();
+                // The server may be gone (shutting down); so is the client.
+                if finished.send((client, reply)).is_ok() {
+                    if let Err(e) = waker.wake() {
+                        log::error!("control: cannot wake the control loop: {e}");
+                    }
+                }
+            });
+        match spawned {
+            Ok(_) => match give.send(later) {
+                Ok(()) => None,
+                Err(mpsc::SendError(later)) => Some(later.finish()),
+            },
+            Err(e) => {
+                log::warn!("control: cannot start a thread ({e}); finishing the command here");
+                Some(later.finish())
+            }
+        }
+    }
 }
 
 impl ControlServer {
     /// Listen on `path` (mode 0600; a stale socket file is replaced, a live
-    /// one is an error) for commands about the devices in `registry`.
-    /// `on_quit` runs on the server's thread after the reply to `quit` is
-    /// sent; it must start the agent's shutdown.
+    /// one is an error) for commands about `devices`. `on_quit` runs on
+    /// the server's thread after the reply to `quit` is sent; it must start
+    /// the agent's shutdown.
     pub fn bind(
         path: &Path,
-        registry: Arc<Registry>,
+        devices: Arc<Devices>,
         on_quit: Box<dyn Fn() + Send>,
     ) -> Result<ControlServer, ServerError> {
         let listen_error = |source| ServerError::Listen {
@@ -83,13 +141,20 @@ impl ControlServer {
         // From here on the socket file exists; `server` removes it when
         // dropped, including on the error paths below.
         let poll = Poll::new().map_err(listen_error)?;
-        let waker = Arc::new(Waker::new(poll.registry(), SHUTDOWN).map_err(listen_error)?);
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).map_err(listen_error)?);
+        let (finished_tx, finished) = mpsc::channel();
         let mut server = ControlServer {
             path: path.to_path_buf(),
             listener: UnixListener::from_std(listener),
             poll,
+            later: LaterRunner {
+                waker: waker.clone(),
+                finished: finished_tx,
+            },
+            finished,
             waker,
-            registry,
+            stop: Arc::new(AtomicBool::new(false)),
+            devices,
             on_quit,
             clients: HashMap::new(),
             next_token: FIRST_CLIENT,
@@ -106,6 +171,7 @@ impl ControlServer {
     pub fn shutdown_handle(&self) -> ControlHandle {
         ControlHandle {
             waker: self.waker.clone(),
+            stop: self.stop.clone(),
         }
     }
 
@@ -125,25 +191,49 @@ impl ControlServer {
             }
             for event in events.iter() {
                 match event.token() {
-                    SHUTDOWN => {
-                        self.close_all();
-                        log::info!("control: stopped");
-                        return;
-                    }
-                    LISTENER => self.accept(),
-                    token => {
-                        let Some(client) = self.clients.get_mut(&token) else {
-                            continue;
-                        };
-                        let next = client.drive(&self.registry, &*self.on_quit, &mut scratch);
-                        if next == Next::Close {
-                            self.remove(token);
+                    WAKE => {
+                        self.deliver_finished(&mut scratch);
+                        if self.stop.load(Ordering::SeqCst) {
+                            self.close_all();
+                            log::info!("control: stopped");
+                            return;
                         }
                     }
+                    LISTENER => self.accept(),
+                    token => self.drive(token, &mut scratch),
                 }
             }
         }
         self.close_all();
+    }
+
+    fn drive(&mut self, token: Token, scratch: &mut [u8]) {
+        let Some(client) = self.clients.get_mut(&token) else {
+            return;
+        };
+        let context = Context {
+            devices: &self.devices,
+            on_quit: &*self.on_quit,
+            later: &self.later,
+        };
+        if client.drive(&context, scratch) == Next::Close {
+            self.remove(token);
+        }
+    }
+
+    /// Replies of commands finished off the loop go to their clients, who
+    /// go on with the requests that waited behind them.
+    fn deliver_finished(&mut self, scratch: &mut [u8]) {
+        while let Ok((token, reply)) = self.finished.try_recv() {
+            let Some(client) = self.clients.get_mut(&token) else {
+                // The client left while its command ran; the command's
+                // effect stands.
+                continue;
+            };
+            client.output.extend_from_slice(reply.as_bytes());
+            client.waiting = false;
+            self.drive(token, scratch);
+        }
     }
 
     fn accept(&mut self) {
@@ -215,6 +305,13 @@ impl Drop for ControlServer {
     }
 }
 
+/// What answering a request may need besides the client.
+struct Context<'a> {
+    devices: &'a Devices,
+    on_quit: &'a dyn Fn(),
+    later: &'a LaterRunner,
+}
+
 /// What the loop does with a client after driving it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Next {
@@ -249,6 +346,9 @@ struct Client {
     peer_closed: bool,
     /// Send what is queued, then close.
     closing: bool,
+    /// A command of this client is finishing off the loop: its next
+    /// requests wait, so replies stay in order.
+    waiting: bool,
 }
 
 impl Client {
@@ -262,17 +362,23 @@ impl Client {
             output: Vec::new(),
             peer_closed: false,
             closing: false,
+            waiting: false,
         }
     }
 
     /// Do everything that can be done without blocking: write replies,
     /// answer complete lines, read more. The poll is edge-triggered, so
     /// this returns [`Next::Wait`] only once a read or write would block.
-    fn drive(&mut self, registry: &Registry, on_quit: &dyn Fn(), scratch: &mut [u8]) -> Next {
+    fn drive(&mut self, context: &Context<'_>, scratch: &mut [u8]) -> Next {
         loop {
             if let Err(e) = self.flush() {
                 log::debug!("control: client {}: write failed: {e}", self.token.0);
                 return Next::Close;
+            }
+            if self.waiting {
+                // A reply is being finished off the loop; its delivery
+                // drives this client again.
+                return Next::Wait;
             }
             if self.closing {
                 return if self.output.is_empty() {
@@ -287,7 +393,7 @@ impl Client {
             }
             match self.next_line() {
                 Line::Complete(range) => {
-                    self.answer(range, registry, on_quit);
+                    self.answer(range, context);
                     continue;
                 }
                 Line::TooLong => {
@@ -308,7 +414,7 @@ impl Client {
             if self.peer_closed {
                 // A last request without its newline still counts.
                 let rest = self.consumed..self.input.len();
-                self.answer(rest, registry, on_quit);
+                self.answer(rest, context);
                 self.closing = true;
                 continue;
             }
@@ -327,23 +433,29 @@ impl Client {
     }
 
     /// Answer `input[range]` and mark it (and its newline) consumed.
-    fn answer(&mut self, range: Range<usize>, registry: &Registry, on_quit: &dyn Fn()) {
+    fn answer(&mut self, range: Range<usize>, context: &Context<'_>) {
         let end = range.end;
         let dispatched = self
             .input
             .get(range)
-            .and_then(|line| dispatch(line, registry));
+            .and_then(|line| dispatch(line, context.devices));
         self.consumed = (end + 1).min(self.input.len());
         self.scanned = self.consumed;
-        let Some(dispatched) = dispatched else {
-            return;
-        };
-        self.output.extend_from_slice(dispatched.reply.as_bytes());
-        if dispatched.quit {
-            // Reply first, so the client hears that its quit was taken
-            // before the agent starts going away.
-            let _ = self.flush();
-            on_quit();
+        match dispatched {
+            None => {}
+            Some(Dispatched::Now { reply, quit }) => {
+                self.output.extend_from_slice(reply.as_bytes());
+                if quit {
+                    // Reply first, so the client hears that its quit was
+                    // taken before the agent starts going away.
+                    let _ = self.flush();
+                    (context.on_quit)();
+                }
+            }
+            Some(Dispatched::Later(later)) => match context.later.start(self.token, later) {
+                Some(reply) => self.output.extend_from_slice(reply.as_bytes()),
+                None => self.waiting = true,
+            },
         }
     }
 
@@ -488,8 +600,9 @@ mod tests {
     use std::io::{BufRead, BufReader};
     use std::os::unix::fs::FileTypeExt;
     use std::os::unix::net::UnixStream as StdStream;
-    use std::sync::mpsc;
     use std::time::Duration;
+
+    use crate::registry::Registry;
 
     /// A server on a temporary socket, running on its own thread; quit
     /// requests arrive on the returned receiver.
@@ -505,7 +618,7 @@ mod tests {
         let (quit_tx, quit_rx) = mpsc::channel();
         let server = ControlServer::bind(
             &path,
-            Arc::new(Registry::new()),
+            Arc::new(Devices::new(Arc::new(Registry::new()))),
             Box::new(move || {
                 let _ = quit_tx.send(());
             }),
@@ -560,7 +673,8 @@ mod tests {
     #[test]
     fn a_live_socket_is_not_taken_over() {
         let (_dir, path, handle, thread, _quit) = start();
-        let second = ControlServer::bind(&path, Arc::new(Registry::new()), Box::new(|| {}));
+        let devices = Arc::new(Devices::new(Arc::new(Registry::new())));
+        let second = ControlServer::bind(&path, devices, Box::new(|| {}));
         assert!(matches!(second, Err(ServerError::InUse(_))));
         handle.shutdown();
         thread.join().unwrap();
@@ -649,6 +763,53 @@ mod tests {
         assert_eq!(read_line(&mut extra_reader), "");
         handle.shutdown();
         thread.join().unwrap();
+    }
+
+    #[test]
+    fn a_removal_is_answered_in_request_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("control.sock");
+        let devices = Arc::new(Devices::new(Arc::new(Registry::new())));
+        let image = dir.path().join("disk.img");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let socket = dir.path().join("disk.sock");
+        let spec = format!(
+            "socket={},image={},engine=threads,id=disk",
+            socket.display(),
+            image.display()
+        );
+        devices
+            .add(
+                &crate::supervisor::DeviceSpec::Blk(spec.parse().unwrap()),
+                "blk0",
+            )
+            .unwrap();
+        let server = ControlServer::bind(&path, devices.clone(), Box::new(|| {})).unwrap();
+        let handle = server.shutdown_handle();
+        let thread = std::thread::spawn(move || server.run());
+
+        let (mut stream, mut reader) = connect(&path);
+        stream
+            .write_all(
+                b"{\"execute\": \"remove-device\", \"arguments\": {\"device\": \"disk\"}}\n\
+                  {\"execute\": \"query-devices\"}\n",
+            )
+            .unwrap();
+        let (mut other, mut other_reader) = connect(&path);
+        other
+            .write_all(b"{\"execute\": \"query-commands\"}\n")
+            .unwrap();
+        assert!(read_line(&mut other_reader).contains("remove-device"));
+        // In request order: the removal's reply, then a list without it.
+        assert_eq!(read_line(&mut reader), "{\"return\":{\"handed-off\":0}}\n");
+        assert_eq!(read_line(&mut reader), "{\"return\":[]}\n");
+        assert!(!socket.exists());
+        handle.shutdown();
+        thread.join().unwrap();
+        devices.shut_down();
     }
 
     #[test]
