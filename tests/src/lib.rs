@@ -9,6 +9,7 @@ pub mod bench;
 pub mod blkio_client;
 pub mod frontend;
 pub mod net_agent;
+pub mod net_rig;
 pub mod netns;
 pub mod netprobe;
 pub mod pinger;
