@@ -6,6 +6,7 @@
 //! server. Nothing is mocked.
 
 pub mod bench;
+pub mod blk_stop;
 pub mod blkio_client;
 pub mod frontend;
 pub mod net_agent;
