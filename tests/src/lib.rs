@@ -8,6 +8,7 @@
 pub mod bench;
 pub mod blk_stop;
 pub mod blkio_client;
+pub mod experiment;
 pub mod frontend;
 pub mod net_agent;
 pub mod net_rig;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::frontend::{Desc, Inflight, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
+use crate::frontend::{raw, Desc, Inflight, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
 use crate::support::{agent_binary, spawn_net_agent, workspace_root, ChildGuard};
 
 /// Size of the virtio-net header without VIRTIO_NET_F_HASH_REPORT (with
@@ -23,6 +23,8 @@ pub const HDR: usize = 12;
 pub const QUEUE_SIZE: u16 = 256;
 /// How long a used entry may take to come.
 pub const WAIT: Duration = Duration::from_secs(5);
+/// VHOST_USER_NET_SET_MTU (the `vhost` crate's front-end cannot send it).
+pub const NET_SET_MTU: u32 = 20;
 /// The guest buffer slot size of [`NetRig::slot`].
 const SLOT_SIZE: u64 = 0x1_0000;
 
@@ -142,6 +144,22 @@ impl NetRig {
     pub fn start_device(&mut self) {
         let bases = vec![0; self.frontend.queues.len()];
         self.frontend.start_device(Inflight::None, &bases);
+    }
+
+    /// NET_SET_MTU with NEED_REPLY, as QEMU sends it right before it
+    /// starts a device whose guest acked VIRTIO_NET_F_MTU; `Err` with the
+    /// reply if the agent refused.
+    pub fn set_mtu(&mut self, mtu: u16) -> Result<(), String> {
+        self.frontend.send_raw(
+            NET_SET_MTU,
+            raw::FLAG_VERSION | raw::FLAG_NEED_REPLY,
+            &u64::from(mtu).to_le_bytes(),
+        );
+        let reply = self.frontend.recv_raw();
+        match (reply.request, reply.u64()) {
+            (NET_SET_MTU, Some(0)) => Ok(()),
+            _ => Err(format!("NET_SET_MTU {mtu}: reply {reply:?}")),
+        }
     }
 
     /// The agent's log so far.
@@ -307,6 +325,11 @@ pub fn udp_frame(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
 /// 1500 and no RSS, as an orchestrator would relay them from the source's
 /// `query-config` (docs/control-api.md).
 pub fn early_config(pairs: u16) -> String {
+    early_config_with_mtu(pairs, 1500)
+}
+
+/// Like [`early_config`] with MTU `mtu`.
+pub fn early_config_with_mtu(pairs: u16, mtu: u16) -> String {
     serde_json::json!({
         "device": "net0",
         "config": {
@@ -315,7 +338,7 @@ pub fn early_config(pairs: u16) -> String {
             "protocol_features": 0,
             "memory": [],
             "rings": [],
-            "device": {"net": {"mtu": 1500, "mac": [82, 84, 0, 18, 52, 86], "queue_pairs": pairs, "rss": null}}
+            "device": {"net": {"mtu": mtu, "mac": [82, 84, 0, 18, 52, 86], "queue_pairs": pairs, "rss": null}}
         }
     })
     .to_string()
