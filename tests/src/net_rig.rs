@@ -325,16 +325,17 @@ pub fn udp_frame(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
 /// 1500 and no RSS, as an orchestrator would relay them from the source's
 /// `query-config` (docs/control-api.md).
 pub fn early_config(pairs: u16) -> String {
-    early_config_with_mtu(pairs, 1500)
+    early_config_with(pairs, 1500, 0)
 }
 
-/// Like [`early_config`] with MTU `mtu`.
-pub fn early_config_with_mtu(pairs: u16, mtu: u16) -> String {
+/// Like [`early_config`] with MTU `mtu` and the guest's acked virtio
+/// features `acked_features` (what a source's `query-config` carries).
+pub fn early_config_with(pairs: u16, mtu: u16, acked_features: u64) -> String {
     serde_json::json!({
         "device": "net0",
         "config": {
             "version": 1,
-            "acked_features": 0,
+            "acked_features": acked_features,
             "protocol_features": 0,
             "memory": [],
             "rings": [],

@@ -13,7 +13,7 @@ use serde_json::Value;
 use crate::bench::catch_panic;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
-use crate::net_rig::{ctl, early_config_with_mtu, udp_frame, NetRig, NetRigOptions, HDR};
+use crate::net_rig::{ctl, early_config_with, udp_frame, NetRig, NetRigOptions, HDR};
 
 /// The parameters of one net scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -130,7 +130,13 @@ fn run_once(scenario: &NetScenario) -> Result<NetMeasurement, String> {
     options.protocol = VhostUserProtocolFeatures::MTU;
     let mut rig = NetRig::connect(&options, |_| {});
     if scenario.presetup {
-        let early = early_config_with_mtu(scenario.queue_pairs, scenario.mtu.unwrap_or(1500));
+        // What an orchestrator relays from the source: the guest's
+        // features too (this front-end acks the same ones on every run).
+        let early = early_config_with(
+            scenario.queue_pairs,
+            scenario.mtu.unwrap_or(1500),
+            rig.frontend.features,
+        );
         ctl(&rig.control(), "presetup", &early).map_err(|e| format!("presetup: {e}"))?;
     }
 
