@@ -16,7 +16,9 @@
 //! and times GET_VRING_BASE from send to reply. The table shows medians over
 //! the repetitions, how many requests were still in flight at the stop, and
 //! the drain/suspend ratio. This is a benchmark, not a test: it judges
-//! nothing, it only reports.
+//! nothing, it only reports. The measuring code is
+//! `vhost_agent_tests::blk_stop`, shared with the experiment runner
+//! (`--bin experiment`).
 //!
 //! Run it with `cargo bench -p vhost-agent-tests --bench blk_stop` (or
 //! `scripts/bench-stop.sh`). Environment knobs:
@@ -31,23 +33,10 @@
 //! With the defaults it runs in about ten seconds.
 
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use vhost::vhost_user::VhostUserFrontend;
-use vhost_agent_tests::frontend::{
-    wait_until, BlkRequest, StartOptions, StopRequest, TestFrontend, PROTOCOL_F_INFLIGHT_SHMFD,
-    PROTOCOL_SUSPEND,
-};
-use vhost_agent_tests::support::{agent_binary, create_image, spawn_agent, ChildGuard};
-
-/// Ring size.
-const QUEUE_SIZE: u16 = 256;
-/// Request size.
-const BLOCK: u32 = 4096;
-/// Most requests one measurement may put on the ring (buffer slots).
-const MAX_INFLIGHT: usize = 128;
-/// How long the agent may take to take the requests off the ring.
-const TAKE_TIMEOUT: Duration = Duration::from_secs(10);
+use vhost_agent_tests::blk_stop::{median, StopAgent, StopMode, MAX_INFLIGHT};
+use vhost_agent_tests::support::agent_binary;
 
 /// The benchmark's settings, from the environment.
 struct Config {
@@ -100,112 +89,18 @@ impl Config {
     }
 }
 
-/// How the source is stopped.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Mode {
-    /// Bit 12 only: GET_VRING_BASE drains.
-    Drain,
-    /// Bits 12 and 20: GET_VRING_BASE suspends.
-    Suspend,
-}
-
-impl Mode {
-    fn protocol(self) -> u64 {
-        match self {
-            Mode::Drain => PROTOCOL_F_INFLIGHT_SHMFD,
-            Mode::Suspend => PROTOCOL_SUSPEND,
-        }
-    }
-}
-
-/// One measurement.
-struct Sample {
-    /// GET_VRING_BASE, send to reply.
-    stop: Duration,
-    /// Requests not yet completed when GET_VRING_BASE was sent.
-    in_flight: usize,
-}
-
-/// An agent serving a scratch image with `latency-ms` set.
-struct Agent {
-    _guard: ChildGuard,
-    _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    latency: Duration,
-}
-
-impl Agent {
-    fn start(latency_ms: u64) -> Agent {
-        let dir = tempfile::tempdir().expect("scratch directory");
-        let image = dir.path().join("disk.img");
-        let socket = dir.path().join("disk.sock");
-        create_image(&image, 64 << 20).expect("create the image");
-        let spec = format!(
-            "socket={},image={},latency-ms={latency_ms}",
-            socket.display(),
-            image.display()
-        );
-        let guard = spawn_agent(&[spec], &[], Some(&dir.path().join("agent.log")));
-        Agent {
-            _guard: guard,
-            _dir: dir,
-            socket,
-            latency: Duration::from_millis(latency_ms),
-        }
-    }
-
-    /// Connect, put `count` requests on the ring, stop it, time the stop.
-    fn measure(&self, mode: Mode, count: usize) -> Result<Sample, String> {
-        let options = StartOptions::with_protocol(1, QUEUE_SIZE, mode.protocol());
-        let mut fe = TestFrontend::start(&self.socket, &options);
-        let requests: Vec<BlkRequest> = (0..count as u64)
-            .map(|block| {
-                let sector = block * u64::from(BLOCK / 512);
-                if block % 2 == 0 {
-                    fe.fill(block, &[block as u8; BLOCK as usize]);
-                    BlkRequest::write(block, sector, BLOCK)
-                } else {
-                    BlkRequest::read(block, sector, BLOCK)
-                }
-            })
-            .collect();
-        fe.submit(0, &requests);
-        // Taken = marked in flight or already published as used.
-        let in_flight = || fe.region().queue(0).inflight_count();
-        let taken = wait_until(TAKE_TIMEOUT, || {
-            in_flight() + usize::from(fe.queues[0].pending_used(&fe.ram)) >= count
-        });
-        if !taken {
-            return Err(format!("the agent did not take {count} requests"));
-        }
-        let in_flight = in_flight();
-        fe.frontend
-            .set_vring_enable(0, false)
-            .map_err(|e| format!("SET_VRING_ENABLE(0): {e}"))?;
-        let (_, stop) = fe.get_vring_base_timed(0, StopRequest::GetVringBase);
-        drop(fe);
-        if mode == Mode::Suspend {
-            // Let the abandoned operations finish before the next
-            // measurement, so they do not compete with it.
-            std::thread::sleep(self.latency + Duration::from_millis(20));
-        }
-        Ok(Sample { stop, in_flight })
-    }
-}
-
-/// The median of `values` (upper median for an even count).
-fn median<T: Ord + Copy>(values: &mut [T]) -> T {
-    values.sort_unstable();
-    values[values.len() / 2]
-}
-
 /// Medians of one (latency, count, mode) cell.
 struct Cell {
     stop_us: u128,
     in_flight: usize,
 }
 
-fn measure_cell(agent: &Agent, mode: Mode, count: usize, reps: usize) -> Result<Cell, String> {
+fn measure_cell(
+    agent: &StopAgent,
+    mode: StopMode,
+    count: usize,
+    reps: usize,
+) -> Result<Cell, String> {
     let mut stops = Vec::with_capacity(reps);
     let mut in_flight = Vec::with_capacity(reps);
     for _ in 0..reps {
@@ -214,8 +109,8 @@ fn measure_cell(agent: &Agent, mode: Mode, count: usize, reps: usize) -> Result<
         in_flight.push(sample.in_flight);
     }
     Ok(Cell {
-        stop_us: median(&mut stops),
-        in_flight: median(&mut in_flight),
+        stop_us: median(&mut stops).unwrap_or_default(),
+        in_flight: median(&mut in_flight).unwrap_or_default(),
     })
 }
 
@@ -239,10 +134,10 @@ fn bench() -> Result<(), String> {
         "drain/suspend"
     );
     for &latency_ms in &config.latencies_ms {
-        let agent = Agent::start(latency_ms);
+        let agent = StopAgent::start(latency_ms)?;
         for &count in &config.inflight {
-            let drain = measure_cell(&agent, Mode::Drain, count, config.reps)?;
-            let suspend = measure_cell(&agent, Mode::Suspend, count, config.reps)?;
+            let drain = measure_cell(&agent, StopMode::Drain, count, config.reps)?;
+            let suspend = measure_cell(&agent, StopMode::Suspend, count, config.reps)?;
             let ratio = drain.stop_us as f64 / suspend.stop_us.max(1) as f64;
             println!(
                 "{:>10} {:>9} {:>14} {:>12} {:>14} {:>12} {:>14.1}",

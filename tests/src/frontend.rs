@@ -120,6 +120,11 @@ impl GuestRam {
         GuestRam { mem, file, size }
     }
 
+    /// Its size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
     /// Our virtual address of guest physical address `gpa` (what the
     /// front-end tells the back-end in SET_VRING_ADDR).
     pub fn user_addr(&self, gpa: u64) -> u64 {
@@ -451,7 +456,8 @@ pub struct TestFrontend {
     stream: UnixStream,
 }
 
-/// Guest RAM size of a test front-end.
+/// Guest RAM size of a test front-end unless [`StartOptions::ram_size`]
+/// says otherwise.
 pub const RAM_SIZE: u64 = 16 << 20;
 /// Where buffers may go: above the rings (queue `i` uses `i * 64 KiB`).
 pub const BUFFER_BASE: u64 = 1 << 20;
@@ -478,6 +484,9 @@ pub struct StartOptions {
     /// Virtqueues per unit of GET_QUEUE_NUM: 1 for block (queues), 2 for
     /// net (queue pairs, as QEMU and DPDK read it).
     pub queues_per_unit: usize,
+    /// Guest RAM of a fresh front-end, in bytes (a sparse memfd, so a
+    /// large guest costs only what is touched); [`RAM_SIZE`] by default.
+    pub ram_size: u64,
 }
 
 impl StartOptions {
@@ -490,6 +499,7 @@ impl StartOptions {
             require_protocol: false,
             get_inflight: false,
             queues_per_unit: 1,
+            ram_size: RAM_SIZE,
         }
     }
 
@@ -503,6 +513,7 @@ impl StartOptions {
             require_protocol: true,
             queues_per_unit: 1,
             get_inflight: protocol & PROTOCOL_F_INFLIGHT_SHMFD != 0,
+            ram_size: RAM_SIZE,
         }
     }
 }
@@ -671,7 +682,7 @@ impl TestFrontend {
     /// GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM), with fresh guest RAM;
     /// [`Self::start_device`] does the rest.
     pub fn negotiate(socket: &Path, options: &StartOptions) -> TestFrontend {
-        let ram = Arc::new(GuestRam::new(RAM_SIZE));
+        let ram = Arc::new(GuestRam::new(options.ram_size));
         let queues = (0..options.num_queues)
             .map(|index| DriverQueue::new(index, options.queue_size, index as u64 * 0x1_0000))
             .collect();

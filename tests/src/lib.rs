@@ -6,9 +6,12 @@
 //! server. Nothing is mocked.
 
 pub mod bench;
+pub mod blk_stop;
 pub mod blkio_client;
+pub mod experiment;
 pub mod frontend;
 pub mod net_agent;
+pub mod net_rig;
 pub mod netns;
 pub mod netprobe;
 pub mod pinger;

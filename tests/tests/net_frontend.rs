@@ -10,7 +10,6 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -20,195 +19,18 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vhost_agent_tests::frontend::{raw, Desc, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
-use vhost_agent_tests::support::{agent_binary, spawn_net_agent, workspace_root, ChildGuard};
+use vhost_agent_tests::net_rig::{
+    counter, ctl, early_config, query_metrics, udp_frame, vdpa_191ms_profile, NetRig as Rig, HDR,
+    QUEUE_SIZE, WAIT,
+};
+use vhost_agent_tests::support::agent_binary;
 use vm_memory::{Bytes, GuestAddress};
 
-const HDR: usize = 12;
-const QUEUE_SIZE: u16 = 256;
-const WAIT: Duration = Duration::from_secs(5);
 const PAGE: u64 = 4096;
 /// VHOST_USER_SEND_RARP and VHOST_USER_NET_SET_MTU (the crate's front-end
 /// cannot send them).
 const SEND_RARP: u32 = 19;
 const NET_SET_MTU: u32 = 20;
-
-struct Rig {
-    dir: tempfile::TempDir,
-    _agent: ChildGuard,
-    frontend: TestFrontend,
-    /// Next free 64 KiB buffer slot.
-    next_slot: u64,
-}
-
-impl Rig {
-    /// An agent with one net device (`extra` appended to its spec) and a
-    /// front-end that started `pairs` queue pairs.
-    fn start(pairs: usize, extra: &str, protocol: VhostUserProtocolFeatures) -> Rig {
-        Self::start_on("loop", pairs, extra, protocol)
-    }
-
-    /// Like [`Self::start`] on dataplane `dataplane`.
-    fn start_on(
-        dataplane: &str,
-        pairs: usize,
-        extra: &str,
-        protocol: VhostUserProtocolFeatures,
-    ) -> Rig {
-        Self::start_after(dataplane, pairs, extra, protocol, |_| {})
-    }
-
-    /// Like [`Self::start_on`], calling `before_start` with the control
-    /// socket once the agent runs and before the front-end connects.
-    fn start_after(
-        dataplane: &str,
-        pairs: usize,
-        extra: &str,
-        protocol: VhostUserProtocolFeatures,
-        before_start: impl FnOnce(&Path),
-    ) -> Rig {
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("net.sock");
-        let control = dir.path().join("control.sock");
-        let agent = spawn_net_agent(
-            &[format!(
-                "socket={},dataplane={dataplane},queue-pairs={pairs}{extra}",
-                socket.display()
-            )],
-            &["--control", control.to_str().unwrap()],
-            Some(&dir.path().join("agent.log")),
-        );
-        before_start(&control);
-        let mut options = StartOptions::plain(2 * pairs, QUEUE_SIZE);
-        options.queues_per_unit = 2;
-        options.protocol = protocol.bits();
-        let frontend = TestFrontend::start(&socket, &options);
-        Rig {
-            dir,
-            _agent: agent,
-            frontend,
-            next_slot: 0,
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("agent.log")).unwrap_or_default()
-    }
-
-    fn control(&self) -> PathBuf {
-        self.dir.path().join("control.sock")
-    }
-
-    /// A fresh 64 KiB buffer in guest RAM.
-    fn slot(&mut self) -> u64 {
-        let addr = BUFFER_BASE + self.next_slot * 0x1_0000;
-        self.next_slot += 1;
-        assert!(addr + 0x1_0000 <= RAM_SIZE, "test ran out of buffer slots");
-        addr
-    }
-
-    fn write(&self, addr: u64, bytes: &[u8]) {
-        self.frontend
-            .ram
-            .mem
-            .write_slice(bytes, GuestAddress(addr))
-            .unwrap();
-    }
-
-    fn read(&self, addr: u64, len: usize) -> Vec<u8> {
-        let mut bytes = vec![0u8; len];
-        self.frontend
-            .ram
-            .mem
-            .read_slice(&mut bytes, GuestAddress(addr))
-            .unwrap();
-        bytes
-    }
-
-    /// Post `count` RX buffers of `len` bytes on pair `pair`; their
-    /// addresses by head index.
-    fn post_rx(&mut self, pair: usize, count: usize, len: u32) -> Vec<(u16, u64)> {
-        (0..count)
-            .map(|_| {
-                let addr = self.slot();
-                let head = self.frontend.queues[2 * pair]
-                    .add_chain(&self.frontend.ram, &[Desc::writable(addr, len)]);
-                (head, addr)
-            })
-            .collect()
-    }
-
-    /// Queue one frame on the TX ring of `pair` (header and frame in two
-    /// descriptors, as Linux does), without kicking.
-    fn queue_tx(&mut self, pair: usize, frame: &[u8]) -> u16 {
-        let addr = self.slot();
-        self.write(addr, &[0u8; HDR]);
-        self.write(addr + 0x100, frame);
-        self.frontend.queues[2 * pair + 1].add_chain(
-            &self.frontend.ram,
-            &[
-                Desc::readable(addr, HDR as u32),
-                Desc::readable(addr + 0x100, frame.len() as u32),
-            ],
-        )
-    }
-
-    fn kick_tx(&self, pair: usize) {
-        self.frontend.queues[2 * pair + 1].kick();
-    }
-
-    fn used(&mut self, queue: usize, count: u16) -> Vec<(u32, u32)> {
-        let ram = self.frontend.ram.clone();
-        self.frontend.queues[queue]
-            .wait_used(&ram, count, WAIT)
-            .unwrap_or_else(|| {
-                panic!(
-                    "queue {queue}: {count} used entries did not come; agent log:\n{}",
-                    self.log()
-                )
-            })
-    }
-
-    /// The device's entry in `query-devices`.
-    fn device(&self) -> Value {
-        query_device(&self.control())
-    }
-}
-
-fn query_device(control: &Path) -> Value {
-    let output = std::process::Command::new(agent_binary())
-        .args(["ctl", control.to_str().unwrap(), "query-devices"])
-        .output()
-        .expect("run vhost-agent ctl");
-    assert!(output.status.success(), "ctl failed: {output:?}");
-    let devices: Value = serde_json::from_slice(&output.stdout).unwrap();
-    devices[0].clone()
-}
-
-fn counter(device: &Value, pair: usize, name: &str) -> u64 {
-    device["pairs"][pair][name]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no counter {name} for pair {pair} in {device}"))
-}
-
-/// An Ethernet + IPv4 + UDP frame from 10.0.0.1:`sport` to 10.0.0.2:`dport`
-/// with `payload` bytes of a pattern.
-fn udp_frame(sport: u16, dport: u16, payload: usize) -> Vec<u8> {
-    let mut frame = Vec::with_capacity(42 + payload);
-    frame.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 2]);
-    frame.extend_from_slice(&[0x52, 0x54, 0, 0, 0, 1]);
-    frame.extend_from_slice(&0x0800u16.to_be_bytes());
-    let total = (20 + 8 + payload) as u16;
-    frame.extend_from_slice(&[0x45, 0]);
-    frame.extend_from_slice(&total.to_be_bytes());
-    frame.extend_from_slice(&[0, 0, 0x40, 0, 64, 17, 0, 0]);
-    frame.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
-    frame.extend_from_slice(&sport.to_be_bytes());
-    frame.extend_from_slice(&dport.to_be_bytes());
-    frame.extend_from_slice(&((8 + payload) as u16).to_be_bytes());
-    frame.extend_from_slice(&[0, 0]);
-    frame.extend((0..payload).map(|i| (i * 7 + usize::from(sport)) as u8));
-    frame
-}
 
 #[test]
 fn loop_reflects_every_frame_with_a_fresh_header() {
@@ -517,7 +339,7 @@ fn what_the_device_writes_is_dirty_logged() {
     rig.frontend.frontend.set_features(features).unwrap();
     rig.frontend.sync();
     let rx = rig.post_rx(0, 1, 8192);
-    let tx_slot = rig.next_slot;
+    let tx_slot = rig.next_slot();
     rig.queue_tx(0, &udp_frame(1, 2, 5000));
     rig.kick_tx(0);
     // Both used entries: the RX ring may be published a moment before the
@@ -553,7 +375,7 @@ fn what_the_device_writes_is_dirty_logged() {
 
 #[test]
 fn the_sim_dataplane_charges_its_profile_and_moves_frames_like_loop() {
-    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let profile = vdpa_191ms_profile();
     let started = std::time::Instant::now();
     let mut rig = Rig::start_on(
         &format!("sim:{}", profile.display()),
@@ -674,16 +496,6 @@ fn one_agent_serves_a_disk_and_a_net_device_side_by_side() {
     );
 }
 
-/// `query-metrics` of the device through `vhost-agent ctl`.
-fn query_metrics(control: &Path, arguments: &str) -> Value {
-    let output = std::process::Command::new(agent_binary())
-        .args(["ctl", control.to_str().unwrap(), "query-metrics", arguments])
-        .output()
-        .expect("run vhost-agent ctl");
-    assert!(output.status.success(), "ctl failed: {output:?}");
-    serde_json::from_slice(&output.stdout).unwrap()
-}
-
 #[test]
 fn query_metrics_measures_the_start_critical_path_and_the_stop_time() {
     let started = std::time::Instant::now();
@@ -734,42 +546,11 @@ fn query_metrics_measures_the_start_critical_path_and_the_stop_time() {
     assert!((seconds * 1e6 - critical_path as f64).abs() < 1.0, "{line}");
 }
 
-/// Run `vhost-agent ctl CONTROL command arguments`: the result on success,
-/// the error text otherwise.
-fn ctl(control: &Path, command: &str, arguments: &str) -> Result<Value, String> {
-    let output = std::process::Command::new(agent_binary())
-        .args(["ctl", control.to_str().unwrap(), command, arguments])
-        .output()
-        .expect("run vhost-agent ctl");
-    if output.status.success() {
-        Ok(serde_json::from_slice(&output.stdout).unwrap())
-    } else {
-        Err(String::from_utf8_lossy(&output.stderr).into_owned())
-    }
-}
-
-/// An early configuration for a sim device with `pairs` queue pairs, as an
-/// orchestrator would relay it from the source's `query-config`.
-fn early_config(pairs: u16) -> String {
-    serde_json::json!({
-        "device": "net0",
-        "config": {
-            "version": 1,
-            "acked_features": 0,
-            "protocol_features": 0,
-            "memory": [],
-            "rings": [],
-            "device": {"net": {"mtu": 1500, "mac": [82, 84, 0, 18, 52, 86], "queue_pairs": pairs, "rss": null}}
-        }
-    })
-    .to_string()
-}
-
 /// Start a 2-pair device on the 191 ms sim profile, optionally after a
 /// `presetup` call; check frames move; return the agent's start critical
 /// path and its presetup counters.
 fn sim_start(presetup: Option<&str>) -> (Duration, Value, Rig) {
-    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let profile = vdpa_191ms_profile();
     let mut rig = Rig::start_after(
         &format!("sim:{}", profile.display()),
         2,
@@ -828,7 +609,7 @@ fn presetup_takes_the_sim_queue_creation_off_the_start_critical_path() {
 
 #[test]
 fn garbage_presetup_is_refused_counted_and_the_device_still_works() {
-    let profile = workspace_root().join("netdev/profiles/vdpa-191ms.json");
+    let profile = vdpa_191ms_profile();
     let mut refusals = Vec::new();
     let mut rig = Rig::start_after(
         &format!("sim:{}", profile.display()),
