@@ -10,6 +10,7 @@
 //! * [`device`]: building a served disk from command-line options.
 //! * [`registry`]: the served devices by id.
 //! * [`metrics`]: per-device protocol timeline and downtime figures.
+//! * [`presetup_inband`]: the opt-in NVIDIA RFC presetup bracket (request 41).
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
 pub mod backend_shared;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod net_backend;
 pub mod net_presetup;
 pub mod net_worker;
+pub mod presetup_inband;
 pub mod registry;
 pub mod requests;
 pub mod server;

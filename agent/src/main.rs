@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use vhost_agent::cli::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
 use vhost_agent::control::{self, ControlServer, Reply, Request};
 use vhost_agent::device::{bind_blk, bind_net};
+use vhost_agent::presetup_inband::PresetupProtocol;
 use vhost_agent::registry::Registry;
 
 mod demo;
@@ -53,7 +54,36 @@ struct ServeArgs {
     /// user (and root) can connect; a stale socket file is replaced.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// In-band presetup protocol for net devices: none (default) or
+    /// nvidia-rfc. See --help for the collision with SHARED_OBJECT.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "PROTOCOL",
+        default_value_t = PresetupProtocol::None,
+        long_help = PRESETUP_PROTOCOL_HELP
+    )]
+    presetup_protocol: PresetupProtocol,
 }
+
+const PRESETUP_PROTOCOL_HELP: &str = "\
+In-band presetup protocol for net devices (default: none).
+
+nvidia-rfc: speak the presetup bracket of NVIDIA's early-migration RFC
+(never merged into QEMU; NVIDIA's QEMU branches carry it). Net devices offer
+protocol feature bit 18, and request 41 with an 8-byte payload marks the
+start (1) and end (2) of an early configuration sent during migration
+setup: the agent maps guest memory, sets the MTU and creates dataplane
+queues then, starts no ring and reads no guest memory, and at switchover
+applies only what differs.
+
+Off by default because the numbers collide with upstream QEMU (8.2+):
+bit 18 is SHARED_OBJECT and request 41 is GET_SHARED_OBJECT (a 16-byte
+UUID payload). The agent never offers SHARED_OBJECT; with this switch on, a
+front-end that sends request 41 with a 16-byte payload after acking bit 18
+means SHARED_OBJECT, and its connection is closed with an error. Turn it on
+only for front-ends that speak the RFC. The control API's presetup command
+works with stock QEMU and needs no switch.";
 
 const CTL_ABOUT: &str = "\
 Send one command to a running agent's control socket (serve --control PATH)
@@ -167,7 +197,7 @@ fn serve(args: ServeArgs) -> Result<()> {
         servers.push(Box::new(move || server.run()));
     }
     for (index, spec) in args.net.iter().enumerate() {
-        let bound = bind_net(spec, &format!("net{index}"))
+        let bound = bind_net(spec, &format!("net{index}"), args.presetup_protocol)
             .with_context(|| format!("setting up --net {}", spec.socket.display()))?;
         registry
             .insert(bound.device)
