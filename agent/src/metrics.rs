@@ -265,16 +265,16 @@ impl DeviceMetrics {
     /// A message with request `code` arrived (recorded before it is
     /// handled, so its handling time is inside the windows).
     pub fn message(&self, code: u32) {
+        self.message_named(code, requests::name(code));
+    }
+
+    /// Like [`Self::message`], under `name`: a request the back-end
+    /// claims may mean something else than the spec's code (PRESETUP is
+    /// 41, upstream's GET_SHARED_OBJECT).
+    pub fn message_named(&self, code: u32, name: &'static str) {
         let now = Instant::now();
         let mut inner = self.lock();
-        self.push(
-            &mut inner,
-            now,
-            EventKind::Message {
-                code,
-                name: requests::name(code),
-            },
-        );
+        self.push(&mut inner, now, EventKind::Message { code, name });
         inner.in_stop_request = is_stop(code);
         if inner.phase == Phase::Idle && starts_device(code) && !inner.in_presetup {
             inner.phase = Phase::Starting;

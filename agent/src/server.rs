@@ -308,10 +308,10 @@ impl<B: ServedBackend> DeviceServer<B> {
                 Err(e) => return Outcome::Disconnect(format!("read failed: {e}")),
             };
             let started = Instant::now();
-            self.metrics.message(header.code);
             let info = requests::lookup(header.code);
             let claimed = lock(&self.backend).claims(&header);
             let name = claimed.unwrap_or_else(|| requests::name(header.code));
+            self.metrics.message_named(header.code, name);
             let outcome = match (claimed, info.map(|info| info.handled_by)) {
                 (None, Some(HandledBy::Crate)) => match conn.handler.handle_request() {
                     Ok(()) => Ok(()),

@@ -237,6 +237,12 @@ fn a_bracket_then_an_identical_start_skips_every_heavy_op() {
     for event in ["presetup-start", "presetup-end"] {
         assert!(timeline.iter().any(|e| e["event"] == event), "{metrics}");
     }
+    assert!(
+        timeline
+            .iter()
+            .any(|e| e["event"] == "message" && e["code"] == 41 && e["name"] == "PRESETUP"),
+        "{metrics}"
+    );
     let critical_path = metrics["start-critical-path-us"].as_u64().expect("a start");
     assert!(critical_path < 160_000, "critical path {critical_path} us");
     assert!(agent.log().contains("mappings kept"), "{}", agent.log());
