@@ -337,6 +337,7 @@ impl BlkBackend {
                     },
                 )
             })
+            .filter(|ring| self.memory.holds_ring(ring))
             .collect();
         presetup::DeviceConfig {
             version: presetup::FORMAT_VERSION,

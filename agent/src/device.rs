@@ -163,10 +163,12 @@ pub struct BoundNet {
 }
 
 /// Open the dataplane (a tap exists from here on) and bind the socket;
-/// `default_name` is used when the spec has no id.
+/// `default_name` is used when the spec has no id, `presetup_protocol` is
+/// the serve-wide in-band presetup switch.
 pub fn bind_net(
     spec: &crate::cli::NetSpec,
     default_name: &str,
+    presetup_protocol: crate::presetup_inband::PresetupProtocol,
 ) -> Result<BoundNet, NetDeviceError> {
     use crate::net_backend::{NetBackend, NetOptions};
     let name = spec.id.clone().unwrap_or_else(|| default_name.to_string());
@@ -195,6 +197,7 @@ pub fn bind_net(
         mac: spec.mac,
         poll: std::time::Duration::from_micros(u64::from(spec.poll_us)),
         rss,
+        presetup_protocol,
     };
     let metrics = Arc::new(crate::metrics::DeviceMetrics::new(&name));
     let backend = NetBackend::new(&name, options, dataplane, metrics.clone())?;

@@ -14,6 +14,7 @@
 //! * [`metrics`]: per-device protocol timeline and downtime figures.
 //! * [`net_presetup`], [`blk_presetup`], [`switchover`]: early
 //!   configuration and the plan of a start against it.
+//! * [`presetup_inband`]: the opt-in NVIDIA RFC presetup bracket (request 41).
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 
 pub mod backend_shared;
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod net_backend;
 pub mod net_presetup;
 pub mod net_worker;
+pub mod presetup_inband;
 pub mod registry;
 pub mod requests;
 pub mod server;

@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use vhost_agent::cli::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
 use vhost_agent::control::{self, ControlServer, Reply, Request};
+use vhost_agent::presetup_inband::PresetupProtocol;
 use vhost_agent::registry::Registry;
 use vhost_agent::supervisor::{DeviceSpec, Devices};
 
@@ -60,7 +61,36 @@ struct ServeArgs {
     /// with add-device.
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+    /// In-band presetup protocol for net devices: none (default) or
+    /// nvidia-rfc. See --help for the collision with SHARED_OBJECT.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "PROTOCOL",
+        default_value_t = PresetupProtocol::None,
+        long_help = PRESETUP_PROTOCOL_HELP
+    )]
+    presetup_protocol: PresetupProtocol,
 }
+
+const PRESETUP_PROTOCOL_HELP: &str = "\
+In-band presetup protocol for net devices (default: none).
+
+nvidia-rfc: speak the presetup bracket of NVIDIA's early-migration RFC
+(never merged into QEMU; NVIDIA's QEMU branches carry it). Net devices offer
+protocol feature bit 18, and request 41 with an 8-byte payload marks the
+start (1) and end (2) of an early configuration sent during migration
+setup: the agent maps guest memory, sets the MTU and creates dataplane
+queues then, starts no ring and reads no guest memory, and at switchover
+applies only what differs.
+
+Off by default because the numbers collide with upstream QEMU (8.2+):
+bit 18 is SHARED_OBJECT and request 41 is GET_SHARED_OBJECT (a 16-byte
+UUID payload). The agent never offers SHARED_OBJECT; with this switch on, a
+front-end that sends request 41 with a 16-byte payload after acking bit 18
+means SHARED_OBJECT, and its connection is closed with an error. Turn it on
+only for front-ends that speak the RFC. The control API's presetup command
+works with stock QEMU and needs no switch.";
 
 const CTL_ABOUT: &str = "\
 Send one command to a running agent's control socket (serve --control PATH)
@@ -153,7 +183,9 @@ enum ShutdownCause {
 fn serve(args: ServeArgs) -> Result<()> {
     // Before any thread exists, so every thread inherits the mask.
     let signals = block_termination_signals()?;
-    let devices = Arc::new(Devices::new(Arc::new(Registry::new())));
+    let devices = Arc::new(
+        Devices::new(Arc::new(Registry::new())).with_presetup_protocol(args.presetup_protocol),
+    );
     let (stop_tx, stop_rx) = mpsc::channel();
     // The control socket first: once the disks' sockets exist, so does it.
     let control = match &args.control {

@@ -53,6 +53,17 @@ pub enum MemoryError {
     NoSuchRegion(u64),
 }
 
+/// What [`MemoryMap::set_table_keeping`] did with a memory table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TableChange {
+    /// The table names exactly the mappings the device has (same backing
+    /// files, offsets, sizes and guest addresses): they were kept, and only
+    /// the front-end addresses used for translation were updated.
+    Kept,
+    /// The table was mapped anew.
+    Remapped,
+}
+
 /// One region: where the guest sees it and where the front-end mapped it.
 #[derive(Clone, Debug)]
 struct Region {
@@ -134,6 +145,68 @@ impl MemoryMap {
         self.install(regions)
     }
 
+    /// SET_MEM_TABLE that keeps what is already mapped: a table naming the
+    /// same mappings as the current one (compared by backing file identity,
+    /// file offset, size and guest address, as [`presetup::RegionKey`]
+    /// does; fd numbers differ between messages) keeps them, pre-faulted
+    /// pages and dirty-log attachment included, and takes only the new
+    /// front-end addresses. Any other table is mapped anew with
+    /// [`Self::set_table`]. This is what lets an early (presetup) mapping
+    /// survive the switchover's identical SET_MEM_TABLE.
+    pub fn set_table_keeping(
+        &mut self,
+        table: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+    ) -> Result<TableChange, MemoryError> {
+        if let Some(kept) = self.same_mappings(table, &files) {
+            // The workers' GuestRam holds guest addresses only: it stays.
+            self.regions = kept;
+            return Ok(TableChange::Kept);
+        }
+        self.set_table(table, files)?;
+        Ok(TableChange::Remapped)
+    }
+
+    /// The current regions with `table`'s front-end addresses, if `table`
+    /// names exactly the current mappings.
+    fn same_mappings(
+        &self,
+        table: &[VhostUserMemoryRegion],
+        files: &[File],
+    ) -> Option<Vec<Region>> {
+        if self.regions.is_empty()
+            || table.len() != self.regions.len()
+            || files.len() != table.len()
+        {
+            return None;
+        }
+        let mut kept = Vec::with_capacity(table.len());
+        for (entry, file) in table.iter().zip(files) {
+            // A file we cannot identify is left to set_table to report.
+            let file_identity = identify(file, entry.guest_phys_addr).ok()?;
+            entry.user_addr.checked_add(entry.memory_size)?;
+            let old = self.regions.iter().find(|region| {
+                region.file == file_identity
+                    && region.file_offset == entry.mmap_offset
+                    && region.size == entry.memory_size
+                    && region.guest_phys_addr == entry.guest_phys_addr
+            })?;
+            let mut region = old.clone();
+            region.user_addr = entry.user_addr;
+            kept.push(region);
+        }
+        // Equal counts and distinct guest addresses: every current region
+        // was matched exactly once.
+        kept.sort_by_key(|region| region.guest_phys_addr);
+        if kept
+            .windows(2)
+            .any(|pair| pair[0].guest_phys_addr == pair[1].guest_phys_addr)
+        {
+            return None;
+        }
+        Some(kept)
+    }
+
     /// Add one region (ADD_MEM_REG).
     pub fn add_region(
         &mut self,
@@ -185,6 +258,16 @@ impl MemoryMap {
         self.log.is_some()
     }
 
+    /// Whether all three addresses of a ring lie in the current table: a
+    /// ring set up under an older table (its SET_VRING_ADDR not re-sent
+    /// yet) is not described as configured.
+    pub fn holds_ring(&self, ring: &presetup::RingConfig) -> bool {
+        ring.addresses
+            .parts()
+            .iter()
+            .all(|(_, addr)| self.vmm_to_guest(addr.0).is_some())
+    }
+
     /// Translate a front-end virtual address into a guest physical address.
     pub fn vmm_to_guest(&self, user_addr: u64) -> Option<GuestAddress> {
         self.regions.iter().find_map(|r| {
@@ -227,6 +310,20 @@ fn attach_log(region: &Region, log: Option<&Arc<LogRegion>>) {
     }
 }
 
+/// The backing file's identity (st_dev, st_ino), which names a mapping
+/// across messages and processes where fd numbers do not.
+fn identify(file: &File, guest_phys_addr: u64) -> Result<presetup::FileIdentity, MemoryError> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = file.metadata().map_err(|source| MemoryError::Identify {
+        guest_phys_addr,
+        source,
+    })?;
+    Ok(presetup::FileIdentity {
+        device: metadata.dev(),
+        inode: metadata.ino(),
+    })
+}
+
 fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, MemoryError> {
     let guest_phys_addr = region.guest_phys_addr;
     let size = region.memory_size;
@@ -238,17 +335,7 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, Memo
             "region at {guest_phys_addr:#x} of {size} bytes"
         )));
     }
-    let file_identity = {
-        use std::os::unix::fs::MetadataExt;
-        let metadata = file.metadata().map_err(|source| MemoryError::Identify {
-            guest_phys_addr,
-            source,
-        })?;
-        presetup::FileIdentity {
-            device: metadata.dev(),
-            inode: metadata.ino(),
-        }
-    };
+    let file_identity = identify(&file, guest_phys_addr)?;
     let file_offset = region.mmap_offset;
     let mmap = region
         .mmap_region::<LogBitmap>(file)
@@ -300,6 +387,67 @@ mod tests {
         mem.write_obj(0x1234u32, GuestAddress(0x100000)).unwrap();
         assert_eq!(mem.read_obj::<u32>(GuestAddress(0x100000)).unwrap(), 0x1234);
         assert_eq!(mem.num_regions(), 2);
+    }
+
+    #[test]
+    fn an_identical_table_keeps_its_mappings_and_takes_new_user_addresses() {
+        let mut map = MemoryMap::default();
+        let ram = memfd(0x20000);
+        let table = [VhostUserMemoryRegion::new(
+            0,
+            0x10000,
+            0x7f00_0000_0000,
+            0x10000,
+        )];
+        assert_eq!(
+            map.set_table_keeping(&table, vec![ram.try_clone().unwrap()])
+                .unwrap(),
+            TableChange::Remapped
+        );
+        let host = |map: &MemoryMap| {
+            map.atomic()
+                .memory()
+                .get_host_address(GuestAddress(0))
+                .unwrap() as usize
+        };
+        let mapped_at = host(&map);
+        // The same memory from another front-end process: a new fd for the
+        // same file, another front-end address.
+        let again = [VhostUserMemoryRegion::new(
+            0,
+            0x10000,
+            0x5500_0000_0000,
+            0x10000,
+        )];
+        assert_eq!(
+            map.set_table_keeping(&again, vec![ram.try_clone().unwrap()])
+                .unwrap(),
+            TableChange::Kept
+        );
+        assert_eq!(host(&map), mapped_at, "the mapping was kept");
+        assert_eq!(map.vmm_to_guest(0x5500_0000_0010), Some(GuestAddress(0x10)));
+        assert_eq!(map.vmm_to_guest(0x7f00_0000_0010), None);
+        assert_eq!(map.describe()[0].user_addr.0, 0x5500_0000_0000);
+        // Another offset, another file or another guest address: a remap.
+        for (table, file) in [
+            (
+                VhostUserMemoryRegion::new(0, 0x10000, 0x5500_0000_0000, 0),
+                ram.try_clone().unwrap(),
+            ),
+            (
+                VhostUserMemoryRegion::new(0, 0x10000, 0x5500_0000_0000, 0),
+                memfd(0x10000),
+            ),
+            (
+                VhostUserMemoryRegion::new(0x100000, 0x10000, 0x5500_0000_0000, 0),
+                memfd(0x10000),
+            ),
+        ] {
+            assert_eq!(
+                map.set_table_keeping(&[table], vec![file]).unwrap(),
+                TableChange::Remapped
+            );
+        }
     }
 
     #[test]

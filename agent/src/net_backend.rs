@@ -32,8 +32,11 @@ use crate::backend_shared::{read_config, ring_addresses, ring_size, DeviceStatus
 use crate::blk_backend::BackendError;
 use crate::memory::{GuestRam, MemoryMap, MAX_MEM_SLOTS};
 use crate::net_worker::{DataPathOutputs, NetWorker, NetWorkerError, RingStart};
+use crate::presetup_inband::{self, Bracket, PresetupProtocol};
 use crate::server::OwnRequest;
 use crate::vring::{build_queue, VringConfig};
+
+mod inband;
 
 /// Version of the device state format (SET_DEVICE_STATE_FD).
 pub const NET_STATE_VERSION: u32 = 1;
@@ -71,6 +74,8 @@ pub struct NetOptions {
     pub poll: Duration,
     /// RSS steering to start with.
     pub rss: Option<RssConfig>,
+    /// In-band presetup (`serve --presetup-protocol`).
+    pub presetup_protocol: PresetupProtocol,
 }
 
 /// A device state transfer in progress.
@@ -115,11 +120,16 @@ pub struct NetBackend {
     /// The current start was planned (and counted) against the early
     /// configuration; cleared by a stop or a disconnect.
     start_planned: bool,
+    /// The in-band presetup bracket (only with `--presetup-protocol`).
+    bracket: Bracket,
 }
 
-/// Protocol features a net device offers.
-pub fn net_protocol_features() -> VhostUserProtocolFeatures {
-    VhostUserProtocolFeatures::MQ
+/// Protocol features a net device offers. With in-band presetup on, that
+/// includes bit 18 as the RFC's PRESETUP; the agent never offers upstream
+/// SHARED_OBJECT, which has the same bit.
+pub fn net_protocol_features(presetup: PresetupProtocol) -> VhostUserProtocolFeatures {
+    VhostUserProtocolFeatures::from_bits_retain(presetup.protocol_features())
+        | VhostUserProtocolFeatures::MQ
         | VhostUserProtocolFeatures::LOG_SHMFD
         | VhostUserProtocolFeatures::REPLY_ACK
         | VhostUserProtocolFeatures::RARP
@@ -191,6 +201,7 @@ impl NetBackend {
             transfer: None,
             metrics,
             start_planned: false,
+            bracket: Bracket::default(),
         };
         if let Some(config) = backend.options.rss.clone() {
             if let Err(e) = backend.set_rss(Some(config)) {
@@ -259,11 +270,20 @@ impl NetBackend {
         if self.running.get(slot).copied().unwrap_or(true) {
             return Ok(());
         }
+        let in_bracket = self.bracket.is_open();
         let vring = self.vring(index)?;
         let Some(addresses) = vring.addresses() else {
             return Ok(());
         };
         if vring.size == 0 || vring.kick.is_none() {
+            return Ok(());
+        }
+        if in_bracket {
+            // Inside a presetup bracket guest RAM has not been migrated
+            // yet: the ring must not start (building it reads used->idx).
+            // The RFC sends no kick fd here; one that came anyway waits for
+            // the real start's SET_VRING_KICK.
+            log::warn!("{name}: kick fd for queue {index} inside a presetup bracket; the queue starts with the real start");
             return Ok(());
         }
         let mem = vm_memory::GuestAddressSpace::memory(&atomic);
@@ -356,6 +376,7 @@ impl NetBackend {
                 // index < 2 * MAX_QUEUE_PAIRS.
                 vring.describe(index as u16, running)
             })
+            .filter(|ring| self.memory.holds_ring(ring))
             .collect();
         presetup::DeviceConfig {
             version: presetup::FORMAT_VERSION,
@@ -521,11 +542,21 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
         files: Vec<File>,
         _postcopy_listening: Option<bool>,
     ) -> VhostResult<Option<Vec<u64>>> {
-        self.memory
-            .set_table(ctx, files)
+        let change = self
+            .memory
+            .set_table_keeping(ctx, files)
             .map_err(BackendError::from)?;
-        self.worker.map_memory();
-        log::info!("{}: memory table with {} regions", self.name, ctx.len());
+        match change {
+            crate::memory::TableChange::Remapped => {
+                self.worker.map_memory();
+                log::info!("{}: memory table with {} regions", self.name, ctx.len());
+            }
+            crate::memory::TableChange::Kept => log::info!(
+                "{}: memory table with {} regions unchanged; mappings kept",
+                self.name,
+                ctx.len()
+            ),
+        }
         Ok(None)
     }
 
@@ -601,7 +632,7 @@ impl VhostUserBackendReqHandlerMut for NetBackend {
     }
 
     fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
-        Ok(net_protocol_features())
+        Ok(net_protocol_features(self.options.presetup_protocol))
     }
 
     fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
@@ -785,6 +816,9 @@ impl crate::server::ServedBackend for NetBackend {
 
     fn disconnect(&mut self) {
         self.start_planned = false;
+        self.bracket.reset();
+        // The memory goes below: an early configuration stops holding it.
+        self.shared.presetup.connection_lost();
         self.reset_rings();
         self.log.forget(&mut self.memory);
         self.acked_features = 0;
@@ -811,10 +845,31 @@ impl crate::server::ServedBackend for NetBackend {
         NetBackend::current_config(self)
     }
 
+    fn claims(&self, header: &crate::wire::Header) -> Option<&'static str> {
+        (header.code == presetup_inband::VHOST_USER_PRESETUP
+            && self
+                .options
+                .presetup_protocol
+                .claims_request_41(self.acked_protocol_features))
+        .then_some("PRESETUP")
+    }
+
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {
         match code {
             19 => OwnRequest::Ack(self.send_rarp(payload)),
             20 => OwnRequest::Ack(self.net_set_mtu(payload)),
+            presetup_inband::VHOST_USER_PRESETUP => match presetup_inband::decode(payload) {
+                Some(value) => self.presetup(value),
+                // Only claimed with bit 18 negotiated as PRESETUP: a
+                // front-end sending GET_SHARED_OBJECT's UUID means the other
+                // thing by bit 18, and wants a reply we cannot give.
+                None => OwnRequest::Fail(format!(
+                    "request 41 with a {}-byte payload is upstream GET_SHARED_OBJECT, but \
+                     protocol feature 18 was negotiated as the NVIDIA presetup \
+                     (--presetup-protocol=nvidia-rfc): the front-end speaks SHARED_OBJECT",
+                    payload.len()
+                )),
+            },
             _ => OwnRequest::Unknown,
         }
     }

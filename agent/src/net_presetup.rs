@@ -7,7 +7,11 @@
 //!
 //! Memory is never mapped early over the control API (it comes without
 //! fds), so the applied configuration has no memory and no rings, as the
-//! `presetup::plan` contract asks.
+//! `presetup::plan` contract asks. The in-band bracket
+//! ([`crate::presetup_inband`]) is different: its messages really set up
+//! memory and rings, so what it leaves behind ([`NetPresetup::apply_in_band`])
+//! includes them, and an unchanged memory table at switchover keeps the
+//! early mapping.
 
 use std::sync::Mutex;
 
@@ -37,6 +41,12 @@ pub enum PresetupError {
     /// The data path thread is gone.
     #[error("the net data path thread is gone")]
     DataPathGone,
+    /// An in-band bracket ended with no queue pair set up and enabled.
+    #[error("the presetup bracket set up no queue pair (rings sized, addressed and enabled)")]
+    NoQueuePair,
+    /// What an in-band bracket left behind does not validate.
+    #[error("the configuration the presetup bracket left is not usable")]
+    Invalid(#[source] presetup::ConfigError),
 }
 
 /// What `presetup` did, as the control API reports it.
@@ -152,6 +162,56 @@ impl NetPresetup {
             rss_config,
             net.mtu,
         ))
+    }
+
+    /// Take what the device holds at the end of an in-band bracket as the
+    /// early configuration: `held` is the device's own description (memory
+    /// and rings included: the bracket really set them up), its queue
+    /// pairs cut to the pairs the bracket readied. Creates those pairs'
+    /// dataplane queues now and sets the MTU if the dataplane lacks it;
+    /// RSS is left as it is (the bracket never carries it, so the device's
+    /// steering is already in force and `held` describes it).
+    pub fn apply_in_band(&self, held: DeviceConfig) -> Result<EarlyApplied, PresetupError> {
+        let DeviceKind::Net(net) = &held.device else {
+            return Err(PresetupError::WrongKind);
+        };
+        if net.queue_pairs == 0 {
+            return Err(PresetupError::NoQueuePair);
+        }
+        let (queue_pairs, mtu) = (net.queue_pairs, net.mtu);
+        let valid = ValidConfig::new(held).map_err(PresetupError::Invalid)?;
+        let done = self
+            .handle
+            .presetup(EarlyWork {
+                queues: 2 * queue_pairs,
+                rss: None,
+                mtu,
+                // SET_FEATURES inside the bracket configured them already.
+                features: None,
+            })
+            .ok_or(PresetupError::DataPathGone)?;
+        *self.applied.lock().unwrap_or_else(|p| p.into_inner()) = Some(valid.into_inner());
+        Ok(EarlyApplied {
+            queues_created: done.queues_created,
+            rss_programmed: done.rss_programmed,
+            mtu_set: done.mtu_set,
+            offloads_set: done.offloads_set,
+        })
+    }
+
+    /// The front-end went away and the device dropped its memory and
+    /// rings: an early configuration no longer holds them either (its
+    /// queues, MTU and RSS stay, and so does the work done for them).
+    pub fn connection_lost(&self) {
+        if let Some(applied) = self
+            .applied
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_mut()
+        {
+            applied.memory.clear();
+            applied.rings.clear();
+        }
     }
 
     /// The applied early configuration, taken: one start uses it.

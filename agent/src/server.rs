@@ -50,6 +50,14 @@ pub trait ServedBackend: VhostUserBackendReqHandlerMut + Send + 'static {
     /// The configuration the device holds now, published after every
     /// message for `query-config`.
     fn current_config(&self) -> presetup::DeviceConfig;
+    /// Whether the back-end reads the request `header` announces itself,
+    /// although the `vhost` crate would decode it, and the name to log it
+    /// under. The opt-in presetup bracket uses it: request 41 is
+    /// GET_SHARED_OBJECT to the crate (see [`crate::presetup_inband`]).
+    fn claims(&self, header: &wire::Header) -> Option<&'static str> {
+        let _ = header;
+        None
+    }
     /// A request the agent answers itself, other than SET/GET_STATUS.
     fn handle_own(&mut self, code: u32, payload: &[u8]) -> OwnRequest {
         let _ = (code, payload);
@@ -340,15 +348,16 @@ impl<B: ServedBackend> DeviceServer<B> {
                 Err(e) => return Outcome::Disconnect(format!("read failed: {e}")),
             };
             let started = Instant::now();
-            self.metrics.message(header.code);
             let info = requests::lookup(header.code);
-            let name = requests::name(header.code);
-            let outcome = match info.map(|info| info.handled_by) {
-                Some(HandledBy::Crate) => match conn.handler.handle_request() {
+            let claimed = lock(&self.backend).claims(&header);
+            let name = claimed.unwrap_or_else(|| requests::name(header.code));
+            self.metrics.message_named(header.code, name);
+            let outcome = match (claimed, info.map(|info| info.handled_by)) {
+                (None, Some(HandledBy::Crate)) => match conn.handler.handle_request() {
                     Ok(()) => Ok(()),
                     Err(e) => self.crate_error(name, info.map(|info| info.reply), e),
                 },
-                _ => self.handle_own(conn, header.code),
+                _ => self.handle_own(conn, header.code, name),
             };
             if outcome.is_ok() && crate::metrics::is_stop(header.code) {
                 self.metrics.stop_replied(header.code);
@@ -399,9 +408,9 @@ impl<B: ServedBackend> DeviceServer<B> {
         }
     }
 
-    /// Requests the crate cannot handle (see [`requests::REQUESTS`]).
-    fn handle_own(&self, conn: &Connection<B>, code: u32) -> Result<(), String> {
-        let name = requests::name(code);
+    /// Requests the crate cannot handle (see [`requests::REQUESTS`]) and
+    /// those the back-end claims ([`ServedBackend::claims`]).
+    fn handle_own(&self, conn: &Connection<B>, code: u32, name: &str) -> Result<(), String> {
         let (header, payload, _files) = wire::read_message(&conn.stream)
             .map_err(|e| format!("reading {name} ({code}): {e}"))?;
         let mut backend = lock(&self.backend);

@@ -156,6 +156,8 @@ impl Removals {
 /// `serve` and the control API thread.
 pub struct Devices {
     registry: Arc<Registry>,
+    /// `serve --presetup-protocol`, for net devices added at any time.
+    presetup_protocol: crate::presetup_inband::PresetupProtocol,
     state: Mutex<State>,
     removals: Arc<Removals>,
 }
@@ -165,9 +167,20 @@ impl Devices {
     pub fn new(registry: Arc<Registry>) -> Devices {
         Devices {
             registry,
+            presetup_protocol: crate::presetup_inband::PresetupProtocol::default(),
             state: Mutex::new(State::default()),
             removals: Arc::new(Removals::default()),
         }
+    }
+
+    /// Serve net devices with this in-band presetup protocol
+    /// (`serve --presetup-protocol`).
+    pub fn with_presetup_protocol(
+        mut self,
+        protocol: crate::presetup_inband::PresetupProtocol,
+    ) -> Devices {
+        self.presetup_protocol = protocol;
+        self
     }
 
     /// The served devices by id, for reading.
@@ -235,9 +248,11 @@ impl Devices {
                 (bound.device, shutdown, Box::new(move || server.run()))
             }
             DeviceSpec::Net(spec) => {
-                let bound = bind_net(spec, &id).map_err(|source| DevicesError::Net {
-                    id: id.clone(),
-                    source,
+                let bound = bind_net(spec, &id, self.presetup_protocol).map_err(|source| {
+                    DevicesError::Net {
+                        id: id.clone(),
+                        source,
+                    }
                 })?;
                 let shutdown = bound.server.shutdown_handle();
                 let server = bound.server;

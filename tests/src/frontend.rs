@@ -14,6 +14,7 @@
 //! and buffers stay where they are) with SET_INFLIGHT_FD and no GET.
 
 pub mod inflight;
+pub mod presetup;
 pub mod raw;
 
 use std::fs::File;

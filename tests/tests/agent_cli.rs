@@ -63,6 +63,32 @@ fn bad_options_are_refused_by_name() {
 }
 
 #[test]
+fn presetup_protocol_is_off_by_default_and_explains_the_collision() {
+    let output = Command::new(agent_binary())
+        .args(["serve", "--help"])
+        .output()
+        .expect("run vhost-agent");
+    assert!(output.status.success());
+    let help = String::from_utf8_lossy(&output.stdout);
+    for text in [
+        "--presetup-protocol",
+        "nvidia-rfc",
+        "default: none",
+        "SHARED_OBJECT",
+    ] {
+        assert!(help.contains(text), "`{text}` not in serve --help:\n{help}");
+    }
+    assert_clear_error(
+        &[
+            "--net",
+            "socket=/tmp/x,dataplane=loop",
+            "--presetup-protocol=shared-object",
+        ],
+        "invalid value 'shared-object'",
+    );
+}
+
+#[test]
 fn socket_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("a.img");
