@@ -14,6 +14,27 @@ use crate::blk_backend::{BackendError, DEVICE_STATUS_NEEDS_RESET};
 use crate::dirty_log::LogRegion;
 use crate::memory::MemoryMap;
 
+/// A device's presetup description from what its back-end holds: the acked
+/// features, the memory table, the rings (those whose addresses lie in the
+/// current table) and the device part. Both back-ends' `query-config` and
+/// switchover plans come from here.
+pub fn device_config(
+    acked_features: u64,
+    protocol_features: u64,
+    memory: &MemoryMap,
+    rings: impl Iterator<Item = presetup::RingConfig>,
+    device: presetup::DeviceKind,
+) -> presetup::DeviceConfig {
+    presetup::DeviceConfig {
+        version: presetup::FORMAT_VERSION,
+        acked_features,
+        protocol_features,
+        memory: memory.describe(),
+        rings: rings.filter(|ring| memory.holds_ring(ring)).collect(),
+        device,
+    }
+}
+
 /// SET_VRING_NUM: a power of two from 1 to `max`.
 pub fn ring_size(index: u32, num: u32, max: u16) -> Result<u16, BackendError> {
     match u16::try_from(num) {

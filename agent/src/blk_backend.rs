@@ -319,40 +319,33 @@ impl BlkBackend {
     /// `query-config` serves.
     pub fn current_config(&self) -> presetup::DeviceConfig {
         let options = self.config.options();
-        let rings = self
-            .vrings
-            .iter()
-            .enumerate()
-            .filter_map(|(index, vring)| {
-                crate::vring::describe_ring(
-                    // index < num_queues <= u16::MAX.
-                    index as u16,
-                    vring.size,
-                    vring.frontend_addresses,
-                    crate::vring::RingFds {
-                        next_avail: vring.next_avail,
-                        enabled: vring.enabled,
-                        kick: vring.kick.is_some() || vring.worker.is_some(),
-                        call: vring.call.is_some(),
-                    },
-                )
-            })
-            .filter(|ring| self.memory.holds_ring(ring))
-            .collect();
-        presetup::DeviceConfig {
-            version: presetup::FORMAT_VERSION,
-            acked_features: self.acked_features,
-            protocol_features: self.acked_protocol_features,
-            memory: self.memory.describe(),
+        let rings = self.vrings.iter().enumerate().filter_map(|(index, vring)| {
+            crate::vring::describe_ring(
+                // index < num_queues <= u16::MAX.
+                index as u16,
+                vring.size,
+                vring.frontend_addresses,
+                crate::vring::RingFds {
+                    next_avail: vring.next_avail,
+                    enabled: vring.enabled,
+                    kick: vring.kick.is_some() || vring.worker.is_some(),
+                    call: vring.call.is_some(),
+                },
+            )
+        });
+        crate::backend_shared::device_config(
+            self.acked_features,
+            self.acked_protocol_features,
+            &self.memory,
             rings,
-            device: presetup::DeviceKind::Blk(presetup::BlkConfig {
+            presetup::DeviceKind::Blk(presetup::BlkConfig {
                 num_queues: options.num_queues,
                 queue_size: options.queue_size,
                 readonly: options.readonly,
                 direct: options.direct,
                 writeback: self.config.writeback(),
             }),
-        }
+        )
     }
 
     /// Protocol features the front-end acked (SET_PROTOCOL_FEATURES).

@@ -367,30 +367,23 @@ impl NetBackend {
     /// the switchover is planned against and what `query-config` serves.
     pub fn current_config(&self) -> presetup::DeviceConfig {
         let state = self.lock_state().clone();
-        let rings = self
-            .vrings
-            .iter()
-            .enumerate()
-            .filter_map(|(index, vring)| {
-                let running = self.running.get(index).copied().unwrap_or(false);
-                // index < 2 * MAX_QUEUE_PAIRS.
-                vring.describe(index as u16, running)
-            })
-            .filter(|ring| self.memory.holds_ring(ring))
-            .collect();
-        presetup::DeviceConfig {
-            version: presetup::FORMAT_VERSION,
-            acked_features: self.acked_features,
-            protocol_features: self.acked_protocol_features,
-            memory: self.memory.describe(),
+        let rings = self.vrings.iter().enumerate().filter_map(|(index, vring)| {
+            let running = self.running.get(index).copied().unwrap_or(false);
+            // index < 2 * MAX_QUEUE_PAIRS.
+            vring.describe(index as u16, running)
+        });
+        crate::backend_shared::device_config(
+            self.acked_features,
+            self.acked_protocol_features,
+            &self.memory,
             rings,
-            device: presetup::DeviceKind::Net(presetup::NetConfig {
+            presetup::DeviceKind::Net(presetup::NetConfig {
                 mtu: state.mtu,
                 mac: state.mac.0,
                 queue_pairs: self.options.queue_pairs,
                 rss: state.rss.as_ref().map(crate::net_presetup::rss_spec),
             }),
-        }
+        )
     }
 
     /// Per-pair counters, for logs and the control API.

@@ -781,27 +781,9 @@ impl TestFrontend {
             .set_mem_table(&[self.ram.region_info()])
             .expect("SET_MEM_TABLE");
         for (queue, &base) in self.queues.iter().zip(bases) {
-            let index = queue.index;
+            self.set_ring_layout(&self.ram, queue, base);
             self.frontend
-                .set_vring_num(index, queue.size)
-                .expect("SET_VRING_NUM");
-            self.frontend
-                .set_vring_base(index, base)
-                .expect("SET_VRING_BASE");
-            let config = VringConfigData {
-                queue_max_size: queue.size,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: self.ram.user_addr(queue.desc_table),
-                used_ring_addr: self.ram.user_addr(queue.used_ring),
-                avail_ring_addr: self.ram.user_addr(queue.avail_ring),
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_addr(index, &config)
-                .expect("SET_VRING_ADDR");
-            self.frontend
-                .set_vring_kick(index, &queue.kick)
+                .set_vring_kick(queue.index, &queue.kick)
                 .expect("SET_VRING_KICK");
         }
         for queue in &self.queues {
@@ -810,6 +792,30 @@ impl TestFrontend {
                 .expect("SET_VRING_ENABLE");
         }
         self.sync();
+    }
+
+    /// SET_VRING_NUM, SET_VRING_BASE (`base`) and SET_VRING_ADDR of
+    /// `queue`, its addresses as `ram` maps them.
+    fn set_ring_layout(&self, ram: &GuestRam, queue: &DriverQueue, base: u16) {
+        let index = queue.index;
+        self.frontend
+            .set_vring_num(index, queue.size)
+            .expect("SET_VRING_NUM");
+        self.frontend
+            .set_vring_base(index, base)
+            .expect("SET_VRING_BASE");
+        let config = VringConfigData {
+            queue_max_size: queue.size,
+            queue_size: queue.size,
+            flags: 0,
+            desc_table_addr: ram.user_addr(queue.desc_table),
+            used_ring_addr: ram.user_addr(queue.used_ring),
+            avail_ring_addr: ram.user_addr(queue.avail_ring),
+            log_addr: None,
+        };
+        self.frontend
+            .set_vring_addr(index, &config)
+            .expect("SET_VRING_ADDR");
     }
 
     /// GET_INFLIGHT_FD for this front-end's queues.

@@ -9,7 +9,7 @@
 use std::io;
 
 use vhost::vhost_user::VhostUserFrontend;
-use vhost::{VhostBackend, VringConfigData};
+use vhost::VhostBackend;
 
 use super::raw::{self, RawMessage};
 use super::{GuestRam, TestFrontend};
@@ -86,25 +86,8 @@ impl TestFrontend {
             .set_mem_table(&[early.ram.region_info()])
             .expect("SET_MEM_TABLE");
         for (queue, &base) in self.queues.iter().zip(bases) {
+            self.set_ring_layout(early.ram, queue, base);
             let index = queue.index;
-            self.frontend
-                .set_vring_num(index, queue.size)
-                .expect("SET_VRING_NUM");
-            self.frontend
-                .set_vring_base(index, base)
-                .expect("SET_VRING_BASE");
-            let config = VringConfigData {
-                queue_max_size: queue.size,
-                queue_size: queue.size,
-                flags: 0,
-                desc_table_addr: early.ram.user_addr(queue.desc_table),
-                used_ring_addr: early.ram.user_addr(queue.used_ring),
-                avail_ring_addr: early.ram.user_addr(queue.avail_ring),
-                log_addr: None,
-            };
-            self.frontend
-                .set_vring_addr(index, &config)
-                .expect("SET_VRING_ADDR");
             let ring = index as u64;
             if early.kick_fds {
                 self.frontend
