@@ -838,20 +838,35 @@ impl DataPath {
 
     fn command(&mut self, command: Command, poller: &Poll) {
         self.apply(command, poller);
+        // Commands without a reply (Exit) may have charged the sim too.
+        self.publish_sim_report();
+    }
+
+    /// Refresh what the control API shows of the sim's charges.
+    fn publish_sim_report(&self) {
         if let Some(hw) = self.dataplane.sim() {
             let report = SimReport::of(hw);
             *self.sim_report.lock().unwrap_or_else(|p| p.into_inner()) = Some(report);
         }
     }
 
+    /// Answer a command once what it charged is visible: whoever waits for
+    /// the reply (a control API `presetup`, a GET_VRING_BASE) may read the
+    /// sim's report next.
+    fn answer<T>(&self, reply: Reply<T>, value: T) {
+        self.publish_sim_report();
+        let _ = reply.send(value);
+    }
+
     fn apply(&mut self, command: Command, poller: &Poll) {
         match command {
             Command::Start(start, reply) => {
                 self.start(start, poller);
-                let _ = reply.send(());
+                self.answer(reply, ());
             }
             Command::Stop(index, reply) => {
-                let _ = reply.send(self.stop(index, poller));
+                let stopped = self.stop(index, poller);
+                self.answer(reply, stopped);
             }
             Command::SetCall(index, call) => {
                 if let Some(Some(slot)) = self.rings.get_mut(usize::from(index)) {
@@ -883,17 +898,17 @@ impl DataPath {
                         );
                     }
                 }
-                let _ = reply.send(());
+                self.answer(reply, ());
             }
             Command::SetFeatures(features, reply) => {
                 self.hdr_len = spec::header_len(features);
                 self.mrg_rxbuf = spec::mrg_rxbuf(features);
                 let result = self.configure_offloads(features);
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             Command::SetMtu(mtu, reply) => {
                 let result = self.set_mtu(mtu);
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             Command::Presetup(work, reply) => {
                 let mut done = EarlyDone::default();
@@ -921,25 +936,25 @@ impl DataPath {
                         Err(e) => log::warn!("{}: presetup MTU {}: {e}", self.name, work.mtu),
                     }
                 }
-                let _ = reply.send(done);
+                self.answer(reply, done);
             }
             Command::SetRss(rss, reply) => {
                 if rss.is_some() {
                     self.dataplane.program_rss();
                 }
                 self.rss = rss;
-                let _ = reply.send(());
+                self.answer(reply, ());
             }
             Command::Announce(mac, reply) => {
                 let result = self
                     .dataplane
                     .announce(mac, self.hdr_len)
                     .map_err(|e| crate::error_chain(&e));
-                let _ = reply.send(result);
+                self.answer(reply, result);
             }
             Command::MapMemory(reply) => {
                 self.dataplane.map_memory();
-                let _ = reply.send(());
+                self.answer(reply, ());
             }
             Command::Exit => {}
         }
