@@ -8,8 +8,8 @@ use std::time::Instant;
 
 use anyhow::{bail, ensure, Context, Result};
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
-use vhost_agent::cli::BlkSpec;
-use vhost_agent::device::bind_blk;
+use vhost_agent::daemon::bind::bind_blk;
+use vhost_agent::daemon::spec::BlkSpec;
 
 /// Options of the demo.
 #[derive(clap::Args, Debug)]
@@ -80,7 +80,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
     .parse()
     .map_err(anyhow::Error::msg)?;
     let server = bind_blk(&spec, "demo")?.server;
-    let shutdown = server.shutdown_handle();
+    let shutdown = server.handle();
     let thread = std::thread::spawn(move || server.run());
     println!("demo: agent serving {}", socket.display());
 

@@ -1,43 +1,33 @@
-//! vhost-agent: a vhost-user back-end daemon for virtio-blk (and, later,
-//! virtio-net), built for low-downtime live migration.
+//! vhost-agent: a vhost-user back-end daemon for virtio-blk and virtio-net,
+//! built for low-downtime live migration. The binary (`main.rs`) is a thin
+//! command line over this library.
 //!
-//! The binary is a thin CLI over this library. Layers:
-//! * [`server`]: one listening socket and protocol thread per device, header
-//!   peeking and routing ([`requests`], [`wire`]).
-//! * [`blk_backend`]: the `VhostUserBackendReqHandlerMut` of a disk.
-//! * [`worker`]: one mio event loop thread per running queue.
-//! * [`memory`]: guest memory from the front-end's memory table.
-//! * [`device`]: building a served disk from command-line options.
-//! * [`registry`]: the served devices by id.
-//! * [`supervisor`]: the running devices and their protocol threads: added
-//!   at start-up or through the control API, removed, shut down.
-//! * [`metrics`]: per-device protocol timeline and downtime figures.
-//! * [`net_presetup`], [`blk_presetup`], [`switchover`]: early
-//!   configuration and the plan of a start against it.
-//! * [`presetup_inband`]: the opt-in NVIDIA RFC presetup bracket (request 41).
+//! Module map, top down:
+//!
+//! * [`daemon`]: `serve` (start-up, SIGINT/SIGTERM, shutdown), the
+//!   `--blk`/`--net` specs, building a device, the device registry and the
+//!   supervisor that adds and removes devices while the agent runs.
+//! * [`vhost_user`]: the protocol, once for every device: a socket and
+//!   protocol thread per device (`listener`), the request table, and the
+//!   `session`, which owns negotiation, memory, dirty log, status, rings,
+//!   the inflight region and the switchover. It runs each start as a
+//!   presetup plan executed op by op through the `device` / `datapath`
+//!   interface.
+//! * [`blk`], [`net`]: what each device adds under the session. blk: its
+//!   storage and I/O rings and one worker thread per queue. net: its state
+//!   (MTU, MAC, RSS) and one data path thread that owns all rings and the
+//!   dataplane (loop, tap, with an optional cost profile).
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
+//! * [`metrics`]: per-device timelines, downtime figures, Prometheus text.
+//! * [`wake_channel`]: how the protocol thread commands a datapath thread.
 
-pub mod backend_shared;
-pub mod blk_backend;
-pub mod blk_presetup;
-pub mod cli;
+pub(crate) mod blk;
 pub mod control;
-pub mod device;
-pub mod dirty_log;
-pub mod memory;
-pub mod metrics;
-pub mod net_backend;
-pub mod net_presetup;
-pub mod net_worker;
-pub mod presetup_inband;
-pub mod registry;
-pub mod requests;
-pub mod server;
-pub mod supervisor;
-pub mod switchover;
-pub mod vring;
-pub mod wire;
-pub mod worker;
+pub mod daemon;
+pub(crate) mod metrics;
+pub(crate) mod net;
+pub mod vhost_user;
+pub(crate) mod wake_channel;
 
 /// `error: cause: cause...` for log lines: library errors keep their causes
 /// as `source()`, not in their own message.

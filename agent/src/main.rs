@@ -3,16 +3,14 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use vhost_agent::cli::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
-use vhost_agent::control::{self, ControlServer, Reply, Request};
-use vhost_agent::presetup_inband::PresetupProtocol;
-use vhost_agent::registry::Registry;
-use vhost_agent::supervisor::{DeviceSpec, Devices};
+use vhost_agent::control::{self, Reply, Request};
+use vhost_agent::daemon::serve::{self, ServeOptions};
+use vhost_agent::daemon::spec::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
+use vhost_agent::vhost_user::inband::PresetupProtocol;
 
 mod demo;
 
@@ -142,126 +140,13 @@ fn init_logging(level: &str) {
     builder.format_timestamp_micros().init();
 }
 
-/// Block SIGINT and SIGTERM in this thread and every thread it spawns, so
-/// that only `wait_for_signal` receives them.
-fn block_termination_signals() -> Result<libc::sigset_t> {
-    // SAFETY: sigset_t is plain data; sigemptyset initialises it before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid sigset_t owned by this frame; pthread_sigmask
-    // only reads it.
-    let ret = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if ret != 0 {
-        anyhow::bail!(
-            "pthread_sigmask failed: {}",
-            std::io::Error::from_raw_os_error(ret)
-        );
-    }
-    Ok(set)
-}
-
-fn wait_for_signal(set: &libc::sigset_t) -> i32 {
-    let mut signal = 0;
-    // SAFETY: `set` is initialised and the signals in it are blocked;
-    // sigwait writes the received signal number into `signal`.
-    unsafe { libc::sigwait(set, &mut signal) };
-    signal
-}
-
-/// Why the agent shuts down. Every cause takes the same path.
-enum ShutdownCause {
-    /// SIGINT or SIGTERM.
-    Signal(i32),
-    /// The control API's `quit`.
-    Quit,
-}
-
 fn serve(args: ServeArgs) -> Result<()> {
-    // Before any thread exists, so every thread inherits the mask.
-    let signals = block_termination_signals()?;
-    let devices = Arc::new(
-        Devices::new(Arc::new(Registry::new())).with_presetup_protocol(args.presetup_protocol),
-    );
-    let (stop_tx, stop_rx) = mpsc::channel();
-    // The control socket first: once the disks' sockets exist, so does it.
-    let control = match &args.control {
-        Some(path) => {
-            let stop_tx = stop_tx.clone();
-            let on_quit = Box::new(move || {
-                // The receiver lives until serve returns; after that
-                // nobody is left to tell.
-                let _ = stop_tx.send(ShutdownCause::Quit);
-            });
-            let server = ControlServer::bind(path, devices.clone(), on_quit)
-                .with_context(|| format!("setting up --control {}", path.display()))?;
-            Some(server)
-        }
-        None => None,
-    };
-    // Each device's protocol thread starts as soon as it is bound; a later
-    // device that fails stops the earlier ones again.
-    let specs = args
-        .blk
-        .iter()
-        .enumerate()
-        .map(|(index, spec)| ("--blk", index, DeviceSpec::Blk(spec.clone())))
-        .chain(
-            args.net
-                .iter()
-                .enumerate()
-                .map(|(index, spec)| ("--net", index, DeviceSpec::Net(spec.clone()))),
-        );
-    for (option, index, spec) in specs {
-        // Default ids count by position on the command line.
-        let default_id = format!("{}{index}", spec.kind());
-        if let Err(e) = devices.add(&spec, &default_id) {
-            devices.shut_down();
-            return Err(e)
-                .with_context(|| format!("setting up {option} {}", spec.socket().display()));
-        }
-    }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || loop {
-            let signal = wait_for_signal(&signals);
-            if stop_tx.send(ShutdownCause::Signal(signal)).is_err() {
-                return;
-            }
-        })?;
-    let control = match control {
-        Some(server) => {
-            let handle = server.shutdown_handle();
-            let thread = std::thread::Builder::new()
-                .name("control".into())
-                .spawn(move || server.run())?;
-            Some((handle, thread))
-        }
-        None => None,
-    };
-    match stop_rx.recv() {
-        Ok(ShutdownCause::Signal(signal)) => {
-            log::info!("signal {signal} received: finishing in-flight requests and shutting down")
-        }
-        Ok(ShutdownCause::Quit) => log::info!(
-            "quit requested through the control API: finishing in-flight requests and shutting down"
-        ),
-        Err(mpsc::RecvError) => bail!("the signal thread is gone"),
-    }
-    // Every device, from the command line or added since, and removals
-    // still under way.
-    devices.shut_down();
-    // The control API goes last: a device whose protocol thread is
-    // draining a ring behind a closed fence=api gate (a GET_VRING_BASE
-    // that waits for held writes) stops only once fence-release arrives.
-    if let Some((handle, thread)) = control {
-        handle.shutdown();
-        let _ = thread.join();
-    }
-    log::info!("shutdown complete");
+    serve::serve(ServeOptions {
+        blk: args.blk,
+        net: args.net,
+        control: args.control,
+        presetup_protocol: args.presetup_protocol,
+    })?;
     Ok(())
 }
 

@@ -338,6 +338,13 @@ impl<M: GuestMemory> BlkQueue<M> {
         self.engine.completion_fd()
     }
 
+    /// The storage engine back, for the queue's next start: `None` while
+    /// requests are still in flight on it (an engine with abandoned
+    /// operations must not serve another ring).
+    pub fn into_engine(self) -> Option<IoEngine> {
+        (self.in_flight == 0).then_some(self.engine)
+    }
+
     /// Requests submitted to storage and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight

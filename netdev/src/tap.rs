@@ -318,6 +318,9 @@ struct Queue {
 
 /// One tap interface and our queues on it: the object a net back-end's
 /// workers read and write frames through. It is `Send + Sync`; each worker
+/// The largest MTU a tap takes: 65535 less the Ethernet header.
+pub const MAX_MTU: u16 = 65521;
+
 /// normally uses its own queue index.
 #[derive(Debug)]
 pub struct TapDevice {
@@ -470,7 +473,7 @@ impl TapDevice {
     }
 
     /// Set the interface MTU (`SIOCSIFMTU`), to match the MTU offered to
-    /// the guest (`VIRTIO_NET_F_MTU`). A tap takes 68..=65521 (65535 less
+    /// the guest (`VIRTIO_NET_F_MTU`). A tap takes 68..=[`MAX_MTU`] (65535 less
     /// the Ethernet header); the kernel answers `EINVAL` otherwise. Needs
     /// `CAP_NET_ADMIN`, unlike using a tap someone else created for us.
     pub fn set_mtu(&self, mtu: u16) -> Result<(), TapError> {

@@ -9,8 +9,7 @@
 //! An op is [`OpClass::Heavy`] when it creates, destroys or reprograms a
 //! resource outside the agent's own bookkeeping: a dataplane queue, a
 //! mapping of guest memory (mmap, pre-fault, pin or DMA map), the NIC's
-//! steering or frame size, an open storage file, an I/O ring and the buffers
-//! registered with it. These cost from microseconds (a tap ioctl) to tens of
+//! steering or frame size, an open storage file, an I/O ring. These cost from microseconds (a tap ioctl) to tens of
 //! milliseconds (a vDPA queue, the seed result's 191 ms `dev_conf`); which
 //! dataplane charges what is the dataplane's business, the class is the
 //! same for all of them so that a plan does not depend on the dataplane.
@@ -146,11 +145,6 @@ pub enum ConfigOp {
         /// Its depth (the device's `queue_size`).
         depth: u16,
     },
-    /// Blk: register the mapped guest memory as the I/O ring's buffers.
-    RegisterBuffers {
-        /// The queue.
-        queue: u16,
-    },
     /// Net: create a dataplane queue (one per queue pair).
     CreateQueue {
         /// The queue pair.
@@ -242,7 +236,6 @@ impl ConfigOp {
             | ConfigOp::OpenStorage { .. }
             | ConfigOp::DestroyIoRing { .. }
             | ConfigOp::CreateIoRing { .. }
-            | ConfigOp::RegisterBuffers { .. }
             | ConfigOp::CreateQueue { .. }
             | ConfigOp::ProgramRss { .. }
             | ConfigOp::DestroyQueue { .. }
@@ -276,7 +269,6 @@ impl ConfigOp {
             ConfigOp::OpenStorage { .. } => "open_storage",
             ConfigOp::DestroyIoRing { .. } => "destroy_io_ring",
             ConfigOp::CreateIoRing { .. } => "create_io_ring",
-            ConfigOp::RegisterBuffers { .. } => "register_buffers",
             ConfigOp::CreateQueue { .. } => "create_queue",
             ConfigOp::ProgramRss { .. } => "program_rss",
             ConfigOp::DestroyQueue { .. } => "destroy_queue",
@@ -327,7 +319,6 @@ mod tests {
                 queue: 0,
                 depth: 128,
             },
-            ConfigOp::RegisterBuffers { queue: 0 },
             ConfigOp::Reset,
         ];
         assert!(light.iter().all(|op| op.class() == OpClass::Light));

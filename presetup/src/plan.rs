@@ -16,8 +16,7 @@
 //! 5. queues. Net: create new pairs, program RSS (it may name them), then
 //!    destroy pairs nothing names any more. Blk: destroy I/O rings that go
 //!    (all of them if the storage is reopened or the depth changes), open
-//!    the storage, create I/O rings, register buffers where memory or the
-//!    ring is new;
+//!    the storage, create I/O rings;
 //! 6. rings, ascending: size, addresses, base, kick, call, enable, each
 //!    only if it differs, except kick and call, which are always taken
 //!    from the final configuration: an eventfd is a handle of the process
@@ -276,7 +275,6 @@ fn diff(early: Option<&DeviceConfig>, final_: &DeviceConfig) -> Vec<ConfigOp> {
             Some(_) => {}
         }
     }
-    let mappings_changed = !early_memory.keys().eq(final_memory.keys());
     // 5. Queues.
     match &final_.device {
         DeviceKind::Net(net) => {
@@ -325,11 +323,6 @@ fn diff(early: Option<&DeviceConfig>, final_: &DeviceConfig) -> Vec<ConfigOp> {
                     queue,
                     depth: blk.queue_size,
                 });
-            }
-            for queue in 0..blk.num_queues {
-                if queue >= kept || mappings_changed {
-                    ops.push(ConfigOp::RegisterBuffers { queue });
-                }
             }
         }
     }

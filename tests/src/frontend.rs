@@ -718,9 +718,14 @@ impl TestFrontend {
                  (offered {offered_protocol:#x})"
             );
         }
+        // As QEMU does, MTU and STATUS are acked when offered: the agent
+        // refuses NET_SET_MTU and SET/GET_STATUS without them (vhost-user
+        // spec: each needs its protocol feature).
         let wanted = (VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG)
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MTU
+            | VhostUserProtocolFeatures::STATUS)
             .bits()
             | options.protocol;
         let protocol = offered_protocol & wanted;

@@ -5,6 +5,7 @@
 //! the net tests a private network namespace with a bridge and a DHCP
 //! server. Nothing is mocked.
 
+pub mod agent;
 pub mod bench;
 pub mod blk_stop;
 pub mod blkio_client;

@@ -7,12 +7,12 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::support::{agent_binary, wait_for_path, ChildGuard};
+use crate::support::ChildGuard;
 
 /// How long the agent may take to create its sockets or to exit.
 const PROCESS_TIMEOUT: Duration = Duration::from_secs(20);
@@ -152,44 +152,22 @@ impl NetAgent {
             spec.push(',');
             spec.push_str(extra);
         }
-        let log_file = std::fs::File::create(&log).map_err(|e| format!("create the log: {e}"))?;
-        let mut cmd = Command::new(agent_binary());
-        cmd.arg("serve")
-            .arg("--net")
-            .arg(&spec)
-            .arg("--control")
-            .arg(&control)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "info");
-        }
+        let mut agent = crate::agent::AgentCommand::new()
+            .net(spec.as_str())
+            .control(&control)
+            .log(&log)
+            .rust_log("info");
         if let Some(cpu) = options.cpu {
-            pin_to_cpu(&mut cmd, cpu);
+            agent = agent.cpu(cpu);
         }
-        let child = cmd
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", agent_binary().display()))?;
-        let mut guard = ChildGuard {
-            child,
-            name: "vhost-agent".to_string(),
-        };
-        let waited = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            wait_for_path(&socket, PROCESS_TIMEOUT, &mut guard);
-            wait_for_path(&control, PROCESS_TIMEOUT, &mut guard);
-        }));
-        if let Err(panic) = waited {
-            let why = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
-            return Err(format!(
-                "{why}; agent log:\n{}",
-                std::fs::read_to_string(&log).unwrap_or_default()
-            ));
-        }
+        let guard = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| agent.spawn()))
+            .map_err(|panic| {
+                panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default()
+            })?;
         Ok(NetAgent {
             guard,
             socket,

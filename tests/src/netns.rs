@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::qemu;
-use crate::support::{self, ChildGuard};
+use crate::support::ChildGuard;
 
 /// Programs the net tests need on the host, besides QEMU's.
 pub const NET_REQUIRED_PROGRAMS: &[&str] = &["ip", "busybox", "sha256sum"];
@@ -246,24 +246,17 @@ impl Netns {
     /// that poll it would otherwise push that evidence out of the log's
     /// tail).
     pub fn spawn_agent(&self, net_specs: &[String], extra_args: &[&str], log: &Path) -> ChildGuard {
-        let mut cmd = self.command(support::agent_binary());
-        cmd.arg("serve");
+        let mut prefix = Command::new("ip");
+        prefix.args(["netns", "exec", &self.name]);
+        let mut agent = crate::agent::AgentCommand::new()
+            .through(prefix)
+            .args(extra_args.iter().copied())
+            .log(log)
+            .rust_log("debug,vhost_agent::control=info");
         for spec in net_specs {
-            cmd.arg("--net").arg(spec);
+            agent = agent.net(spec.as_str());
         }
-        cmd.args(extra_args);
-        if std::env::var_os("RUST_LOG").is_none() {
-            cmd.env("RUST_LOG", "debug,vhost_agent::control=info");
-        }
-        let mut agent = self.spawn("vhost-agent", cmd, log);
-        for spec in net_specs {
-            let socket = spec
-                .split(',')
-                .find_map(|kv| kv.strip_prefix("socket="))
-                .expect("every --net spec names its socket");
-            support::wait_for_path(Path::new(socket), Duration::from_secs(20), &mut agent);
-        }
-        agent
+        agent.spawn()
     }
 }
 

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
@@ -118,35 +118,14 @@ pub fn spawn_agent(
     extra_args: &[&str],
     log_path: Option<&Path>,
 ) -> ChildGuard {
-    let mut cmd = Command::new(agent_binary());
-    cmd.arg("serve");
+    let mut agent = crate::agent::AgentCommand::new().args(extra_args.iter().copied());
     for spec in blk_specs {
-        cmd.arg("--blk").arg(spec);
+        agent = agent.blk(spec.as_str());
     }
-    cmd.args(extra_args);
-    cmd.stdin(Stdio::null());
-    match log_path {
-        Some(path) => {
-            let file = std::fs::File::create(path).expect("create agent log file");
-            cmd.stderr(file);
-        }
-        None => {
-            cmd.stderr(Stdio::inherit());
-        }
+    if let Some(path) = log_path {
+        agent = agent.log(path);
     }
-    let child = cmd.spawn().expect("spawn vhost-agent");
-    let mut guard = ChildGuard {
-        child,
-        name: "vhost-agent".to_string(),
-    };
-    for spec in blk_specs {
-        let socket = spec
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("socket="))
-            .expect("every --blk spec names its socket");
-        wait_for_path(Path::new(socket), Duration::from_secs(20), &mut guard);
-    }
-    guard
+    agent.spawn()
 }
 
 /// Create a sparse image file of `size_bytes`, filled with zeroes.
@@ -204,19 +183,12 @@ pub fn spawn_net_agent(
     extra_args: &[&str],
     log_path: Option<&Path>,
 ) -> ChildGuard {
-    let mut args: Vec<&str> = Vec::new();
+    let mut agent = crate::agent::AgentCommand::new().args(extra_args.iter().copied());
     for spec in net_specs {
-        args.push("--net");
-        args.push(spec);
+        agent = agent.net(spec.as_str());
     }
-    args.extend_from_slice(extra_args);
-    let mut guard = spawn_agent(&[], &args, log_path);
-    for spec in net_specs {
-        let socket = spec
-            .split(',')
-            .find_map(|kv| kv.strip_prefix("socket="))
-            .expect("every --net spec names its socket");
-        wait_for_path(Path::new(socket), Duration::from_secs(20), &mut guard);
+    if let Some(path) = log_path {
+        agent = agent.log(path);
     }
-    guard
+    agent.spawn()
 }

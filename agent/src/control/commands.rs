@@ -14,9 +14,9 @@ use blkdev::fence::Fence;
 use blkdev::FenceMode;
 
 use super::ControlError;
-use crate::cli::{BlkSpec, NetSpec};
-use crate::registry::{DeviceKind, RegisteredDevice, Registry};
-use crate::supervisor::{DeviceSpec, Devices, DevicesError};
+use crate::daemon::registry::{DeviceKind, RegisteredDevice, Registry};
+use crate::daemon::spec::{BlkSpec, NetSpec};
+use crate::daemon::supervisor::{DeviceSpec, Devices, DevicesError};
 
 /// The blocking part of a command; its result is the reply.
 pub(super) type Work = Box<dyn FnOnce() -> Result<Value, ControlError> + Send>;
@@ -179,7 +179,7 @@ enum KindInfo {
         pairs: Vec<netdev::stats::PairCounts>,
         /// What a `sim` dataplane charged (absent for others).
         #[serde(skip_serializing_if = "Option::is_none")]
-        sim: Option<crate::net_worker::SimReport>,
+        sim: Option<crate::net::datapath::SimReport>,
     },
 }
 
@@ -314,17 +314,25 @@ struct PresetupArguments {
     config: Value,
 }
 
-/// Take an early configuration for a device and do its heavy work now
-/// (net: `agent/src/net_presetup.rs`, blk: `agent/src/blk_presetup.rs`). A
-/// malformed or unfitting one is refused with an error, logged at warn and
-/// counted as a fallback: the device then gets its full configuration at
-/// start, as without presetup.
+/// How long `presetup` waits for the device's protocol thread, which may be
+/// in a message (a ring draining behind a closed write fence).
+const PRESETUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Take an early configuration for a device and have its session execute
+/// the plan to it now (on the device's protocol thread, which owns what the
+/// device holds), so the start applies only what differs. A malformed or
+/// unfitting one is refused with an error, logged at warn and counted as a
+/// fallback: the device then gets its full configuration at start, as
+/// without presetup. Finished off the control thread: the protocol thread
+/// may be busy.
 fn presetup(devices: &Devices, arguments: Arguments) -> CommandResult {
     let PresetupArguments { device: id, config } = arguments.parse("presetup")?;
     let device = device(devices.registry(), &id)?;
-    let refuse = |source: Box<dyn std::error::Error + Send + Sync>| {
+    let refuse = move |id: &str,
+                       device: &RegisteredDevice,
+                       source: Box<dyn std::error::Error + Send + Sync>| {
         let error = ControlError::Presetup {
-            id: id.clone(),
+            id: id.to_string(),
             source,
         };
         log::warn!(
@@ -337,44 +345,25 @@ fn presetup(devices: &Devices, arguments: Arguments) -> CommandResult {
         error
     };
     let config: presetup::DeviceConfig =
-        serde_json::from_value(config).map_err(|e| refuse(Box::new(e)))?;
-    let valid = presetup::ValidConfig::new(config).map_err(|e| refuse(Box::new(e)))?;
-    match device.kind() {
-        DeviceKind::Net { shared } => {
-            let (applied, rss, mtu) = shared
-                .presetup
-                .apply(&valid)
-                .map_err(|e| refuse(Box::new(e)))?;
-            {
-                let mut state = shared.state.lock().unwrap_or_else(|p| p.into_inner());
-                state.mtu = mtu;
-                if rss.is_some() {
-                    state.rss = rss;
-                }
-            }
-            log::info!(
-                "{id}: presetup applied ({} dataplane queue(s) created, offloads {}, RSS {}, MTU {})",
-                applied.queues_created,
-                if applied.offloads_set { "set" } else { "unchanged" },
-                if applied.rss_programmed {
-                    "programmed"
-                } else {
-                    "unchanged"
-                },
-                if applied.mtu_set { "set" } else { "unchanged" }
-            );
-            Ok((to_json("presetup", &applied)?, Effect::None))
-        }
-        DeviceKind::Blk { presetup, .. } => {
-            let applied = presetup.apply(&valid).map_err(|e| refuse(Box::new(e)))?;
-            log::info!(
-                "{id}: presetup applied ({} I/O ring(s) created, {} kept)",
-                applied.io_rings_created,
-                applied.io_rings_kept
-            );
-            Ok((to_json("presetup", &applied)?, Effect::None))
-        }
-    }
+        serde_json::from_value(config).map_err(|e| refuse(&id, &device, Box::new(e)))?;
+    let valid =
+        presetup::ValidConfig::new(config).map_err(|e| refuse(&id, &device, Box::new(e)))?;
+    let work: Work = Box::new(move || {
+        let report = match device.server().presetup(valid, PRESETUP_TIMEOUT) {
+            Ok(Ok(report)) => report,
+            Ok(Err(e)) => return Err(refuse(&id, &device, Box::new(e))),
+            Err(e) => return Err(refuse(&id, &device, Box::new(e))),
+        };
+        log::info!(
+            "{id}: presetup applied: {} heavy op(s) done now ({}), {} with nothing to do, {} light",
+            report.heavy_executed.len(),
+            report.heavy_executed.join(", "),
+            report.heavy_not_needed.len(),
+            report.light_executed
+        );
+        to_json("presetup", &report)
+    });
+    Ok((Value::Null, Effect::Later(work)))
 }
 
 /// Open a disk's write fence gate. In `api` mode this is the release the
@@ -446,7 +435,7 @@ fn add_device(devices: &Devices, arguments: Arguments) -> CommandResult {
             KindArgument::Blk => "blk",
             KindArgument::Net => "net",
         },
-        reason,
+        reason: reason.to_string(),
     })?;
     let default_id = devices.unused_id(spec.kind());
     let device = devices.add(&spec, &default_id).map_err(|error| {

@@ -3,7 +3,7 @@
 //!
 //! [`ModelDevice`] holds, in plain values, every resource a real device
 //! would hold (dataplane queues, mappings, open storage, I/O rings and
-//! their registered buffers, programmed RSS, MTU, offloads) next to the
+//! programmed RSS, MTU, offloads) next to the
 //! values the front-end configured. [`ModelDevice::apply`] changes them the
 //! way the real devices must, and refuses an op whose precondition does
 //! not hold (creating a queue twice, a ring on a queue that does not exist,
@@ -24,7 +24,7 @@ pub use state::{
     ModelStorage,
 };
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use crate::config::{
     BlkConfig, DeviceConfig, DeviceKind, DeviceType, FrontendAddr, GuestAddr, NetConfig, RegionKey,
@@ -216,9 +216,8 @@ impl ModelDevice {
             blk_op @ (ConfigOp::OpenStorage { .. }
             | ConfigOp::DestroyIoRing { .. }
             | ConfigOp::CreateIoRing { .. }
-            | ConfigOp::RegisterBuffers { .. }
             | ConfigOp::SetWriteback { .. }) => match &mut state.resources {
-                ModelResources::Blk(blk) => apply_blk(blk, &state.memory, blk_op)?,
+                ModelResources::Blk(blk) => apply_blk(blk, blk_op)?,
                 ModelResources::Net(_) => return Err(wrong_kind),
             },
         }
@@ -228,7 +227,7 @@ impl ModelDevice {
     /// The configuration this device realises, if it is a complete,
     /// consistent device: every value set, the resources matching the
     /// values (offloads match the features, queues are 0..n, every I/O
-    /// ring has the device's depth and the current memory registered,
+    /// ring has the device's depth,
     /// every ring has a queue behind it and guest addresses that are the
     /// translation of its front-end addresses through the current memory).
     /// `None` for anything half-built or stale.
@@ -252,12 +251,12 @@ impl ModelDevice {
             ModelResources::Blk(blk) => {
                 let storage = blk.storage?;
                 let num_queues = contiguous_count(blk.io_rings.keys().copied())?;
-                let mapped: BTreeSet<RegionKey> = state.memory.keys().copied().collect();
                 // No I/O rings: the depth means nothing (0, as normalized).
                 let queue_size = blk.io_rings.values().next().map_or(0, |r| r.depth);
-                let consistent = blk.io_rings.values().all(|io_ring| {
-                    io_ring.depth == queue_size && io_ring.buffers.as_ref() == Some(&mapped)
-                });
+                let consistent = blk
+                    .io_rings
+                    .values()
+                    .all(|io_ring| io_ring.depth == queue_size);
                 if !consistent {
                     return None;
                 }
@@ -385,11 +384,7 @@ fn apply_net(net: &mut ModelNet, op: &ConfigOp) -> Result<(), ModelError> {
     Ok(())
 }
 
-fn apply_blk(
-    blk: &mut ModelBlk,
-    memory: &BTreeMap<RegionKey, FrontendAddr>,
-    op: &ConfigOp,
-) -> Result<(), ModelError> {
+fn apply_blk(blk: &mut ModelBlk, op: &ConfigOp) -> Result<(), ModelError> {
     match op {
         ConfigOp::OpenStorage { readonly, direct } => {
             // I/O rings hold the storage file registered; reopening under
@@ -416,20 +411,7 @@ fn apply_blk(
             if blk.io_rings.contains_key(queue) {
                 return Err(ModelError::IoRingExists { queue: *queue });
             }
-            blk.io_rings.insert(
-                *queue,
-                ModelIoRing {
-                    depth: *depth,
-                    buffers: None,
-                },
-            );
-        }
-        ConfigOp::RegisterBuffers { queue } => {
-            let io_ring = blk
-                .io_rings
-                .get_mut(queue)
-                .ok_or(ModelError::NoSuchIoRing { queue: *queue })?;
-            io_ring.buffers = Some(memory.keys().copied().collect());
+            blk.io_rings.insert(*queue, ModelIoRing { depth: *depth });
         }
         ConfigOp::SetWriteback { writeback } => blk.writeback = Some(*writeback),
         // The caller dispatches only the blk ops here.
@@ -594,7 +576,10 @@ mod tests {
         );
         let mut net = ModelDevice::new(DeviceType::Net);
         assert!(matches!(
-            net.apply(&ConfigOp::RegisterBuffers { queue: 0 }),
+            net.apply(&ConfigOp::CreateIoRing {
+                queue: 0,
+                depth: 128
+            }),
             Err(ModelError::WrongKind { .. })
         ));
     }

@@ -33,8 +33,6 @@ pub struct ModelRing {
 pub struct ModelIoRing {
     /// Its depth.
     pub depth: u16,
-    /// The mappings registered as its buffers, if any were.
-    pub buffers: Option<BTreeSet<RegionKey>>,
 }
 
 /// How the storage is open.

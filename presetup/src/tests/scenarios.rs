@@ -220,7 +220,7 @@ fn memory_at_new_front_end_addresses_is_kept_and_only_retranslated() {
 }
 
 #[test]
-fn blk_memory_change_reregisters_buffers_on_every_queue() {
+fn blk_memory_change_remaps_only_the_changed_region() {
     let early = blk(2);
     let mut final_ = blk(2);
     final_.memory[1].file_offset = 64 * MIB;
@@ -234,24 +234,19 @@ fn blk_memory_change_reregisters_buffers_on_every_queue() {
             ConfigOp::MapRegion {
                 region: final_.memory[1]
             },
-            ConfigOp::RegisterBuffers { queue: 0 },
-            ConfigOp::RegisterBuffers { queue: 1 },
         ]
     );
 }
 
 #[test]
-fn blk_new_queue_gets_an_io_ring_and_buffers() {
+fn blk_new_queue_gets_an_io_ring() {
     let plan = switchover(&blk(1), &blk(2));
     assert_eq!(
         heavy(&plan),
-        [
-            ConfigOp::CreateIoRing {
-                queue: 1,
-                depth: 256
-            },
-            ConfigOp::RegisterBuffers { queue: 1 },
-        ]
+        [ConfigOp::CreateIoRing {
+            queue: 1,
+            depth: 256
+        },]
     );
 }
 
@@ -269,9 +264,7 @@ fn blk_storage_options_change_rebuilds_the_io_rings() {
             "destroy_io_ring",
             "open_storage",
             "create_io_ring",
-            "create_io_ring",
-            "register_buffers",
-            "register_buffers"
+            "create_io_ring"
         ]
     );
 }
