@@ -45,7 +45,7 @@ pub use config::{
 };
 pub use error::{AddressSpace, ConfigError, DecodeError, LoadError};
 pub use op::{ConfigOp, OpClass, NET_DATAPLANE_FEATURES};
-pub use plan::{plan, plan_full, ClassCounts, FallbackReason, Plan};
+pub use plan::{plan, plan_delta, plan_full, ClassCounts, FallbackReason, Plan};
 pub use validate::{
     ValidConfig, MAX_MEMORY_REGIONS, MAX_QUEUE_PAIRS, MAX_RINGS, MAX_RING_SIZE, MAX_RSS_KEY_LEN,
     MAX_RSS_TABLE_LEN, MIN_MTU, RSS_HASH_TYPES,

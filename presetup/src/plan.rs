@@ -184,6 +184,17 @@ pub fn plan(early: &DeviceConfig, final_: &ValidConfig) -> Plan {
     }
 }
 
+/// The ops of [`plan`] from `early` to `final_`, without the accounting:
+/// no full plan to compare with, no skipped ops, no fallback. For a caller
+/// that plans again and again from what it knows the device holds (a
+/// device's session between messages of one start), where `plan`'s
+/// comparison with a full configuration would be repeated work. `early`
+/// must be a configuration that validated (the caller's own earlier
+/// target); the result is then exactly `plan(early, final_).ops`.
+pub fn plan_delta(early: &DeviceConfig, final_: &ValidConfig) -> Vec<ConfigOp> {
+    diff(Some(early), final_)
+}
+
 fn memory_map(config: &DeviceConfig) -> BTreeMap<RegionKey, FrontendAddr> {
     config
         .memory

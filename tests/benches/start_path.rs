@@ -117,8 +117,10 @@ impl Run {
 /// One start: its critical path (us) and the switchover's heavy ops.
 struct Start {
     critical_us: u64,
+    agent_us: Option<u64>,
     heavy: Vec<String>,
     log: String,
+    timeline: Vec<Value>,
 }
 
 fn one_start(pairs: u16, early: Option<&Value>, rust_log: &str) -> Start {
@@ -131,6 +133,7 @@ fn one_start(pairs: u16, early: Option<&Value>, rust_log: &str) -> Start {
     let _ = client.quit(Duration::from_secs(10));
     Start {
         critical_us: metrics["start-critical-path-us"].as_u64().unwrap_or(0),
+        agent_us: metrics["start-agent-us"].as_u64(),
         heavy: metrics["last-switchover"]["heavy-applied"]
             .as_array()
             .map(|ops| {
@@ -140,7 +143,40 @@ fn one_start(pairs: u16, early: Option<&Value>, rust_log: &str) -> Start {
             })
             .unwrap_or_default(),
         log: std::fs::read_to_string(&run.log).unwrap_or_default(),
+        timeline: metrics["timeline"].as_array().cloned().unwrap_or_default(),
     }
+}
+
+/// The largest gaps between consecutive timeline events from the first
+/// start message to the last ring start: where the window's time went.
+fn largest_gaps(timeline: &[Value], count: usize) -> Vec<(u64, String, String)> {
+    let label = |e: &Value| {
+        e["name"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| e["event"].as_str().unwrap_or("?").to_string())
+    };
+    let first = timeline
+        .iter()
+        .position(|e| matches!(e["name"].as_str(), Some("SET_FEATURES" | "NET_SET_MTU")));
+    let last = timeline.iter().rposition(|e| e["event"] == "ring-started");
+    let (Some(first), Some(last)) = (first, last) else {
+        return Vec::new();
+    };
+    let mut gaps: Vec<_> = timeline[first..=last]
+        .windows(2)
+        .map(|pair| {
+            let at = |e: &Value| e["at-us"].as_u64().unwrap_or(0);
+            (
+                at(&pair[1]).saturating_sub(at(&pair[0])),
+                label(&pair[0]),
+                label(&pair[1]),
+            )
+        })
+        .collect();
+    gaps.sort_by_key(|gap| std::cmp::Reverse(gap.0));
+    gaps.truncate(count);
+    gaps
 }
 
 fn median(values: &mut [u64]) -> u64 {
@@ -223,6 +259,7 @@ fn main() -> ExitCode {
 
     let mut full = Vec::new();
     let mut early_runs = Vec::new();
+    let mut agent_share = (Vec::new(), Vec::new());
     let mut heavy = (Vec::new(), Vec::new());
     for round in 0..rounds {
         let without = one_start(pairs, None, "info");
@@ -235,18 +272,35 @@ fn main() -> ExitCode {
         );
         full.push(without.critical_us);
         early_runs.push(with.critical_us);
+        agent_share.0.extend(without.agent_us);
+        agent_share.1.extend(with.agent_us);
         heavy = (without.heavy, with.heavy);
     }
     println!(
         "start critical path, {pairs} queue pairs, vdpa-191ms, DPDK virtio_user, median of {rounds} (load {}):",
         load_average()
     );
-    println!("| presetup | critical path (us) | heavy ops at the start |");
-    println!("|---|---:|---|");
-    println!("| off | {} | {} |", median(&mut full), heavy.0.join(", "));
     println!(
-        "| on | {} | {} |",
+        "| presetup | critical path (us) | of it, the agent's (us) | heavy ops at the start |"
+    );
+    println!("|---|---:|---:|---|");
+    let share = |values: &mut Vec<u64>| {
+        if values.is_empty() {
+            "n/a".to_string()
+        } else {
+            median(values).to_string()
+        }
+    };
+    println!(
+        "| off | {} | {} | {} |",
+        median(&mut full),
+        share(&mut agent_share.0),
+        heavy.0.join(", ")
+    );
+    println!(
+        "| on | {} | {} | {} |",
         median(&mut early_runs),
+        share(&mut agent_share.1),
         heavy.1.join(", ")
     );
 
@@ -271,6 +325,10 @@ fn main() -> ExitCode {
             "| between requests (front-end, round trips) | | {:.1} |",
             start.critical_us as f64 - agent_us
         );
+        println!("largest gaps in the window (us, from, to):");
+        for (us, from, to) in largest_gaps(&start.timeline, 5) {
+            println!("  {us:>7} {from} -> {to}");
+        }
     }
     ExitCode::SUCCESS
 }

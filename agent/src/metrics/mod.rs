@@ -72,6 +72,14 @@ struct Inner {
     /// is stopped by it, and its reply follows at once.
     in_stop_request: bool,
     last_critical_path: Option<Duration>,
+    /// When the message being handled arrived.
+    message_began: Option<Instant>,
+    /// Time the agent spent handling the messages of the open start window.
+    window_agent: Duration,
+    /// The message being handled ended the critical path.
+    ended_critical_path: bool,
+    /// The agent's share of the last start's critical path.
+    last_start_agent: Option<Duration>,
     starts: u64,
     last_stop_time: Option<Duration>,
     stops: u64,
@@ -115,6 +123,10 @@ impl DeviceMetrics {
                 last_stop_reply: None,
                 in_stop_request: false,
                 last_critical_path: None,
+                message_began: None,
+                window_agent: Duration::ZERO,
+                ended_critical_path: false,
+                last_start_agent: None,
                 starts: 0,
                 last_stop_time: None,
                 stops: 0,
@@ -196,9 +208,11 @@ impl DeviceMetrics {
         let mut inner = self.lock();
         self.push(&mut inner, now, EventKind::Message { code, name });
         inner.in_stop_request = is_stop(code);
+        inner.message_began = Some(now);
         if inner.phase == Phase::Idle && starts_device(code) && !inner.in_presetup {
             inner.phase = Phase::Starting;
             inner.start_began = Some(now);
+            inner.window_agent = Duration::ZERO;
         } else if is_stop(code)
             && matches!(inner.phase, Phase::Starting | Phase::Running)
             && !inner.running.is_empty()
@@ -207,6 +221,35 @@ impl DeviceMetrics {
             inner.stop_began = Some(now);
             inner.last_stop_reply = None;
             inner.handed_off_this_stop = 0;
+        }
+    }
+
+    /// The message that arrived last was handled and answered: its time
+    /// counts as the agent's if a start window is open, and a message that
+    /// ended the critical path fixes the agent's share of it.
+    pub fn message_done(&self) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if let Some(began) = inner.message_began.take() {
+            Self::agent_work(&mut inner, now.saturating_duration_since(began));
+        }
+    }
+
+    /// Work the agent did for the front-end outside a message since
+    /// `began` (a plan left for the end of a burst of messages): it counts
+    /// like message handling.
+    pub fn work_done(&self, began: Instant) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        Self::agent_work(&mut inner, now.saturating_duration_since(began));
+    }
+
+    fn agent_work(inner: &mut Inner, spent: Duration) {
+        if inner.start_began.is_some() && matches!(inner.phase, Phase::Starting | Phase::Running) {
+            inner.window_agent += spent;
+        }
+        if std::mem::take(&mut inner.ended_critical_path) {
+            inner.last_start_agent = Some(inner.window_agent);
         }
     }
 
@@ -288,6 +331,7 @@ impl DeviceMetrics {
                 }
                 inner.phase = Phase::Running;
                 inner.last_critical_path = Some(now.saturating_duration_since(began));
+                inner.ended_critical_path = true;
             }
             (Phase::Idle, _) => inner.phase = Phase::Running,
             _ => {}
@@ -332,6 +376,7 @@ impl DeviceMetrics {
             sessions: inner.sessions,
             starts: inner.starts,
             start_critical_path_us: inner.last_critical_path.map(micros),
+            start_agent_us: inner.last_start_agent.map(micros),
             stops: inner.stops,
             stop_time_us: inner.last_stop_time.map(micros),
             handed_off_last_stop: inner.handed_off_last_stop,
@@ -415,6 +460,26 @@ mod tests {
         let kinds: Vec<EventKind> = report.timeline.iter().map(|event| event.kind).collect();
         assert!(kinds.contains(&EventKind::PresetupStart));
         assert!(kinds.contains(&EventKind::PresetupEnd));
+    }
+
+    /// The agent's share of a start counts the handling of the window's
+    /// messages and not the time between them.
+    #[test]
+    fn the_agents_share_of_a_start_excludes_the_gaps_between_messages() {
+        let metrics = DeviceMetrics::new("net0");
+        metrics.connected();
+        metrics.message(SET_FEATURES);
+        metrics.message_done();
+        std::thread::sleep(Duration::from_millis(20));
+        metrics.message(SET_VRING_KICK);
+        metrics.ring_configured(0);
+        metrics.ring_started(0);
+        metrics.message_done();
+        let report = metrics.report();
+        let path = report.start_critical_path_us.unwrap();
+        let agent = report.start_agent_us.unwrap();
+        assert!(path >= 20_000, "{path}");
+        assert!(agent < path && agent < 20_000, "agent {agent} of {path}");
     }
 
     #[test]

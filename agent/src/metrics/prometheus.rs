@@ -30,6 +30,12 @@ const FAMILIES: &[Family] = &[
         value: |r| r.start_critical_path_us.map(|us| us as f64 / 1e6),
     },
     Family {
+        name: "vhost_agent_start_agent_seconds",
+        kind: "gauge",
+        help: "Last start: the agent's own handling time within the critical path.",
+        value: |r| r.start_agent_us.map(|us| us as f64 / 1e6),
+    },
+    Family {
         name: "vhost_agent_stops_total",
         kind: "counter",
         help: "Device stops completed.",

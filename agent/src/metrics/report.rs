@@ -110,6 +110,10 @@ pub struct MetricsReport {
     /// Destination critical path of the last start: first start-sequence
     /// message to the moment every configured ring ran.
     pub start_critical_path_us: Option<u64>,
+    /// Of that, the time the agent spent handling the window's messages
+    /// (arrival to reply); the rest is the front-end's own work and the
+    /// socket round trips between messages.
+    pub start_agent_us: Option<u64>,
     /// Stops completed.
     pub stops: u64,
     /// Source stop time of the last stop: first GET_VRING_BASE to the

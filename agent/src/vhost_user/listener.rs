@@ -174,6 +174,8 @@ struct Connection {
     /// A dup of the connection for peeking and for the requests the agent
     /// answers itself.
     stream: UnixStream,
+    /// A message changed the configuration since it was last published.
+    changed: bool,
 }
 
 fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
@@ -303,6 +305,7 @@ impl DeviceServer {
 
     fn serve_requests(&self) {
         while let Ok(request) = self.requests.try_recv() {
+            lock(&self.session).flush();
             match request {
                 SessionRequest::Presetup(config, reply) => {
                     let result = lock(&self.session).presetup(config);
@@ -362,6 +365,7 @@ impl DeviceServer {
         Ok(Connection {
             handler,
             stream: peek,
+            changed: false,
         })
     }
 
@@ -383,14 +387,29 @@ impl DeviceServer {
         loop {
             let header = match wire::peek_header(&conn.stream, MESSAGE_TIMEOUT) {
                 Ok(Peek::Header(header)) => header,
-                Ok(Peek::Empty) => return Ok(()),
+                Ok(Peek::Empty) => {
+                    // The burst is over: plan what it changed, once, and
+                    // publish the configuration for query-config.
+                    let mut session = lock(&self.session);
+                    session.flush();
+                    if std::mem::take(&mut conn.changed) {
+                        session.publish();
+                    }
+                    return Ok(());
+                }
                 Ok(Peek::Closed) => return Err(Disconnect::Closed),
                 Err(e) => return Err(Disconnect::Read(e)),
             };
             let started = Instant::now();
             let info = requests::lookup(header.code);
             let (claimed, metrics) = {
-                let session = lock(&self.session);
+                let mut session = lock(&self.session);
+                // Only a setter nobody waits on may leave its plan for the
+                // end of the burst; anything answered sees it executed.
+                let answered = header.need_reply() && session.reply_ack_enabled();
+                let effect = requests::effect(header.code);
+                let may_defer = !answered && matches!(effect, Effect::Starts | Effect::Configures);
+                session.begin_message(may_defer);
                 (session.claims(&header), session.metrics().clone())
             };
             let name = claimed.unwrap_or_else(|| requests::name(header.code));
@@ -409,9 +428,10 @@ impl DeviceServer {
                 let mut session = lock(&self.session);
                 session.after_reply();
                 if requests::effect(header.code) != Effect::Query {
-                    session.publish();
+                    conn.changed = true;
                 }
             }
+            metrics.message_done();
             log::debug!(
                 "{}: {name} ({}) size {} -> {} in {:?}",
                 self.name,

@@ -583,6 +583,16 @@ proptest! {
     }
 
     #[test]
+    fn plan_delta_is_the_plans_ops(
+        raw in raw(),
+        mutations in prop::collection::vec(mutation(), 0..4),
+    ) {
+        let early = build(&raw);
+        let final_ = valid_or_fail(build(&mutate(&raw, &mutations)))?;
+        prop_assert_eq!(crate::plan_delta(&early, &final_), plan(&early, &final_).ops);
+    }
+
+    #[test]
     fn same_config_again_is_all_light(raw in raw()) {
         let config = build(&raw);
         let plan = invariant(&config, &valid_or_fail(config.clone())?, None)?;

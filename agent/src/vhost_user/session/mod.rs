@@ -117,6 +117,12 @@ pub struct Session {
     early: bool,
     /// The current start's switchover, while it lasts.
     start: Option<reconcile::StartReport>,
+    /// The message being handled may leave its plan for later: the
+    /// front-end waits for no answer, so the plan can run once for a
+    /// burst of messages ([`Self::flush`]).
+    may_defer: bool,
+    /// A plan was left for later.
+    deferred: bool,
 }
 
 impl Session {
@@ -157,6 +163,8 @@ impl Session {
             applied,
             early: false,
             start: None,
+            may_defer: false,
+            deferred: false,
         };
         session.publish();
         session
@@ -206,6 +214,8 @@ impl Session {
     /// Device-level resources (queues, I/O rings, MTU) stay for the next
     /// front-end.
     pub fn disconnected(&mut self) {
+        self.deferred = false;
+        self.may_defer = false;
         self.stop_all_rings(super::device::StopMode::Detach);
         self.teardown_connection();
         self.bracket.reset();
@@ -227,6 +237,37 @@ impl Session {
         self.device.shut_down();
     }
 
+    /// A message arrives. `may_defer`: the front-end waits for no answer
+    /// to it, so what it changes may be planned together with the
+    /// messages after it. A message that is answered first sees every
+    /// plan left for later executed.
+    pub fn begin_message(&mut self, may_defer: bool) {
+        if !may_defer {
+            self.flush();
+        }
+        self.may_defer = may_defer;
+    }
+
+    /// Run the plan left for later, if any: no more messages wait (or one
+    /// that is answered comes). A failure is logged and raises NEEDS_RESET
+    /// (the messages it belongs to had no answer to carry it).
+    pub fn flush(&mut self) {
+        self.may_defer = false;
+        if std::mem::take(&mut self.deferred) {
+            let began = std::time::Instant::now();
+            let result = self.reconcile(None);
+            self.metrics.work_done(began);
+            if let Err(e) = result {
+                log::warn!(
+                    "{}: the configuration could not be applied: {}",
+                    self.name,
+                    crate::error_chain(&e)
+                );
+            }
+            self.publish();
+        }
+    }
+
     /// The reply to the last request is out: write what was held back.
     pub fn after_reply(&mut self) {
         self.device.flush_deferred_logs();
@@ -237,6 +278,7 @@ impl Session {
     /// differs. Memory and rings come only with the start (they need fds),
     /// so what the device already holds of them stays.
     pub fn presetup(&mut self, early: ValidConfig) -> Result<OpsReport, PresetupError> {
+        self.flush();
         if self.rings.iter().any(|ring| ring.running) {
             return Err(PresetupError::Running);
         }

@@ -108,8 +108,8 @@ impl Session {
     /// After a message that changed the configuration: plan and execute
     /// what the device must follow now. Nothing happens before the
     /// front-end set its features (the configuration is incomplete until
-    /// then), nor for a ring's settings while the ring cannot start yet
-    /// (`ring_only`: the ring message's index) and nothing runs.
+    /// then), nor for the settings of a ring (`ring_only`: the ring
+    /// message's index) that neither runs nor can start yet.
     pub(super) fn reconcile(&mut self, ring_only: Option<u32>) -> Result<(), SessionError> {
         // Inside a presetup bracket the configuration is planned once, at
         // its END (and an abandoned bracket is not planned at all: the start
@@ -118,13 +118,20 @@ impl Session {
             return Ok(());
         }
         if let Some(index) = ring_only {
-            let waiting_kick = usize::try_from(index)
+            // A ring's settings matter to the datapath only once the ring
+            // can start (its kick waits) or while it runs; until then they
+            // are only recorded, and the kick's plan takes them.
+            let matters = usize::try_from(index)
                 .ok()
                 .and_then(|i| self.rings.get(i))
-                .is_some_and(|ring| ring.kick.is_some());
-            if !waiting_kick && !self.rings.iter().any(|ring| ring.running) {
+                .is_some_and(|ring| ring.kick.is_some() || ring.running);
+            if !matters {
                 return Ok(());
             }
+        }
+        if self.may_defer {
+            self.deferred = true;
+            return Ok(());
         }
         let desired = self.desired_config();
         let target = ValidConfig::new(desired).map_err(SessionError::Invalid)?;
@@ -138,7 +145,13 @@ impl Session {
         target: ValidConfig,
         purpose: Purpose,
     ) -> Result<OpsReport, SessionError> {
+        // The first plan of a start is compared with a full configuration
+        // (what presetup saved); the ones after it only need their ops.
+        let accounted = purpose == Purpose::Early || self.start.is_none();
         let (ops, skipped, fallback) = match &self.applied {
+            Applied::Held(held) if !accounted => {
+                (presetup::plan_delta(held, &target), Vec::new(), None)
+            }
             Applied::Held(held) => {
                 let plan = presetup::plan(held, &target);
                 if let Some(reason) = &plan.fallback {
