@@ -78,6 +78,88 @@ pub const VHOST_VDPA_GET_CONFIG: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x73, 8);
 /// `VHOST_VDPA_GET_VRING_NUM`.
 pub const VHOST_VDPA_GET_VRING_NUM: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x76, 2);
 
+/// `VHOST_SET_FEATURES`.
+pub const VHOST_SET_FEATURES: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x00, 8);
+/// `VHOST_SET_BACKEND_FEATURES`.
+pub const VHOST_SET_BACKEND_FEATURES: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x25, 8);
+/// `VHOST_SET_VRING_NUM` (`struct vhost_vring_state`).
+pub const VHOST_SET_VRING_NUM: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x10, 8);
+/// `VHOST_SET_VRING_ADDR` (`struct vhost_vring_addr`).
+pub const VHOST_SET_VRING_ADDR: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x11, 40);
+/// `VHOST_SET_VRING_BASE`.
+pub const VHOST_SET_VRING_BASE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x12, 8);
+/// `VHOST_GET_VRING_BASE`.
+pub const VHOST_GET_VRING_BASE: u64 = ioc(IOC_READ | IOC_WRITE, VHOST_VIRTIO, 0x12, 8);
+/// `VHOST_SET_VRING_KICK` (`struct vhost_vring_file`).
+pub const VHOST_SET_VRING_KICK: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x20, 8);
+/// `VHOST_SET_VRING_CALL`.
+pub const VHOST_SET_VRING_CALL: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x21, 8);
+/// `VHOST_VDPA_GET_STATUS`.
+pub const VHOST_VDPA_GET_STATUS: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x71, 1);
+/// `VHOST_VDPA_SET_STATUS`.
+pub const VHOST_VDPA_SET_STATUS: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x72, 1);
+/// `VHOST_VDPA_SET_VRING_ENABLE` (`struct vhost_vring_state`).
+pub const VHOST_VDPA_SET_VRING_ENABLE: u64 = ioc(IOC_WRITE, VHOST_VIRTIO, 0x75, 8);
+/// `VHOST_VDPA_GET_VQS_COUNT`.
+pub const VHOST_VDPA_GET_VQS_COUNT: u64 = ioc(IOC_READ, VHOST_VIRTIO, 0x80, 4);
+
+/// `VHOST_BACKEND_F_IOTLB_MSG_V2` (a bit number).
+pub const VHOST_BACKEND_F_IOTLB_MSG_V2: u64 = 1;
+/// `VHOST_BACKEND_F_SUSPEND`.
+pub const VHOST_BACKEND_F_SUSPEND: u64 = 4;
+/// `VHOST_IOTLB_MSG_V2`.
+pub const VHOST_IOTLB_MSG_V2: u32 = 2;
+/// `VHOST_IOTLB_UPDATE`.
+pub const VHOST_IOTLB_UPDATE: u8 = 2;
+/// `VHOST_IOTLB_INVALIDATE`.
+pub const VHOST_IOTLB_INVALIDATE: u8 = 3;
+/// Size of `struct vhost_msg_v2`.
+pub const VHOST_MSG_V2_SIZE: usize = 72;
+
+/// `struct vhost_vring_state` (also `vhost_vring_file`: index, fd).
+pub fn encode_vring_state(index: u32, num: u32) -> [u8; 8] {
+    let mut buf = [0u8; 8];
+    put_u32(&mut buf, 0, index);
+    put_u32(&mut buf, 4, num);
+    buf
+}
+
+/// The `num` of a `struct vhost_vring_state` the kernel filled in.
+pub fn decode_vring_state_num(buf: &[u8; 8]) -> u32 {
+    get_u32(buf, 4)
+}
+
+/// `struct vhost_vring_addr` (no dirty log): desc, used, avail, in the
+/// kernel's field order.
+pub fn encode_vring_addr(index: u32, desc: u64, avail: u64, used: u64) -> [u8; 40] {
+    let mut buf = [0u8; 40];
+    put_u32(&mut buf, 0, index);
+    put_u64(&mut buf, 8, desc);
+    put_u64(&mut buf, 16, used);
+    put_u64(&mut buf, 24, avail);
+    buf
+}
+
+/// `struct vhost_msg_v2` carrying a `struct vhost_iotlb_msg` of `kind`
+/// (`VHOST_IOTLB_UPDATE`, `_INVALIDATE`) for address space 0.
+pub fn encode_iotlb_msg(
+    kind: u8,
+    iova: u64,
+    size: u64,
+    uaddr: u64,
+    perm: u8,
+) -> [u8; VHOST_MSG_V2_SIZE] {
+    let mut buf = [0u8; VHOST_MSG_V2_SIZE];
+    put_u32(&mut buf, 0, VHOST_IOTLB_MSG_V2);
+    // asid (4..8) = 0; the union starts at 8.
+    put_u64(&mut buf, 8, iova);
+    put_u64(&mut buf, 16, size);
+    put_u64(&mut buf, 24, uaddr);
+    buf[32] = perm;
+    buf[33] = kind;
+    buf
+}
+
 /// `VDUSE_ACCESS_RO` / `_WO` / `_RW`.
 pub const ACCESS_RO: u8 = 1;
 /// Device may write.
@@ -370,6 +452,15 @@ mod tests {
         assert_eq!(VHOST_GET_FEATURES, 0x8008_af00);
         assert_eq!(VHOST_VDPA_GET_DEVICE_ID, 0x8004_af70);
         assert_eq!(ioctl_size(VDUSE_CREATE_DEV), DEV_CONFIG_SIZE);
+        assert_eq!(VHOST_SET_VRING_NUM, 0x4008_af10);
+        assert_eq!(VHOST_SET_VRING_ADDR, 0x4028_af11);
+        assert_eq!(VHOST_GET_VRING_BASE, 0xc008_af12);
+        assert_eq!(VHOST_SET_VRING_KICK, 0x4008_af20);
+        assert_eq!(VHOST_SET_VRING_CALL, 0x4008_af21);
+        assert_eq!(VHOST_VDPA_SET_STATUS, 0x4001_af72);
+        assert_eq!(VHOST_VDPA_SET_VRING_ENABLE, 0x4008_af75);
+        assert_eq!(VHOST_VDPA_GET_VQS_COUNT, 0x8004_af80);
+        assert_eq!(VHOST_SET_BACKEND_FEATURES, 0x4008_af25);
     }
 
     #[test]
