@@ -19,8 +19,13 @@
 //! IOVA space and the dirty record), [`ring`] (one virtqueue), [`net`]
 //! (features, config space, the loopback), [`nic`] (device state and
 //! counters), [`run`] (the event loop and the device's life), [`probe`]
-//! (checks of vhost devices for the lab's smoke test).
+//! (checks of vhost devices for the lab's smoke test), and the lab's own
+//! minimal vhost-vdpa front-end: [`vdpa`] (the driver side of
+//! /dev/vhost-vdpa-N), [`driver`] (driver-side rings, test frames),
+//! [`frontend`] (the `vdpa-frontend` run).
 
+pub mod driver;
+pub mod frontend;
 pub mod memory;
 pub mod net;
 pub mod nic;
@@ -29,4 +34,5 @@ pub mod ring;
 pub mod run;
 pub mod sys;
 pub mod uapi;
+pub mod vdpa;
 pub mod vduse;
