@@ -485,6 +485,7 @@ impl Lab {
         }
         let _ = std::fs::remove_file(&initrd);
         let serial = read_lossy(&serial_log);
+        keep_serial(name, &serial);
         let results = complete_lines(&serial)
             .lines()
             .filter_map(|l| {
@@ -503,6 +504,19 @@ impl Lab {
             boot_to_verdict,
             payload_bytes,
         })
+    }
+}
+
+/// Keep a copy of the last run's serial log per name in
+/// `<lab dir>/runs/NAME-serial.log`: a test's assertions fail after its
+/// temporary directory is gone.
+fn keep_serial(name: &str, serial: &str) {
+    let dir = lab_dir().join("runs");
+    if std::fs::create_dir_all(&dir).is_ok() {
+        let path = dir.join(format!("{name}-serial.log"));
+        if std::fs::write(&path, serial).is_ok() {
+            eprintln!("lab {name}: serial log kept in {}", path.display());
+        }
     }
 }
 
