@@ -14,6 +14,8 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryError};
 
 /// VIRTQ_DESC_F_WRITE.
 const DESC_F_WRITE: u16 = 2;
+/// VIRTQ_USED_F_NO_NOTIFY.
+const USED_F_NO_NOTIFY: u16 = 1;
 /// Page size used to lay the rings out.
 pub const PAGE: u64 = 4096;
 
@@ -56,16 +58,23 @@ pub struct DriverRing {
     size: u16,
     layout: RingLayout,
     avail_idx: Wrapping<u16>,
+    /// The avail index at the last publish (for the kick decision).
+    published: Wrapping<u16>,
     last_used: Wrapping<u16>,
+    /// VIRTIO_RING_F_EVENT_IDX: kicks follow the device's avail_event,
+    /// interrupts our used_event.
+    event_idx: bool,
 }
 
 impl DriverRing {
-    /// A ring of `size` entries laid out as `layout`, zeroed in `mem`.
+    /// A ring of `size` entries laid out as `layout`, zeroed in `mem`,
+    /// with `event_idx` notification suppression or without.
     pub fn new<M: GuestMemory>(
         mem: &M,
         index: u32,
         size: u16,
         layout: RingLayout,
+        event_idx: bool,
     ) -> Result<DriverRing, GuestMemoryError> {
         let zeros = vec![0u8; layout.len as usize];
         mem.write_slice(&zeros, layout.desc)?;
@@ -74,7 +83,9 @@ impl DriverRing {
             size,
             layout,
             avail_idx: Wrapping(0),
+            published: Wrapping(0),
             last_used: Wrapping(0),
+            event_idx,
         })
     }
 
@@ -113,15 +124,33 @@ impl DriverRing {
         Ok(())
     }
 
-    /// Make posted buffers visible: the descriptors and entries before the
-    /// index.
-    pub fn publish<M: GuestMemory>(&self, mem: &M) -> Result<(), GuestMemoryError> {
+    /// Make posted buffers visible (the descriptors and entries before the
+    /// index) and say whether the device wants a kick for them: with
+    /// EVENT_IDX if the new entries pass its avail_event, without unless it
+    /// set NO_NOTIFY.
+    pub fn publish<M: GuestMemory>(&mut self, mem: &M) -> Result<bool, GuestMemoryError> {
         fence(Ordering::Release);
         mem.store(
             self.avail_idx.0.to_le(),
             self.layout.avail.unchecked_add(2),
             Ordering::Release,
-        )
+        )?;
+        let old = std::mem::replace(&mut self.published, self.avail_idx);
+        let new = self.avail_idx;
+        if new == old {
+            return Ok(false);
+        }
+        // Our index store must be visible before we read the device's
+        // suppression (the device does the mirror image).
+        fence(Ordering::SeqCst);
+        if self.event_idx {
+            let at = self.layout.used.unchecked_add(4 + 8 * u64::from(self.size));
+            let event = Wrapping(u16::from_le(mem.load::<u16>(at, Ordering::Acquire)?));
+            Ok(new - event - Wrapping(1) < new - old)
+        } else {
+            let flags = u16::from_le(mem.load::<u16>(self.layout.used, Ordering::Acquire)?);
+            Ok(flags & USED_F_NO_NOTIFY == 0)
+        }
     }
 
     /// The next used entry: (buffer slot, bytes written), or None.
@@ -129,8 +158,20 @@ impl DriverRing {
         &mut self,
         mem: &M,
     ) -> Result<Option<(u16, u32)>, GuestMemoryError> {
-        let used_idx =
-            u16::from_le(mem.load::<u16>(self.layout.used.unchecked_add(2), Ordering::Acquire)?);
+        let used_at = self.layout.used.unchecked_add(2);
+        let mut used_idx = u16::from_le(mem.load::<u16>(used_at, Ordering::Acquire)?);
+        if used_idx == self.last_used.0 && self.event_idx {
+            // Ask for an interrupt at the next used entry, then look again:
+            // one published before the device saw our used_event would
+            // otherwise come without an interrupt.
+            let at = self
+                .layout
+                .avail
+                .unchecked_add(4 + 2 * u64::from(self.size));
+            mem.store(self.last_used.0.to_le(), at, Ordering::Release)?;
+            fence(Ordering::SeqCst);
+            used_idx = u16::from_le(mem.load::<u16>(used_at, Ordering::Acquire)?);
+        }
         if used_idx == self.last_used.0 {
             return Ok(None);
         }
@@ -195,10 +236,11 @@ mod tests {
     fn posted_buffers_come_back_through_the_used_ring() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0x10000), 0x10000)]).unwrap();
         let layout = RingLayout::new(GuestAddress(0x10000), 8);
-        let mut ring = DriverRing::new(&mem, 0, 8, layout).unwrap();
+        let mut ring = DriverRing::new(&mem, 0, 8, layout, false).unwrap();
         ring.post(&mem, 3, GuestAddress(0x18000), 100, true)
             .unwrap();
-        ring.publish(&mem).unwrap();
+        assert!(ring.publish(&mem).unwrap(), "no NO_NOTIFY: kick");
+        assert!(!ring.publish(&mem).unwrap(), "nothing new: no kick");
         assert_eq!(
             u16::from_le(mem.read_obj::<u16>(layout.avail.unchecked_add(2)).unwrap()),
             1

@@ -11,6 +11,9 @@ use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::memory::Memory;
+
+/// VRING_AVAIL_F_NO_INTERRUPT.
+const AVAIL_F_NO_INTERRUPT: u16 = 1;
 use crate::uapi::VqInfo;
 
 /// A ring could not be used.
@@ -70,6 +73,8 @@ pub struct Ring {
     queue: Queue,
     /// Used entries of the current burst, not yet visible.
     pending: Vec<(u16, u32)>,
+    /// The used index at the last interrupt decision.
+    signalled: Wrapping<u16>,
 }
 
 /// What one TX chain held.
@@ -143,6 +148,7 @@ impl Ring {
             index,
             queue,
             pending: Vec::new(),
+            signalled: used,
         })
     }
 
@@ -316,14 +322,40 @@ impl Ring {
         Ok(true)
     }
 
-    /// Whether the driver wants an interrupt for what was published
-    /// (used_event with EVENT_IDX, the NO_INTERRUPT flag without).
+    /// Whether the driver wants an interrupt for what was published since
+    /// the last decision: with EVENT_IDX if the new entries pass its
+    /// used_event, without unless it set VRING_AVAIL_F_NO_INTERRUPT.
+    /// (virtio-queue's own decision counts only entries added through its
+    /// `add_used`, which a burst published at once does not use, and
+    /// ignores NO_INTERRUPT.)
     pub fn needs_interrupt(&mut self, memory: &Memory) -> Result<bool, RingError> {
-        self.queue
-            .needs_notification(memory)
-            .map_err(|source| RingError::Queue {
-                index: self.index,
-                source,
-            })
+        let new = Wrapping(self.queue.next_used());
+        let old = std::mem::replace(&mut self.signalled, new);
+        if new == old {
+            return Ok(false);
+        }
+        // Our used index store must be visible before we read the
+        // driver's suppression (the driver does the mirror image).
+        fence(Ordering::SeqCst);
+        let merr = |source| RingError::Memory {
+            index: self.index,
+            source,
+        };
+        let avail = GuestAddress(self.queue.avail_ring());
+        if self.queue.event_idx_enabled() {
+            let at = avail
+                .checked_add(4 + 2 * u64::from(self.queue.size()))
+                .ok_or(RingError::Queue {
+                    index: self.index,
+                    source: virtio_queue::Error::AddressOverflow,
+                })?;
+            let used_event = Wrapping(u16::from_le(
+                memory.load::<u16>(at, Ordering::Acquire).map_err(merr)?,
+            ));
+            Ok(new - used_event - Wrapping(1) < new - old)
+        } else {
+            let flags = u16::from_le(memory.load::<u16>(avail, Ordering::Acquire).map_err(merr)?);
+            Ok(flags & AVAIL_F_NO_INTERRUPT == 0)
+        }
     }
 }

@@ -45,6 +45,10 @@ struct Cli {
     /// Write the pages the device must have written here.
     #[arg(long)]
     expect_dirty: Option<PathBuf>,
+    /// Negotiate EVENT_IDX: kick only when the device's avail_event asks,
+    /// be interrupted only when our used_event asks.
+    #[arg(long)]
+    event_idx: bool,
 }
 
 fn main() -> Result<()> {
@@ -60,6 +64,7 @@ fn main() -> Result<()> {
         phases: cli.phases.max(1),
         queue_size: cli.queue_size,
         stall: Duration::from_secs(cli.stall_s),
+        event_idx: cli.event_idx,
     };
     let report = match run(&options) {
         Ok(r) => r,
@@ -103,7 +108,13 @@ fn main() -> Result<()> {
             secs * 1000.0
         ));
     }
-    line.push_str(&format!(" fe_written_pages={}", report.written_pages.len()));
+    line.push_str(&format!(
+        " fe_written_pages={} fe_kicks={} fe_kicks_spared={} fe_late_wakeups={}",
+        report.written_pages.len(),
+        report.kicks,
+        report.kicks_spared,
+        report.late_wakeups
+    ));
     println!("{line}");
     for (vq, want, got) in &report.bases {
         if want != got {
