@@ -54,7 +54,9 @@ struct Cli {
     /// Do not offer VIRTIO_RING_F_EVENT_IDX.
     #[arg(long)]
     no_event_idx: bool,
-    /// Poll running queues every this many ms (a lost kick costs no more).
+    /// Poll running queues every this many ms (a lost kick costs no more);
+    /// 0: never (kicks alone drive the device, as tests of kick handling
+    /// want).
     #[arg(long, default_value_t = 100)]
     poll_ms: i32,
 }
@@ -98,7 +100,7 @@ fn main() -> Result<()> {
         ready_file: cli.ready_file,
         attach: cli.attach,
         vdpa_tool: cli.vdpa_tool,
-        poll_ms: cli.poll_ms.max(1),
+        poll_ms: cli.poll_ms.max(0),
     };
     let stdout = std::io::stdout();
     let mut out = stdout.lock();

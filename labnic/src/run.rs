@@ -49,7 +49,8 @@ pub struct Options {
     pub attach: bool,
     /// The `vdpa` program.
     pub vdpa_tool: PathBuf,
-    /// Poll running queues this often (ms), in case a kick was lost.
+    /// Poll running queues this often (ms), in case a kick was lost; 0:
+    /// never.
     pub poll_ms: i32,
 }
 
@@ -222,7 +223,7 @@ fn serve(opts: &Options, signals: &SignalFd, out: &mut dyn Write) -> Result<(), 
     loop {
         let timeout = match phase {
             Phase::Attaching(_) | Phase::Detaching(..) => 20,
-            _ if nic.running() => opts.poll_ms,
+            _ if nic.running() && opts.poll_ms > 0 => opts.poll_ms,
             _ => -1,
         };
         let n = match epoll.wait(timeout, &mut events) {
@@ -241,8 +242,8 @@ fn serve(opts: &Options, signals: &SignalFd, out: &mut dyn Write) -> Result<(), 
                 vq => nic.kicked(vq as usize),
             }
         }
-        if nic.running() && last_poll.elapsed() >= Duration::from_millis(opts.poll_ms.max(1) as u64)
-        {
+        let poll_every = Duration::from_millis(u64::try_from(opts.poll_ms).unwrap_or(0));
+        if opts.poll_ms > 0 && nic.running() && last_poll.elapsed() >= poll_every {
             nic.poll();
             last_poll = Instant::now();
         }

@@ -30,6 +30,9 @@ QP=$(param labnic_qp)
 DRIVER=$(param labnic_driver)
 FORWARD_S=$(param labnic_forward_s)
 FRAMES=$(param labnic_frames)
+POLL_MS=$(param labnic_poll_ms)
+FE_ARGS=""
+[ "$(param labnic_event_idx)" = 1 ] && FE_ARGS="--event-idx"
 
 wait_for() { # wait_for SECONDS TEST...: until the test holds
     n=$(($1 * 10)); shift
@@ -42,7 +45,8 @@ prefixed() { # prefixed PREFIX MARKER FILE: the marker's key=value words, prefix
     sed -n "s/^$2 //p" "$3" | tail -n 1 | awk -v p="$1" '{for (i = 1; i <= NF; i++) printf " %s%s", p, $i}'
 }
 
-taskset -c 0 /usr/bin/labnic --name labnic0 --queue-pairs "$QP" --profile /lab/vdpa-191ms.json \
+taskset -c 0 /usr/bin/labnic --name labnic0 --queue-pairs "$QP" --poll-ms "${POLL_MS:-100}" \
+    --profile /lab/vdpa-191ms.json \
     --dirty-log /tmp/dirty.txt --ready-file /tmp/nic.ready >/tmp/labnic.out 2>/tmp/labnic.err &
 nic=$!
 if ! wait_for 30 test -e /tmp/nic.ready; then
@@ -102,8 +106,9 @@ testpmd)
 frontend)
     # Both phases with every pair, a stop (GET_VRING_BASE, reset) and a
     # restart from the bases between them.
+    # shellcheck disable=SC2086 # FE_ARGS is a list of options
     if /usr/bin/vdpa-frontend --path /dev/vhost-vdpa-0 --pairs "$QP" --frames "$FRAMES" \
-        --phases 2 --expect-dirty /tmp/expect.txt; then
+        --phases 2 --expect-dirty /tmp/expect.txt $FE_ARGS; then
         lab_result fe_rc=0
     else
         lab_result fe_rc=$?
@@ -166,8 +171,10 @@ fn payload() -> Payload {
 enum Driver {
     /// testpmd, io forwarding for this many seconds.
     Testpmd { forward_s: u32 },
-    /// vdpa-frontend, this many frames per pair per phase.
-    Frontend { frames: u64 },
+    /// vdpa-frontend, this many frames per pair per phase, with EVENT_IDX
+    /// or without; labnic polls never, so a lost kick or interrupt is a
+    /// stall the front-end reports, not a delay.
+    Frontend { frames: u64, event_idx: bool },
 }
 
 fn run(name: &str, queue_pairs: u16, driver: Driver) -> LabRun {
@@ -179,9 +186,11 @@ fn run(name: &str, queue_pairs: u16, driver: Driver) -> LabRun {
         Driver::Testpmd { forward_s } => config
             .param("labnic_driver", "testpmd")
             .param("labnic_forward_s", forward_s),
-        Driver::Frontend { frames } => config
+        Driver::Frontend { frames, event_idx } => config
             .param("labnic_driver", "frontend")
-            .param("labnic_frames", frames),
+            .param("labnic_frames", frames)
+            .param("labnic_poll_ms", 0)
+            .param("labnic_event_idx", u8::from(event_idx)),
     };
     let run = lab()
         .run(&payload(), &config, dir.path())
@@ -303,8 +312,21 @@ fn testpmd_moves_frames_through_the_vduse_nic_one_pair() {
 /// The lab's front-end got every frame back intact on its pair, the NIC
 /// counted the same frames, the ring bases were exact at each stop, and
 /// the NIC's dirty record holds exactly the pages the device wrote.
-fn check_frontend(run: &LabRun, queue_pairs: u64, frames: u64) {
+fn check_frontend(run: &LabRun, queue_pairs: u64, frames: u64, event_idx: bool) {
     assert_eq!(run.number("fe_rc"), 0, "vdpa-frontend failed");
+    let negotiated = u64::from_str_radix(
+        run.value("fe_negotiated")
+            .and_then(|f| f.strip_prefix("0x"))
+            .expect("fe_negotiated=0x..."),
+        16,
+    )
+    .unwrap();
+    assert_eq!(
+        negotiated & (1 << 29) != 0,
+        event_idx,
+        "EVENT_IDX in {negotiated:#x}"
+    );
+    assert!(run.number("fe_kicks") > 0);
     assert_eq!(run.value("fe_ok"), Some("1"));
     assert_eq!(run.number("fe_pairs"), queue_pairs);
     assert_eq!(run.number("fe_mismatches"), 0);
@@ -342,15 +364,31 @@ fn check_frontend(run: &LabRun, queue_pairs: u64, frames: u64) {
 #[test]
 fn own_frontend_checks_every_frame_bases_and_dirty_pages_one_pair() {
     let frames = 3000;
-    let run = run("vduse-fe1", 1, Driver::Frontend { frames });
+    let run = run(
+        "vduse-fe1",
+        1,
+        Driver::Frontend {
+            frames,
+            event_idx: false,
+        },
+    );
     check_device(&run, 1);
-    check_frontend(&run, 1, frames);
+    check_frontend(&run, 1, frames, false);
 }
 
+/// With EVENT_IDX: kicks follow labnic's avail_event (some publishes
+/// spared a kick) and interrupts the front-end's used_event.
 #[test]
-fn own_frontend_moves_frames_on_both_of_two_pairs() {
+fn own_frontend_moves_frames_on_both_of_two_pairs_with_event_idx() {
     let frames = 2000;
-    let run = run("vduse-fe2", 2, Driver::Frontend { frames });
+    let run = run(
+        "vduse-fe2",
+        2,
+        Driver::Frontend {
+            frames,
+            event_idx: true,
+        },
+    );
     check_device(&run, 2);
-    check_frontend(&run, 2, frames);
+    check_frontend(&run, 2, frames, true);
 }
