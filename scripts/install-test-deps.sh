@@ -8,7 +8,12 @@
 #     drivers the net tests load (vhost and virtio_user PMDs, tap, the ring
 #     mempool), for tests/tests/net_dpdk.rs and benches/net_pps.rs;
 #   * iproute2 (`ip`) for the net tests' namespace, bridge and taps, and
-#     iputils-ping (`ping`) to check such a network by hand.
+#     iputils-ping (`ping`) to check such a network by hand;
+#   * for the lab guest (tests/lab/build-lab.sh, tests/src/lab.rs): xz to
+#     unpack trixie's kernel modules and debootstrap for the trixie tree
+#     (scripts/trixie-tree.sh) whose package lists the lab is built from.
+#     The tree itself and the trixie packages are fetched by the lab build,
+#     on first use, into /opt/vhost-agent/trixie and target/lab.
 #
 # Run as root. Idempotent: when everything is already there it returns in a
 # fraction of a second without touching apt.
@@ -23,6 +28,8 @@ BASE_PACKAGES=(busybox-static fio cpio kmod zstd dpkg apt libc-bin iproute2 iput
 # Without recommends: dpdk-dev would otherwise pull in every PMD and kmod.
 DPDK_PACKAGES=(dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-net-tap23 librte-mempool-ring23)
 APT_OPTS=(-o DPkg::Lock::Timeout=600 -o Acquire::Retries=3)
+# The lab guest's build tools (tests/lab/build-lab.sh).
+LAB_PACKAGES=(xz-utils debootstrap)
 
 log() { echo "install-test-deps: $*" >&2; }
 
@@ -69,6 +76,10 @@ missing_dpdk=()
 for p in "${DPDK_PACKAGES[@]}"; do
     pkg_installed "$p" || missing_dpdk+=("$p")
 done
+missing_lab=()
+for p in "${LAB_PACKAGES[@]}"; do
+    pkg_installed "$p" || missing_lab+=("$p")
+done
 
 backports_ok=false
 if [[ -f "$BACKPORTS_FILE" ]] && cmp -s "$BACKPORTS_FILE" <(backports_wanted); then
@@ -90,7 +101,7 @@ dpdk_ok() {
 }
 
 if $backports_ok && $lists_ok && qemu_ok && dpdk_ok &&
-    [[ ${#missing_base[@]} -eq 0 && ${#missing_dpdk[@]} -eq 0 ]]; then
+    [[ ${#missing_base[@]} -eq 0 && ${#missing_dpdk[@]} -eq 0 && ${#missing_lab[@]} -eq 0 ]]; then
     log "all test dependencies present: $(qemu-system-x86_64 --version | head -n1); DPDK $(dpkg-query -W -f='${Version}' dpdk-dev)"
     exit 0
 fi
@@ -119,6 +130,11 @@ if [[ ${#missing_dpdk[@]} -gt 0 ]] || ! dpdk_ok; then
     # All of them when the command is missing: reinstalling puts it back.
     log "installing DPDK 22.11: ${DPDK_PACKAGES[*]}"
     apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${DPDK_PACKAGES[@]}"
+fi
+
+if [[ ${#missing_lab[@]} -gt 0 ]]; then
+    log "installing the lab guest's build tools: ${missing_lab[*]}"
+    apt-get "${APT_OPTS[@]}" install -y --no-install-recommends "${missing_lab[@]}"
 fi
 
 if ! qemu_ok; then

@@ -11,6 +11,7 @@ pub mod blk_stop;
 pub mod blkio_client;
 pub mod experiment;
 pub mod frontend;
+pub mod lab;
 pub mod net_agent;
 pub mod net_rig;
 pub mod netns;
