@@ -112,23 +112,53 @@ pub fn bind_blk(spec: &BlkSpec, name: &str) -> Result<Bound, BlkSetupError> {
         poll: std::time::Duration::from_micros(u64::from(spec.options.poll_us)),
     });
     let device = BlkDevice::new(config, storage, fence.clone());
+    let kind = DeviceKind::Blk {
+        image: spec.image.clone(),
+        fence,
+    };
+    let parts = DeviceParts {
+        memory,
+        status,
+        inband: PresetupProtocol::None,
+    };
+    Ok(serve_device(
+        name,
+        &spec.socket,
+        Box::new(device),
+        kind,
+        parts,
+    )?)
+}
+
+/// What a device's session is made of besides the device.
+struct DeviceParts {
+    memory: MemoryMap,
+    status: DeviceStatus,
+    inband: PresetupProtocol,
+}
+
+/// The session of `device`, its socket at `socket`, and its registry entry.
+fn serve_device(
+    name: &str,
+    socket: &std::path::Path,
+    device: Box<dyn crate::vhost_user::device::Device>,
+    kind: DeviceKind,
+    parts: DeviceParts,
+) -> Result<Bound, ListenError> {
     let metrics = Arc::new(DeviceMetrics::new(name));
     let session = Session::new(
         name,
-        Box::new(device),
-        memory,
-        status,
+        device,
+        parts.memory,
+        parts.status,
         metrics.clone(),
-        PresetupProtocol::None,
+        parts.inband,
     );
-    let server = DeviceServer::bind(&spec.socket, session)?;
+    let server = DeviceServer::bind(socket, session)?;
     let device = RegisteredDevice::new(
         name,
-        &spec.socket,
-        DeviceKind::Blk {
-            image: spec.image.clone(),
-            fence,
-        },
+        socket,
+        kind,
         metrics,
         server.config_snapshot(),
         server.handle(),
@@ -207,24 +237,19 @@ pub fn bind_net(
         memory.atomic(),
         status.needs_reset_flag(),
     )?;
-    let shared = device.shared();
-    let metrics = Arc::new(DeviceMetrics::new(name));
-    let session = Session::new(
-        name,
-        Box::new(device),
+    let kind = DeviceKind::Net {
+        shared: device.shared(),
+    };
+    let parts = DeviceParts {
         memory,
         status,
-        metrics.clone(),
-        presetup_protocol,
-    );
-    let server = DeviceServer::bind(&spec.socket, session)?;
-    let device = RegisteredDevice::new(
+        inband: presetup_protocol,
+    };
+    Ok(serve_device(
         name,
         &spec.socket,
-        DeviceKind::Net { shared },
-        metrics,
-        server.config_snapshot(),
-        server.handle(),
-    );
-    Ok(Bound { server, device })
+        Box::new(device),
+        kind,
+        parts,
+    )?)
 }

@@ -201,35 +201,6 @@ pub enum Step {
     },
 }
 
-impl Step {
-    /// The op's name, as `presetup::ConfigOp::name` spells it.
-    pub fn name(&self) -> &'static str {
-        match self {
-            Step::Reset => "reset",
-            Step::SetFeatures { .. } => "set_features",
-            Step::ConfigureOffloads { .. } => "configure_offloads",
-            Step::MapRegion { .. } => "map_region",
-            Step::UnmapRegion { .. } => "unmap_region",
-            Step::OpenStorage { .. } => "open_storage",
-            Step::CreateIoRing { .. } => "create_io_ring",
-            Step::DestroyIoRing { .. } => "destroy_io_ring",
-            Step::CreateQueue { .. } => "create_queue",
-            Step::DestroyQueue { .. } => "destroy_queue",
-            Step::ProgramRss { .. } => "program_rss",
-            Step::SetMtu { .. } => "set_mtu",
-            Step::SetMac { .. } => "set_mac",
-            Step::SetWriteback { .. } => "set_writeback",
-            Step::ResetRing { .. } => "reset_ring",
-            Step::SetRingSize { .. } => "set_ring_size",
-            Step::SetRingAddresses { .. } => "set_ring_addresses",
-            Step::SetRingBase { .. } => "set_ring_base",
-            Step::SetRingKick { .. } => "set_ring_kick",
-            Step::SetRingCall { .. } => "set_ring_call",
-            Step::SetRingEnabled { .. } => "set_ring_enabled",
-        }
-    }
-}
-
 /// What a device's datapath does for each step: one method per op. The
 /// defaults refuse ops of the other device kind, so a net datapath
 /// implements the net ops and a blk storage the blk ones; the ring ops are
