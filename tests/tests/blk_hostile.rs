@@ -398,8 +398,13 @@ fn stalled_message_drops_the_connection_not_the_device() {
         .unwrap();
     let mut buf = [0u8; 16];
     let started = std::time::Instant::now();
-    let n = std::io::Read::read(&mut stream, &mut buf).unwrap_or(usize::MAX);
-    assert_eq!(n, 0, "the agent must close a stalled connection");
+    // Closed: end of file, or a reset (the agent left the stalled header
+    // unread: it never blocks reading a message that has not all come).
+    let closed = match std::io::Read::read(&mut stream, &mut buf) {
+        Ok(n) => n == 0,
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(closed, "the agent must close a stalled connection");
     assert!(
         started.elapsed() < Duration::from_secs(14),
         "closed only after {:?}",

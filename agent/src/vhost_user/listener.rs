@@ -54,9 +54,20 @@ enum Disconnect {
     /// The front-end closed it.
     #[error("connection closed")]
     Closed,
-    /// Reading failed (a truncated or stalled message included).
+    /// Reading failed.
     #[error("read failed")]
     Read(#[source] io::Error),
+    /// Part of a message arrived and the rest did not, in time.
+    #[error(
+        "a partial message ({have} of {need} bytes) and no more within {:?}",
+        MESSAGE_TIMEOUT
+    )]
+    Stalled {
+        /// Bytes that arrived.
+        have: usize,
+        /// Bytes the message needs.
+        need: usize,
+    },
     /// A reply could not be written.
     #[error("replying to {request} failed")]
     Reply {
@@ -176,6 +187,8 @@ struct Connection {
     stream: UnixStream,
     /// A message changed the configuration since it was last published.
     changed: bool,
+    /// When the message that is only partly here began to arrive.
+    partial_since: Option<Instant>,
 }
 
 fn lock(session: &Mutex<Session>) -> std::sync::MutexGuard<'_, Session> {
@@ -264,12 +277,30 @@ impl DeviceServer {
         let mut events = Events::with_capacity(8);
         let mut connection: Option<Connection> = None;
         'serve: loop {
-            if let Err(e) = self.poll.poll(&mut events, None) {
+            // While a message is only partly here, wake up to give up on it.
+            let timeout = connection
+                .as_ref()
+                .and_then(|conn| conn.partial_since)
+                .map(|since| MESSAGE_TIMEOUT.saturating_sub(since.elapsed()));
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
                 }
                 log::error!("{}: event loop failed: {e}", self.name);
                 break;
+            }
+            if events.is_empty() {
+                // The poll timed out: a partial message's time is up.
+                if let Some(conn) = connection.as_mut() {
+                    if let Err(reason) = self.serve_ready(conn) {
+                        log::info!(
+                            "{}: front-end disconnected: {}",
+                            self.name,
+                            crate::error_chain(&reason)
+                        );
+                        self.drop_connection(&mut connection);
+                    }
+                }
             }
             for event in events.iter() {
                 match event.token() {
@@ -366,6 +397,7 @@ impl DeviceServer {
             handler,
             stream: peek,
             changed: false,
+            partial_since: None,
         })
     }
 
@@ -385,8 +417,20 @@ impl DeviceServer {
     /// Handle every message that is waiting (the poll is edge-triggered).
     fn serve_ready(&self, conn: &mut Connection) -> Result<(), Disconnect> {
         loop {
-            let header = match wire::peek_header(&conn.stream, MESSAGE_TIMEOUT) {
-                Ok(Peek::Header(header)) => header,
+            let header = match wire::peek_message(&conn.stream) {
+                Ok(Peek::Message(header)) => {
+                    conn.partial_since = None;
+                    header
+                }
+                Ok(Peek::Partial { have, need }) => {
+                    // Wait for the rest without blocking: the poll wakes us
+                    // when it comes, and gives up on it after the timeout.
+                    let since = *conn.partial_since.get_or_insert_with(Instant::now);
+                    if since.elapsed() >= MESSAGE_TIMEOUT {
+                        return Err(Disconnect::Stalled { have, need });
+                    }
+                    return Ok(());
+                }
                 Ok(Peek::Empty) => {
                     // The burst is over: plan what it changed, once, and
                     // publish the configuration for query-config.

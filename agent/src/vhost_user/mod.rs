@@ -13,6 +13,7 @@
 pub(crate) mod datapath;
 pub(crate) mod device;
 pub(crate) mod dirty_log;
+pub(crate) mod fd_kind;
 pub mod inband;
 pub mod listener;
 pub(crate) mod memory;

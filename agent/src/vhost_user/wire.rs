@@ -6,7 +6,6 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
-use std::time::{Duration, Instant};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
@@ -59,26 +58,33 @@ impl Header {
 /// What a peek found.
 #[derive(Debug)]
 pub enum Peek {
-    /// A whole header is waiting.
-    Header(Header),
+    /// A whole message (header and payload) is waiting: reading it will
+    /// not block. A header that is not valid is reported too, so its
+    /// reader can refuse it.
+    Message(Header),
+    /// Part of a message has arrived; the rest has not yet.
+    Partial {
+        /// Bytes waiting.
+        have: usize,
+        /// Bytes the message needs (12 until the header is whole).
+        need: usize,
+    },
     /// Nothing to read right now.
     Empty,
-    /// The front-end closed the connection.
+    /// The front-end closed the connection (with nothing, or only part of
+    /// a message, left to read).
     Closed,
 }
 
-/// Look at the next header without consuming it. Non-blocking when nothing
-/// has arrived; once the first byte is there, waits for the rest of the 12
-/// (a blocking peek, bounded by the socket's receive timeout) for at most
-/// `timeout` in all. A front-end that sends part of a header and then
-/// stalls or closes gets an error: a peek returns the same partial bytes
-/// again and again, and looping on it spun the protocol thread forever.
-/// No control-message buffer is passed, so attached fds stay queued for
-/// whoever reads the message (docs/vhost-user-notes.md, "Peeking").
-pub fn peek_header(stream: &UnixStream, timeout: Duration) -> io::Result<Peek> {
-    let mut bytes = [0u8; HEADER_SIZE];
-    let mut flags = libc::MSG_PEEK | libc::MSG_DONTWAIT;
-    let mut deadline: Option<Instant> = None;
+/// Look at the next message without consuming it, and without waiting: the
+/// protocol thread never blocks on a peer. A front-end that sends part of
+/// a message and stalls is seen as [`Peek::Partial`] again and again (the
+/// caller bounds how long it waits for the rest), one that closes
+/// mid-message as [`Peek::Closed`]. No control-message buffer is passed, so
+/// attached fds stay queued for whoever reads the message
+/// (docs/vhost-user-notes.md, "Peeking").
+pub fn peek_message(stream: &UnixStream) -> io::Result<Peek> {
+    let mut bytes = [0u8; HEADER_SIZE + MAX_PAYLOAD as usize];
     loop {
         // SAFETY: recv writes at most `bytes.len()` bytes into `bytes`, a
         // live stack buffer; the fd is open for the duration of the call.
@@ -87,42 +93,43 @@ pub fn peek_header(stream: &UnixStream, timeout: Duration) -> io::Result<Peek> {
                 stream.as_raw_fd(),
                 bytes.as_mut_ptr().cast(),
                 bytes.len(),
-                flags,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         };
-        let partial = if n < 0 {
+        if n < 0 {
             let error = io::Error::last_os_error();
             match error.kind() {
-                io::ErrorKind::WouldBlock if deadline.is_none() => return Ok(Peek::Empty),
-                // The receive timeout expired with part of a header.
-                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => 0,
+                io::ErrorKind::WouldBlock => return Ok(Peek::Empty),
+                io::ErrorKind::Interrupted => continue,
                 _ => return Err(error),
             }
-        } else {
-            match usize::try_from(n) {
-                Ok(0) => return Ok(Peek::Closed),
-                Ok(HEADER_SIZE) => return Ok(Peek::Header(Header::parse(&bytes))),
-                Ok(partial) => partial,
-                Err(_) => 0,
+        }
+        let have = usize::try_from(n).unwrap_or(0);
+        if have == 0 {
+            return Ok(Peek::Closed);
+        }
+        let need = match bytes.first_chunk::<HEADER_SIZE>() {
+            Some(head) if have >= HEADER_SIZE => {
+                let header = Header::parse(head);
+                if !header.is_valid() {
+                    return Ok(Peek::Message(header));
+                }
+                HEADER_SIZE + header.size as usize
             }
+            _ => HEADER_SIZE,
         };
-        if deadline.is_some() && hung_up(stream)? {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("the front-end closed after {partial} of {HEADER_SIZE} header bytes"),
-            ));
+        if have >= need {
+            // `need` >= 12 and the first 12 bytes are there.
+            let head = bytes
+                .first_chunk::<HEADER_SIZE>()
+                .copied()
+                .unwrap_or_default();
+            return Ok(Peek::Message(Header::parse(&head)));
         }
-        let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
-        if Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "a partial header ({partial} of {HEADER_SIZE} bytes) and no more within {timeout:?}"
-                ),
-            ));
+        if hung_up(stream)? {
+            return Ok(Peek::Closed);
         }
-        // Block until the whole header, the receive timeout or the end.
-        flags = libc::MSG_PEEK | libc::MSG_WAITALL;
+        return Ok(Peek::Partial { have, need });
     }
 }
 
@@ -202,34 +209,45 @@ pub fn send_u64(stream: &UnixStream, request: &Header, value: u64) -> io::Result
 mod tests {
     use super::*;
 
-    const T: Duration = Duration::from_secs(5);
-
     /// Regression: a front-end that sends 5 of the 12 header bytes and
-    /// closes made the protocol thread spin in peek_header forever (issue
-    /// 18, finding 1); one that stalls must time out.
+    /// closes made the protocol thread spin in a blocking peek forever
+    /// (issue 18, finding 1). A peek never waits: a stalled partial
+    /// message is reported as such (the listener bounds the wait), a
+    /// closed one as closed; a header whose payload has not all arrived
+    /// is partial too, so nothing reads it and blocks.
     #[test]
-    fn regression_a_partial_header_ends_in_an_error_not_a_spin() {
+    fn regression_a_partial_message_is_reported_not_waited_for() {
         let (a, b) = UnixStream::pair().unwrap();
-        b.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
         (&a).write_all(&[1, 0, 0, 0, 1]).unwrap();
-        let stalled = peek_header(&b, Duration::from_millis(50)).unwrap_err();
-        assert_eq!(stalled.kind(), io::ErrorKind::TimedOut);
+        assert!(matches!(
+            peek_message(&b).unwrap(),
+            Peek::Partial { have: 5, need: 12 }
+        ));
         drop(a);
-        let closed = peek_header(&b, T).unwrap_err();
-        assert_eq!(closed.kind(), io::ErrorKind::UnexpectedEof);
+        assert!(matches!(peek_message(&b).unwrap(), Peek::Closed));
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut header = 39u32.to_le_bytes().to_vec();
+        header.extend_from_slice(&FLAG_VERSION_1.to_le_bytes());
+        header.extend_from_slice(&8u32.to_le_bytes());
+        header.extend_from_slice(&[0, 0, 0]);
+        (&a).write_all(&header).unwrap();
+        assert!(matches!(
+            peek_message(&b).unwrap(),
+            Peek::Partial { have: 15, need: 20 }
+        ));
     }
 
     #[test]
     fn peek_leaves_the_message_for_the_reader() {
         let (a, b) = UnixStream::pair().unwrap();
-        assert!(matches!(peek_header(&b, T).unwrap(), Peek::Empty));
+        assert!(matches!(peek_message(&b).unwrap(), Peek::Empty));
         let mut msg = Vec::new();
         msg.extend_from_slice(&39u32.to_le_bytes());
         msg.extend_from_slice(&(FLAG_VERSION_1 | FLAG_NEED_REPLY).to_le_bytes());
         msg.extend_from_slice(&8u32.to_le_bytes());
         msg.extend_from_slice(&0xfu64.to_le_bytes());
         (&a).write_all(&msg).unwrap();
-        let Peek::Header(header) = peek_header(&b, T).unwrap() else {
+        let Peek::Message(header) = peek_message(&b).unwrap() else {
             panic!("no header")
         };
         assert_eq!(
@@ -246,7 +264,7 @@ mod tests {
         assert_eq!(payload, 0xfu64.to_le_bytes());
         assert!(files.is_empty());
         drop(a);
-        assert!(matches!(peek_header(&b, T).unwrap(), Peek::Closed));
+        assert!(matches!(peek_message(&b).unwrap(), Peek::Closed));
     }
 
     #[test]

@@ -121,6 +121,21 @@ impl MemoryTable {
         })
     }
 
+    /// Whether `len` bytes from front-end address `user_addr` lie inside one
+    /// region of the table (a ring part is one contiguous piece of guest
+    /// memory).
+    pub fn holds(&self, user_addr: u64, len: u64) -> bool {
+        let Some(last) = len.checked_sub(1).and_then(|n| user_addr.checked_add(n)) else {
+            return len == 0 && self.translate(user_addr).is_some();
+        };
+        self.entries.iter().any(|entry| {
+            let region = &entry.region;
+            let start = region.user_addr.0;
+            let end = start.saturating_add(region.size_bytes);
+            user_addr >= start && last < end
+        })
+    }
+
     /// Whether all three parts of a ring lie in the table.
     pub fn holds_ring(&self, addresses: &presetup::RingAddresses) -> bool {
         addresses

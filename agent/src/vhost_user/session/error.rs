@@ -42,6 +42,27 @@ pub enum SessionError {
         /// Front-end virtual address.
         addr: u64,
     },
+    /// A ring part does not lie inside one region of guest memory.
+    #[error("queue {index}: the {which} ({len} bytes at {addr:#x}) does not lie inside one memory region")]
+    RingExtent {
+        /// Queue index.
+        index: u32,
+        /// Which ring part.
+        which: &'static str,
+        /// Front-end address of its first byte.
+        addr: u64,
+        /// Its length for the ring's size.
+        len: u64,
+    },
+    /// A kick or call fd that is not an eventfd.
+    #[error("queue {index}")]
+    NotAnEventfd {
+        /// Queue index.
+        index: u32,
+        /// What it is.
+        #[source]
+        source: crate::vhost_user::fd_kind::NotAnEventfd,
+    },
     /// A ring may not be reconfigured while it runs (vhost-user spec,
     /// "Ring states": stop it with GET_VRING_BASE first).
     #[error("queue {index} is running; {request} must wait until it is stopped")]

@@ -20,6 +20,16 @@ use crate::vhost_user::memory::MAX_MEM_SLOTS;
 use crate::vhost_user::status::read_config;
 use crate::vhost_user::vring::frontend_addresses;
 
+/// Kick and call fds must be eventfds (a memfd or /dev/null would be
+/// polled and read as one).
+fn check_eventfd(index: u32, fd: Option<&File>, which: &'static str) -> Result<(), SessionError> {
+    match fd {
+        Some(file) => crate::vhost_user::fd_kind::check_eventfd(file, which)
+            .map_err(|source| SessionError::NotAnEventfd { index, source }),
+        None => Ok(()),
+    }
+}
+
 fn unsupported<T>(what: &'static str) -> VhostResult<T> {
     Err(SessionError::Unsupported(what).into())
 }
@@ -147,7 +157,7 @@ impl VhostUserBackendReqHandlerMut for Session {
                 .into())
             }
         };
-        let (ring, state) = self.ring_index(index)?;
+        let (_, state) = self.ring_index(index)?;
         if state.running && state.size != size {
             return Err(SessionError::RingRunning {
                 index,
@@ -155,6 +165,10 @@ impl VhostUserBackendReqHandlerMut for Session {
             }
             .into());
         }
+        if let Some(addresses) = state.addresses {
+            self.check_ring_extent(index, size, &addresses)?;
+        }
+        let (ring, state) = self.ring_index(index)?;
         state.size = size;
         self.metrics.ring_configured(ring);
         Ok(self.reconcile(Some(index))?)
@@ -179,6 +193,11 @@ impl VhostUserBackendReqHandlerMut for Session {
             }
         }
         let addresses = frontend_addresses(descriptor, used, available);
+        let (_, state) = self.ring_index(index)?;
+        let size = state.size;
+        if size != 0 {
+            self.check_ring_extent(index, size, &addresses)?;
+        }
         let (_, state) = self.ring_index(index)?;
         if state.running && state.addresses != Some(addresses) {
             return Err(SessionError::RingRunning {
@@ -214,6 +233,7 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let index = u32::from(index);
+        check_eventfd(index, fd.as_ref(), "kick")?;
         let (ring, state) = self.ring_index(index)?;
         if state.running {
             // A new kick for a running ring restarts it where it stood.
@@ -237,6 +257,7 @@ impl VhostUserBackendReqHandlerMut for Session {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         let index = u32::from(index);
+        check_eventfd(index, fd.as_ref(), "call")?;
         let (_, state) = self.ring_index(index)?;
         state.call = fd.map(Arc::new);
         state.call_pending = true;

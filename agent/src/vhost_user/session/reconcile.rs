@@ -384,6 +384,7 @@ impl Session {
             }
             return Ok(None);
         }
+        self.check_ring_extent(u32::from(ring), state.size, &addresses)?;
         let guest = self.translate_ring(ring, &addresses)?;
         if self.inflight.is_some() && inflight.is_none() {
             log::warn!(

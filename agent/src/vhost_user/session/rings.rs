@@ -55,6 +55,36 @@ impl Session {
         self.metrics.ring_started(ring);
     }
 
+    /// Check that every part of a ring of `size` descriptors at the
+    /// front-end `addresses` lies inside one region of the table: the
+    /// descriptor table (16 bytes each), the avail ring (4 + 2 per entry +
+    /// used_event) and the used ring (4 + 8 per entry + avail_event)
+    /// (virtio 1.2, 2.7). A ring running past guest memory is refused
+    /// before any datapath (or kernel) sees it.
+    pub(super) fn check_ring_extent(
+        &self,
+        index: u32,
+        size: u16,
+        addresses: &presetup::RingAddresses,
+    ) -> Result<(), SessionError> {
+        let n = u64::from(size);
+        for (which, addr, len) in [
+            ("descriptor table", addresses.desc_table.0, 16 * n),
+            ("avail ring", addresses.avail_ring.0, 6 + 2 * n),
+            ("used ring", addresses.used_ring.0, 6 + 8 * n),
+        ] {
+            if !self.table.holds(addr, len) {
+                return Err(SessionError::RingExtent {
+                    index,
+                    which,
+                    addr,
+                    len,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether any ring runs.
     pub(super) fn live(&self) -> bool {
         self.rings.iter().any(|ring| ring.running)
