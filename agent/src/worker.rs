@@ -497,6 +497,10 @@ fn suspend(
     let held = blk.held();
     let abandoned_writes = blk.suspend();
     let fenced = fence.abandon(abandoned_writes);
+    // The lock must outlive this process while its writes are in the
+    // kernel: a SIGKILL closes our descriptor at once, the ring's
+    // operations finish later (IoEngine::hold_file_while_busy).
+    let tied = fence.with_held_lock(|fd| blk.hold_file_while_busy(fd));
     exit.next_avail = queue.next_avail();
     exit.stats = blk.stats();
     exit.left_in_flight = blk.in_flight() + held;
@@ -512,6 +516,12 @@ fn suspend(
             "{device} queue {index}: cannot take the write fence lock {} ({e}); a destination will not wait for {abandoned_writes} abandoned write(s)",
             fence.lock_file().display()
         ),
+    }
+    if let Some(Err(e)) = tied {
+        log::warn!(
+            "{device} queue {index}: cannot tie {} to the storage operations in the kernel ({e}); should this process die before they finish, a destination would not wait for them",
+            fence.lock_file().display()
+        );
     }
     log::debug!(
         "{device} queue {index}: suspended at avail {} used {} with {} request(s) unanswered",
