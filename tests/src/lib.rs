@@ -16,5 +16,6 @@ pub mod netns;
 pub mod netprobe;
 pub mod pinger;
 pub mod qemu;
+pub mod qemu11;
 pub mod support;
 pub mod testpmd;
