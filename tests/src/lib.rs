@@ -17,5 +17,6 @@ pub mod netprobe;
 pub mod pinger;
 pub mod qemu;
 pub mod qemu11;
+pub mod slow_disk;
 pub mod support;
 pub mod testpmd;
