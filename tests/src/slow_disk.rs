@@ -201,6 +201,33 @@ impl SlowDisk {
         self.set_throttle(0)
     }
 
+    /// Writes the cgroup's processes submitted to the device so far,
+    /// held ones included (the kernel counts a bio when it enters the
+    /// throttle): blkio.throttle.io_serviced (v1) or io.stat `wios` (v2).
+    pub fn writes_submitted(&self) -> Result<u64, String> {
+        let (file, key) = match &self.throttle {
+            Throttle::V1(dir) => (dir.join("blkio.throttle.io_serviced"), "Write"),
+            Throttle::V2(dir) => (dir.join("io.stat"), "wios="),
+        };
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
+        // v1: `MAJ:MIN Write N`; v2: `MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=N ..`.
+        let count = text.lines().find_map(|line| {
+            let mut words = line.split_whitespace();
+            if words.next()? != self.major_minor {
+                return None;
+            }
+            match &self.throttle {
+                Throttle::V1(_) => (words.next()? == key)
+                    .then(|| words.next()?.parse().ok())
+                    .flatten(),
+                Throttle::V2(_) => words.find_map(|w| w.strip_prefix(key)?.parse().ok()),
+            }
+        });
+        // No line yet: nothing was submitted.
+        Ok(count.unwrap_or(0))
+    }
+
     /// Completed writes the loop device has seen (the fifth field of its
     /// `stat`): a write still held in the throttle is not counted.
     pub fn writes_completed(&self) -> Result<u64, String> {
