@@ -14,6 +14,9 @@
 #     (scripts/trixie-tree.sh) whose package lists the lab is built from.
 #     The tree itself and the trixie packages are fetched by the lab build,
 #     on first use, into /opt/vhost-agent/trixie and target/lab.
+#   * QEMU 11.1 from trixie-backports inside the trixie tree of
+#     scripts/trixie-tree.sh (bookworm's libc is too old for it), for the
+#     vhost-user-blk `inflight-migration=on` tests (tests/tests/blk_qemu11.rs).
 #
 # Run as root. Idempotent: when everything is already there it returns in a
 # fraction of a second without touching apt.
@@ -68,6 +71,47 @@ qemu_ok() {
     [[ -n "$major" && "$major" -ge "$QEMU_MIN_MAJOR" ]]
 }
 
+# --- QEMU 11.1 in the trixie tree (tests/src/qemu11.rs runs it through the
+# tree's loader). Kept apart from the host packages above: it never touches
+# the host's apt, and it is checked (binary present, version >= 11.1) before
+# anything is done, so a ready tree costs a few milliseconds.
+QEMU11_MIN=11.1
+SCRIPTS_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+qemu11_version() {
+    local root=$1
+    [[ -x "$root/usr/bin/qemu-system-x86_64" && -e "$root/lib64/ld-linux-x86-64.so.2" ]] || return 1
+    "$root/lib64/ld-linux-x86-64.so.2" \
+        --library-path "$root/lib/x86_64-linux-gnu:$root/usr/lib/x86_64-linux-gnu" \
+        "$root/usr/bin/qemu-system-x86_64" --version 2>/dev/null |
+        sed -n 's/^QEMU emulator version \([0-9][0-9.]*\).*/\1/p'
+}
+qemu11_ok() {
+    local version
+    version=$(qemu11_version "$1") || return 1
+    [[ -n "$version" ]] && printf '%s\n%s\n' "$QEMU11_MIN" "$version" | sort -V -C
+}
+ensure_qemu11() {
+    local root
+    root=$(TRIXIE_TREE_LIB=1 && . "$SCRIPTS_DIR/trixie-tree.sh" && echo "$TRIXIE_ROOT")
+    if qemu11_ok "$root"; then
+        log "QEMU $(qemu11_version "$root") present in $root"
+        return 0
+    fi
+    (
+        TRIXIE_TREE_LIB=1
+        . "$SCRIPTS_DIR/trixie-tree.sh"
+        trixie_ensure
+        log "installing QEMU from trixie-backports into $TRIXIE_ROOT"
+        trixie_chroot apt-get -o DPkg::Lock::Timeout=600 -o Acquire::Retries=3 install -y \
+            --no-install-recommends -t trixie-backports qemu-system-x86 qemu-utils
+    )
+    if ! qemu11_ok "$root"; then
+        log "QEMU >= $QEMU11_MIN is still missing in $root after the install (found: $(qemu11_version "$root" || echo nothing))"
+        return 1
+    fi
+    log "QEMU $(qemu11_version "$root") installed in $root"
+}
+
 missing_base=()
 for p in "${BASE_PACKAGES[@]}"; do
     pkg_installed "$p" || missing_base+=("$p")
@@ -99,6 +143,8 @@ fi
 dpdk_ok() {
     command -v dpdk-testpmd >/dev/null 2>&1
 }
+
+ensure_qemu11
 
 if $backports_ok && $lists_ok && qemu_ok && dpdk_ok &&
     [[ ${#missing_base[@]} -eq 0 && ${#missing_dpdk[@]} -eq 0 && ${#missing_lab[@]} -eq 0 ]]; then

@@ -20,7 +20,7 @@
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::io::AsRawFd;
+use std::os::unix::io::{AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -190,6 +190,17 @@ impl Fence {
             source.locked = true;
         }
         Ok(())
+    }
+
+    /// Source side, `lock` mode: run `f` with the descriptor of the lock
+    /// file while its lock is held (None otherwise). `f` runs under the
+    /// fence's lock, so the descriptor stays open meanwhile.
+    pub fn with_held_lock<R>(&self, f: impl FnOnce(RawFd) -> R) -> Option<R> {
+        let source = self.source.lock().unwrap_or_else(|p| p.into_inner());
+        match (&source.file, source.locked) {
+            (Some(file), true) => Some(f(file.as_raw_fd())),
+            _ => None,
+        }
     }
 
     /// Source side: one abandoned operation finished.

@@ -345,6 +345,14 @@ impl<M: GuestMemory> BlkQueue<M> {
         (self.in_flight == 0).then_some(self.engine)
     }
 
+    /// After [`Self::suspend`]: keep `fd`'s open file description (the
+    /// write fence's lock) alive until the operations already handed to
+    /// the kernel have finished, even if the process dies first
+    /// ([`crate::engine::IoEngine::hold_file_while_busy`]).
+    pub fn hold_file_while_busy(&mut self, fd: std::os::unix::io::RawFd) -> std::io::Result<()> {
+        self.engine.hold_file_while_busy(fd)
+    }
+
     /// Requests submitted to storage and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight

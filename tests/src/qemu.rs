@@ -52,6 +52,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub use crate::qemu11::QemuBinary;
 use crate::support::{self, ChildGuard};
 
 /// The marker `/init` prints before its verdict.
@@ -473,6 +474,9 @@ pub struct VmConfig {
     pub incoming: Option<String>,
     /// Extra raw QEMU arguments.
     pub extra_args: Vec<String>,
+    /// Which QEMU runs it: the host's QEMU 10 (default) or QEMU 11.1 from
+    /// the trixie tree (`crate::qemu11`).
+    pub qemu: QemuBinary,
 }
 
 impl VmConfig {
@@ -489,7 +493,14 @@ impl VmConfig {
             qmp: false,
             incoming: None,
             extra_args: Vec::new(),
+            qemu: QemuBinary::Host,
         }
+    }
+
+    /// Run it on `qemu` (e.g. [`QemuBinary::Trixie`] for QEMU 11.1).
+    pub fn qemu(mut self, qemu: QemuBinary) -> Self {
+        self.qemu = qemu;
+        self
     }
 
     /// Add a kernel command-line parameter.
@@ -697,17 +708,28 @@ impl Qemu {
         }
         args.extend(config.extra_args.iter().cloned());
 
+        // QEMU 11.1 runs through the trixie tree's loader, whose own
+        // arguments come first.
+        let (qemu, env) = match config.qemu {
+            QemuBinary::Host => ("qemu-system-x86_64".to_string(), Vec::new()),
+            QemuBinary::Trixie => {
+                let (loader, prefix, env) = crate::qemu11::require().invocation();
+                let prefix = prefix.iter().map(|a| a.to_string_lossy().into_owned());
+                args.splice(0..0, prefix);
+                (loader.display().to_string(), env)
+            }
+        };
         // `ip netns exec` enters the namespace and execs QEMU: same pid.
         let (program, args) = match &config.netns {
             Some(ns) => {
-                let mut wrapped: Vec<String> = ["netns", "exec", ns, "qemu-system-x86_64"]
+                let mut wrapped: Vec<String> = ["netns", "exec", ns, qemu.as_str()]
                     .iter()
                     .map(|s| s.to_string())
                     .collect();
                 wrapped.extend(args);
-                ("ip", wrapped)
+                ("ip".to_string(), wrapped)
             }
-            None => ("qemu-system-x86_64", args),
+            None => (qemu, args),
         };
         let command_line = format!(
             "{program} {}",
@@ -725,8 +747,9 @@ impl Qemu {
         let stdout = stderr
             .try_clone()
             .map_err(|e| format!("dup of the QEMU log file: {e}"))?;
-        let child = Command::new(program)
+        let child = Command::new(&program)
             .args(&args)
+            .envs(env)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

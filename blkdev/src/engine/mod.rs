@@ -207,6 +207,25 @@ impl IoEngine {
             IoEngine::ThreadPool(engine) => engine.completion_fd(),
         }
     }
+
+    /// Keep the open file description behind `fd` (e.g. the write fence's
+    /// lock file, whose OFD lock lives exactly as long as the description)
+    /// alive until every operation handed to the kernel so far has
+    /// finished, even if this process dies first.
+    ///
+    /// Why: a process killed with SIGKILL closes its descriptors at once,
+    /// but io_uring operations already in the kernel (an O_DIRECT write
+    /// queued in the block layer, say) complete later, from the ring's
+    /// teardown. Holding the description in the ring's fixed-file table ties
+    /// its lifetime to that teardown. The thread pool needs nothing: a
+    /// killed process is not gone, and its descriptors not closed, until
+    /// every thread has returned from its system call.
+    pub fn hold_file_while_busy(&mut self, fd: RawFd) -> io::Result<()> {
+        match self {
+            IoEngine::IoUring(engine) => engine.hold_file_while_busy(fd),
+            IoEngine::ThreadPool(_) => Ok(()),
+        }
+    }
 }
 
 /// Advance `iovecs` past `done` bytes (after a short transfer).
@@ -470,6 +489,72 @@ mod tests {
             // The abandoned write landed, late, before drop returned.
             assert!(submitted.elapsed() >= LATENCY, "{kind:?}");
             assert_eq!(read_block(&image, 0), source, "{kind:?}");
+        }
+    }
+
+    /// Whether someone holds an OFD write lock on `path` (asked through a
+    /// description of our own, so our locks do not hide theirs).
+    fn write_locked(path: &std::path::Path) -> bool {
+        use std::os::unix::io::AsRawFd;
+        let probe = File::open(path).unwrap();
+        // SAFETY: flock is plain data; all-zero is a valid value.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_RDLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: fcntl on an open fd with a pointer to a flock that lives
+        // across the call.
+        let rc = unsafe { libc::fcntl(probe.as_raw_fd(), libc::F_OFD_GETLK, &mut lock) };
+        assert_eq!(rc, 0, "F_OFD_GETLK: {}", io::Error::last_os_error());
+        lock.l_type == libc::F_WRLCK as libc::c_short
+    }
+
+    /// Regression: a migration source killed with SIGKILL right after a
+    /// suspend closed its write-fence lock file at once, so the OFD lock
+    /// was gone (and a destination wrote) while io_uring still had its
+    /// abandoned O_DIRECT writes in the kernel (seen with a throttled
+    /// block device: the lock was free 1 ms after the kill, the write
+    /// landed 4 s later). A held file's description, and its lock, must
+    /// live as long as the ring does, whatever happens to our descriptor.
+    #[test]
+    fn regression_a_held_file_keeps_its_ofd_lock_until_the_engine_is_gone() {
+        use std::os::unix::io::AsRawFd;
+        for kind in engines() {
+            let (_image, file) = image(1);
+            let dir = tempfile::tempdir().unwrap();
+            let lock_path = dir.path().join("disk.img.fence");
+            let lock_file = File::options()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&lock_path)
+                .unwrap();
+            // SAFETY: as in write_locked().
+            let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+            lock.l_type = libc::F_WRLCK as libc::c_short;
+            lock.l_whence = libc::SEEK_SET as libc::c_short;
+            // SAFETY: as in write_locked().
+            let rc = unsafe { libc::fcntl(lock_file.as_raw_fd(), libc::F_OFD_SETLK, &lock) };
+            assert_eq!(rc, 0, "{kind:?}: F_OFD_SETLK");
+            let mut engine = IoEngine::new(kind, file, 8).unwrap();
+            engine.hold_file_while_busy(lock_file.as_raw_fd()).unwrap();
+            // What SIGKILL does to the process's own descriptor.
+            drop(lock_file);
+            match kind {
+                EngineKind::IoUring => {
+                    assert!(write_locked(&lock_path), "the ring keeps the lock");
+                    drop(engine);
+                    // The kernel frees a closed ring from a work queue.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while write_locked(&lock_path) {
+                        assert!(Instant::now() < deadline, "the lock must go with the ring");
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
+                // The pool holds nothing: its threads keep the process (and
+                // so its descriptors) alive themselves.
+                EngineKind::ThreadPool => assert!(!write_locked(&lock_path)),
+            }
         }
     }
 

@@ -40,6 +40,10 @@ pub(super) fn probe() -> Result<(), String> {
     Ok(())
 }
 
+/// The fixed-file slot of [`UringEngine::hold_file_while_busy`] (slot 0 is
+/// the image).
+const HELD_FILE_SLOT: u32 = 1;
+
 /// `user_data` bit marking the CQE of a delay timer. Operation tokens are
 /// below the engine depth, so they never have it set.
 const TIMER_TOKEN: u64 = 1 << 63;
@@ -96,7 +100,8 @@ impl UringEngine {
             .clamp(8, 4096 * sqes_per_op)
             .next_power_of_two();
         let ring = IoUring::builder().build(entries)?;
-        ring.submitter().register_files(&[file.as_raw_fd()])?;
+        // Slot 0: the image; slot 1 stays empty until hold_file_while_busy.
+        ring.submitter().register_files(&[file.as_raw_fd(), -1])?;
         let eventfd = EventFd::new(EFD_NONBLOCK)?;
         if latency.is_zero() {
             // Only completions that do not finish inside io_uring_enter
@@ -340,6 +345,17 @@ impl UringEngine {
     /// The registered completion eventfd.
     pub fn completion_fd(&self) -> RawFd {
         self.eventfd.as_raw_fd()
+    }
+
+    /// See [`super::IoEngine::hold_file_while_busy`]: the ring's fixed-file
+    /// table takes its own reference to `fd`'s open file description, and
+    /// the kernel drops the table only when it frees the ring, after every
+    /// operation it was given has finished.
+    pub fn hold_file_while_busy(&mut self, fd: RawFd) -> io::Result<()> {
+        self.ring
+            .submitter()
+            .register_files_update(HELD_FILE_SLOT, &[fd])
+            .map(drop)
     }
 }
 

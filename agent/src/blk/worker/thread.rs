@@ -351,6 +351,14 @@ impl Loop {
         let held = blk.held();
         let abandoned_writes = blk.suspend();
         let fenced = self.fence.abandon(abandoned_writes);
+        // The lock must outlive this process while its writes are in the
+        // kernel: a SIGKILL closes our descriptor at once, the ring's
+        // operations finish later (IoEngine::hold_file_while_busy).
+        let tied = if abandoned_writes > 0 {
+            self.fence.with_held_lock(|fd| blk.hold_file_while_busy(fd))
+        } else {
+            None
+        };
         let mut exit = WorkerExit {
             next_avail: queue.next_avail(),
             stats: blk.stats(),
@@ -379,6 +387,12 @@ impl Loop {
                 "{device} queue {index}: cannot take the write fence lock {} ({e}); a destination will not wait for {abandoned_writes} abandoned write(s)",
                 self.fence.lock_file().display()
             ),
+        }
+        if let Some(Err(e)) = tied {
+            log::warn!(
+                "{device} queue {index}: cannot tie {} to the storage operations in the kernel ({e}); should this process die before they finish, a destination would not wait for them",
+                self.fence.lock_file().display()
+            );
         }
         log::debug!(
             "{device} queue {index}: suspended at avail {} used {} with {left} request(s) unanswered",
