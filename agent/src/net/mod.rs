@@ -1,8 +1,10 @@
-//! virtio-net under the session: the device's offer, configuration and own
-//! requests ([`device`]), its agent-side state ([`state`]), and its data
-//! path thread ([`datapath`]), which owns the rings and the dataplane and
-//! executes the plan's steps.
+//! virtio-net under the session: what every net device has ([`common`]:
+//! config space, MTU, MAC, RSS, device state), its agent-side state
+//! ([`state`]), and the agent's own datapath ([`device`] with its data
+//! path thread [`datapath`], which owns the rings and the dataplane and
+//! executes the plan's steps).
 
+pub mod common;
 pub mod datapath;
 pub mod device;
 pub mod state;
