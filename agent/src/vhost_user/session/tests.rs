@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use presetup::{DeviceConfig, DeviceKind, NetConfig, RegionKey, RssSpec, ValidConfig};
 use vhost::vhost_user::message::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
+    VhostUserVirtioFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vm_memory::ByteValued;
@@ -21,6 +21,7 @@ use crate::vhost_user::datapath::{self, Datapath, OpResult, Outcome, Step};
 use crate::vhost_user::device::{
     Device, DeviceError, EarlyError, RingStart, RingStopped, StopMode,
 };
+use crate::vhost_user::dirty_log::LogRegion;
 use crate::vhost_user::inband::{PresetupProtocol, VHOST_USER_PROTOCOL_F_PRESETUP};
 use crate::vhost_user::memory::{MappedRegion, MemoryMap};
 use crate::vhost_user::requests::code;
@@ -165,6 +166,15 @@ impl Device for RecordedNet {
     }
     fn supports_inband_presetup(&self) -> bool {
         true
+    }
+    fn set_log(&mut self, log: Option<Arc<LogRegion>>) -> Result<(), DeviceError> {
+        let name = if log.is_some() {
+            "set_log(on)"
+        } else {
+            "set_log(off)"
+        };
+        self.recorder.calls.lock().unwrap().push(name);
+        Ok(())
     }
 }
 
@@ -480,6 +490,41 @@ fn a_restart_after_a_stop_executes_no_heavy_op() {
         .count();
     assert_eq!(kicks, 2, "both rings started again");
     assert_eq!(rig.heavy(), Vec::<&str>::new());
+}
+
+/// A device whose datapath writes guest memory itself (the kernel's
+/// vhost-net) is told whenever logging switches: on exactly while a log is
+/// mapped and VHOST_F_LOG_ALL is acked, off when LOG_ALL goes or the
+/// front-end does.
+#[test]
+fn the_device_hears_when_dirty_logging_switches() {
+    let mut rig = Rig::new(1, 1500);
+    rig.connect(false);
+    rig.start(1, 1500);
+    let last_log_call = |rig: &Rig| {
+        let calls = rig.calls.lock().unwrap();
+        calls
+            .iter()
+            .rev()
+            .find(|name| name.starts_with("set_log"))
+            .copied()
+    };
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    rig.session
+        .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
+        .unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"), "no LOG_ALL yet");
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    rig.session.set_features(Rig::features() | log_all).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(on)"));
+    rig.session.set_features(Rig::features()).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    rig.session.set_features(Rig::features() | log_all).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(on)"));
+    rig.session.disconnected();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
 }
 
 /// How long the session's own work for a start takes (not a pass/fail
