@@ -12,6 +12,7 @@ pub mod blkio_client;
 pub mod experiment;
 pub mod frontend;
 pub mod lab;
+pub mod lab_net;
 pub mod net_agent;
 pub mod net_rig;
 pub mod netns;
