@@ -5,12 +5,14 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
+use std::time::Duration;
 
 use vhost::vhost_user::message::VhostUserHeaderFlag;
 use vhost::{VhostBackend, VringConfigData};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::driver::{buffer, pages_of, NetGuest, QUEUE_SIZE};
+use super::driver::{buffer, pages_of, NetGuest, HDR, QUEUE_SIZE};
+use super::frames::{self, Direction};
 use super::report::{metrics, report_switchover, Report};
 use super::tapside;
 use super::traffic;
@@ -77,6 +79,7 @@ pub fn run(
     report_switchover(report, "start_", &metrics(control)?);
 
     phase(&mut guest, report, tap, "p1", &all, frames)?;
+    offload(&mut guest, report, tap)?;
     stop_and_check(&mut guest, report, "stop1");
     guest.start();
     phase(&mut guest, report, tap, "p2", &all, frames)?;
@@ -126,6 +129,46 @@ pub fn run(
     report.put("out_of_order", guest.out_of_order);
     let guest = guest.follow(socket, 0);
     hostile(guest, report, tap)
+}
+
+/// Checksum offload from the guest (CSUM): a frame whose virtio-net
+/// header says NEEDS_CSUM reaches the tap's host side as a packet whose
+/// checksum is left to offload (the kernel passed the header to the tap,
+/// which took it at the size the agent set), and a frame without the flag
+/// does not.
+fn offload(guest: &mut NetGuest, report: &mut Report, tap: &str) -> Result<(), String> {
+    let watch = tapside::PacketSocket::open(tap, true).map_err(|e| e.to_string())?;
+    let mut seen = Vec::new();
+    for (seq, needs_csum) in [(1_000_000u32, true), (1_000_001, false)] {
+        let frame = frames::frame(Direction::Tx, 0, seq, FRAME_LEN);
+        let mut header = [0u8; HDR];
+        if needs_csum {
+            // flags NEEDS_CSUM; csum_start: the UDP header (14 + 20);
+            // csum_offset: its checksum field.
+            header[0] = 1;
+            header[6..8].copy_from_slice(&34u16.to_le_bytes());
+            header[8..10].copy_from_slice(&6u16.to_le_bytes());
+        }
+        if !guest.send_with_header(0, header, &frame, traffic::STALL) {
+            return Err("the offload frame was not taken".into());
+        }
+        let mut status = None;
+        while let Ok(Some((got, tp_status))) = watch.recv_incoming_status(Duration::from_secs(2)) {
+            if frames::parse(&got).is_some_and(|t| t.seq == seq) {
+                status = Some(tp_status & libc::TP_STATUS_CSUMNOTREADY != 0);
+                break;
+            }
+        }
+        seen.push(status);
+    }
+    report.put("offload_csum_partial", format!("{:?}", seen[0]));
+    report.put("offload_csum_plain", format!("{:?}", seen[1]));
+    report.check(
+        "offload_csum",
+        seen == [Some(true), Some(false)],
+        format!("NEEDS_CSUM frame left to offload / plain frame: {seen:?}"),
+    );
+    Ok(())
 }
 
 /// With VHOST_F_LOG_ALL on, the pages the kernel wrote (RX buffers, used

@@ -252,6 +252,39 @@ impl NetGuest {
         count - (target - self.rings[ring].used)
     }
 
+    /// One frame on pair `pair`'s TX ring behind the virtio-net header
+    /// `header` (offload flags and all), waiting until the device took it;
+    /// whether it did within `stall`.
+    pub fn send_with_header(
+        &mut self,
+        pair: usize,
+        header: [u8; HDR],
+        frame: &[u8],
+        stall: Duration,
+    ) -> bool {
+        let ring = 2 * pair + 1;
+        let seq = self.rings[ring].added;
+        let slot = (seq % u64::from(QUEUE_SIZE)) as u16;
+        let addr = buffer(ring, slot);
+        let ram = &self.fe.ram.mem;
+        ram.write_slice(&header, GuestAddress(addr)).unwrap();
+        ram.write_slice(frame, GuestAddress(addr + HDR as u64))
+            .unwrap();
+        let head = self.fe.queues[ring].add_chain(
+            &self.fe.ram,
+            &[Desc::readable(addr, (HDR + frame.len()) as u32)],
+        );
+        assert_eq!(head, slot, "TX heads are handed out in order");
+        self.rings[ring].added += 1;
+        self.fe.queues[ring].kick();
+        let deadline = Instant::now() + stall;
+        while self.rings[ring].used < self.rings[ring].added && Instant::now() < deadline {
+            self.fe.queues[ring].wait_call(Duration::from_millis(5));
+            self.take(ring);
+        }
+        self.rings[ring].used == self.rings[ring].added
+    }
+
     /// Keep pair `pair`'s RX ring full of empty buffers; kick if any were
     /// added.
     pub fn fill_rx(&mut self, pair: usize) {

@@ -115,6 +115,17 @@ impl PacketSocket {
             return Err(io::Error::last_os_error());
         }
         if listen {
+            let on: libc::c_int = 1;
+            // SAFETY: PACKET_AUXDATA reads one int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    socket.fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    libc::PACKET_AUXDATA,
+                    (&on as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
             // Room for a whole phase of small frames: the lab runs as root,
             // so the buffer may exceed rmem_max.
             let size: libc::c_int = 16 << 20;
@@ -164,30 +175,58 @@ impl PacketSocket {
     /// The next frame coming in from the interface (sent by the guest
     /// side), waiting up to `timeout`; frames going out are skipped.
     pub fn recv_incoming(&self, timeout: Duration) -> io::Result<Option<Vec<u8>>> {
+        Ok(self.recv_incoming_status(timeout)?.map(|(frame, _)| frame))
+    }
+
+    /// [`Self::recv_incoming`] with the kernel's `tp_status` of the frame
+    /// (`TP_STATUS_CSUMNOTREADY`: its checksum is left to offload, as the
+    /// virtio-net header it came with said).
+    pub fn recv_incoming_status(&self, timeout: Duration) -> io::Result<Option<(Vec<u8>, u32)>> {
         let deadline = Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
+        // Room for one cmsg with a tpacket_auxdata, u64-aligned.
+        let mut control = [0u64; 8];
         loop {
             // SAFETY: sockaddr_ll is plain old data; all zeroes is valid.
             let mut from: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-            let mut from_len = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
-            // SAFETY: recvfrom writes at most `buf.len()` bytes into `buf`
-            // and at most `from_len` bytes into `from`, both live.
-            let rc = unsafe {
-                libc::recvfrom(
-                    self.fd.as_raw_fd(),
-                    buf.as_mut_ptr().cast(),
-                    buf.len(),
-                    0,
-                    (&mut from as *mut libc::sockaddr_ll).cast(),
-                    &mut from_len,
-                )
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
             };
+            // SAFETY: msghdr is plain old data; all zeroes is valid.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = std::mem::size_of_val(&control);
+            // SAFETY: recvmsg writes at most the lengths `msg` gives into
+            // `buf`, `from` and `control`, all live and exclusively ours.
+            let rc = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, 0) };
             if rc >= 0 {
                 if from.sll_pkttype == libc::PACKET_OUTGOING {
                     continue;
                 }
+                let mut status = 0;
+                // SAFETY: the CMSG macros walk the control buffer recvmsg
+                // filled, within `msg_controllen`; an auxdata cmsg holds a
+                // whole tpacket_auxdata, read unaligned.
+                unsafe {
+                    let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
+                    while !cmsg.is_null() {
+                        if (*cmsg).cmsg_level == libc::SOL_PACKET
+                            && (*cmsg).cmsg_type == libc::PACKET_AUXDATA
+                        {
+                            let aux: libc::tpacket_auxdata =
+                                std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast());
+                            status = aux.tp_status;
+                        }
+                        cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
+                    }
+                }
                 buf.truncate(rc as usize);
-                return Ok(Some(buf));
+                return Ok(Some((buf, status)));
             }
             let e = io::Error::last_os_error();
             if e.raw_os_error() != Some(libc::EAGAIN) {
