@@ -57,7 +57,12 @@ impl Session {
                 if self.memory.logging() { "on" } else { "off" }
             );
         }
-        Ok(self.device.set_log(self.log.active(log_all))?)
+        self.device.set_log(self.log.active(log_all)).map_err(|e| {
+            // Writes the device makes would go unlogged: a migration
+            // over this device is not safe any more.
+            self.status.raise_needs_reset();
+            SessionError::Device(e)
+        })
     }
 
     /// RESET_DEVICE: rings stop and are forgotten, and so are the

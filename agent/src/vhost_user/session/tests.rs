@@ -183,7 +183,7 @@ impl Device for RecordedNet {
         } else {
             "set_log(off)"
         };
-        self.recorder.calls.lock().unwrap().push(name);
+        self.recorder.call(name).map(|_| ())?;
         Ok(())
     }
 }
@@ -551,6 +551,19 @@ fn the_device_hears_when_dirty_logging_switches() {
     assert_eq!(last_log_call(&rig), Some("set_log(on)"));
     rig.session.disconnected();
     assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    // A device that cannot log fails the request that turns logging on,
+    // and needs a reset: its writes would go unlogged.
+    let mut rig = Rig::new(1, 1500);
+    rig.connect(false);
+    rig.start(1, 1500);
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    rig.session
+        .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
+        .unwrap();
+    *rig.fail.lock().unwrap() = Some("set_log(on)");
+    assert!(rig.session.set_features(Rig::features() | log_all).is_err());
+    assert_ne!(rig.session.status.get() & 0x40, 0, "NEEDS_RESET");
 }
 
 /// How long the session's own work for a start takes (not a pass/fail
