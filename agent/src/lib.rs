@@ -15,8 +15,9 @@
 //!   interface.
 //! * [`blk`], [`net`]: what each device adds under the session. blk: its
 //!   storage and I/O rings and one worker thread per queue. net: its state
-//!   (MTU, MAC, RSS) and one data path thread that owns all rings and the
-//!   dataplane (loop, tap, with an optional cost profile).
+//!   (MTU, MAC, RSS) and either one data path thread that owns all rings
+//!   and the dataplane (loop, tap, with an optional cost profile) or the
+//!   kernel's vhost-net (`net::vhost_net`, the plan's steps as ioctls).
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 //! * [`metrics`]: per-device timelines, downtime figures, Prometheus text.
 //! * [`wake_channel`]: how the protocol thread commands a datapath thread.

@@ -10,6 +10,10 @@
 //!   profile (`--net ...,profile=FILE`) moves real frames while its
 //!   configuration costs what the profile says (a hardware model on real
 //!   traffic, for downtime experiments).
+//! * `vhost-net:IF` names no dataplane of this module: the kernel's
+//!   vhost-net moves the frames between the guest's rings and the tap `IF`
+//!   and the agent only configures it (`agent/src/net/vhost_net`). The
+//!   spec is parsed here so that `dataplane=` has one grammar.
 //!
 //! Each configuration operation returns whether it did anything, so the
 //! agent can report what a start really cost. The device picks the RX
@@ -31,6 +35,9 @@ pub enum DataplaneSpec {
     Tap(String),
     /// `sim:PROFILE.json`: `loop` with a cost profile.
     Sim(PathBuf),
+    /// `vhost-net:NAME`: the kernel's vhost-net on tap `NAME` (not opened
+    /// by [`Dataplane::open`]: the agent moves no frames for it).
+    VhostNet(String),
 }
 
 impl std::fmt::Display for DataplaneSpec {
@@ -39,6 +46,7 @@ impl std::fmt::Display for DataplaneSpec {
             DataplaneSpec::Loop => write!(f, "loop"),
             DataplaneSpec::Tap(name) => write!(f, "tap:{name}"),
             DataplaneSpec::Sim(path) => write!(f, "sim:{}", path.display()),
+            DataplaneSpec::VhostNet(name) => write!(f, "vhost-net:{name}"),
         }
     }
 }
@@ -51,8 +59,11 @@ impl std::str::FromStr for DataplaneSpec {
             None if text == "loop" => Ok(DataplaneSpec::Loop),
             Some(("tap", name)) if !name.is_empty() => Ok(DataplaneSpec::Tap(name.to_string())),
             Some(("sim", path)) if !path.is_empty() => Ok(DataplaneSpec::Sim(PathBuf::from(path))),
+            Some(("vhost-net", name)) if !name.is_empty() => {
+                Ok(DataplaneSpec::VhostNet(name.to_string()))
+            }
             _ => Err(format!(
-                "unknown dataplane {text:?}: expected loop, tap:IFNAME or sim:PROFILE.json"
+                "unknown dataplane {text:?}: expected loop, tap:IFNAME, sim:PROFILE.json or vhost-net:IFNAME"
             )),
         }
     }
@@ -70,6 +81,9 @@ pub enum DataplaneError {
     /// `sim:` already names a profile; a second one is ambiguous.
     #[error("sim:{0} has its profile already; profile= is for tap")]
     TwoProfiles(PathBuf),
+    /// `vhost-net:` is the kernel's datapath, not a dataplane of ours.
+    #[error("vhost-net:{0} is the kernel's datapath; the agent opens no dataplane for it")]
+    KernelDatapath(String),
 }
 
 /// The wire frames travel on.
@@ -109,6 +123,9 @@ impl Dataplane {
                 tap.set_mtu(mtu)?;
                 tap.set_up(true)?;
                 (Wire::Tap(tap), profile.map(Path::to_path_buf))
+            }
+            DataplaneSpec::VhostNet(name) => {
+                return Err(DataplaneError::KernelDatapath(name.clone()))
             }
         };
         let cost = match profile {
@@ -293,7 +310,28 @@ mod tests {
             "sim:/p.json".parse::<DataplaneSpec>().unwrap(),
             DataplaneSpec::Sim("/p.json".into())
         );
-        for bad in ["", "tap", "tap:", "sim:", "vdpa:x", "loop:x"] {
+        assert_eq!(
+            "vhost-net:vh0".parse::<DataplaneSpec>().unwrap(),
+            DataplaneSpec::VhostNet("vh0".into())
+        );
+        assert_eq!(
+            DataplaneSpec::VhostNet("vh0".into()).to_string(),
+            "vhost-net:vh0"
+        );
+        assert!(matches!(
+            Dataplane::open(&DataplaneSpec::VhostNet("vh0".into()), 1, 1500, None),
+            Err(DataplaneError::KernelDatapath(_))
+        ));
+        for bad in [
+            "",
+            "tap",
+            "tap:",
+            "sim:",
+            "vdpa:x",
+            "loop:x",
+            "vhost-net",
+            "vhost-net:",
+        ] {
             assert!(bad.parse::<DataplaneSpec>().is_err(), "{bad:?} accepted");
         }
     }

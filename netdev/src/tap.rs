@@ -427,6 +427,18 @@ impl TapDevice {
             .map(|q| q.fd.as_raw_fd())
     }
 
+    /// A second descriptor of queue `queue` (a `dup`, the same tun queue),
+    /// for handing the queue to the kernel's vhost-net
+    /// (`VHOST_NET_SET_BACKEND` takes a file). Attaching and detaching
+    /// stay with this device.
+    pub fn queue_file(&self, queue: u16) -> Result<std::fs::File, TapError> {
+        let q = self.queue(queue)?;
+        let fd =
+            q.fd.try_clone()
+                .map_err(|source| self.queue_err("dup", queue, source))?;
+        Ok(std::fs::File::from(fd))
+    }
+
     /// The vnet header length frames currently carry, so the caller knows
     /// where the Ethernet frame starts.
     pub fn vnet_hdr_len(&self) -> usize {

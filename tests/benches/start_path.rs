@@ -20,8 +20,10 @@
 //!
 //! Benchmark, not a test. `cargo bench -p vhost-agent-tests --bench
 //! start_path`, as root with DPDK installed. Knobs: `BENCH_ROUNDS` (5),
-//! `BENCH_PAIRS` (4), `VHOST_AGENT_BIN` (a prebuilt agent: compare two
-//! builds by running this twice).
+//! `BENCH_PAIRS` (4), `BENCH_HUGEPAGES` (0; 1 backs testpmd with 2 MiB
+//! pages, which needs `echo 512 > /proc/sys/vm/nr_hugepages` first),
+//! `VHOST_AGENT_BIN` (a prebuilt agent: compare two builds by running
+//! this twice).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -95,8 +97,12 @@ impl Run {
     /// testpmd connects and starts its port; returns it once every ring
     /// runs (after the link is up).
     fn connect(&self, pairs: u16) -> Testpmd {
-        let mut client = Testpmd::spawn(TestpmdOptions::client(&self.socket, pairs))
-            .unwrap_or_else(|e| panic!("testpmd: {e}"));
+        let mut options = TestpmdOptions::client(&self.socket, pairs);
+        // DPDK builds the memory table from its memory segments: with
+        // 4 KiB pages that walk is milliseconds of the front-end's time
+        // between GET_STATUS and SET_MEM_TABLE, inside the window.
+        options.hugepages = knob("BENCH_HUGEPAGES", 0) == 1;
+        let mut client = Testpmd::spawn(options).unwrap_or_else(|e| panic!("testpmd: {e}"));
         client
             .wait_link_up(LINK_TIMEOUT)
             .unwrap_or_else(|e| panic!("link: {e}\n{}", client.output_tail(30)));
@@ -277,7 +283,8 @@ fn main() -> ExitCode {
         heavy = (without.heavy, with.heavy);
     }
     println!(
-        "start critical path, {pairs} queue pairs, vdpa-191ms, DPDK virtio_user, median of {rounds} (load {}):",
+        "start critical path, {pairs} queue pairs, vdpa-191ms, DPDK virtio_user ({} pages), median of {rounds} (load {}):",
+        if knob("BENCH_HUGEPAGES", 0) == 1 { "2 MiB" } else { "4 KiB" },
         load_average()
     );
     println!(

@@ -143,7 +143,8 @@ impl GuestRam {
         bytes
     }
 
-    fn region_info(&self) -> VhostUserMemoryRegionInfo {
+    /// The memory table entry of this RAM (SET_MEM_TABLE).
+    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
         VhostUserMemoryRegionInfo {
             guest_phys_addr: 0,
             memory_size: self.size,
@@ -424,7 +425,7 @@ impl DriverQueue {
     }
 
     /// Wait up to `timeout` for the device's interrupt, and consume it.
-    fn wait_call(&self, timeout: Duration) {
+    pub fn wait_call(&self, timeout: Duration) {
         let mut pfd = libc::pollfd {
             fd: self.call.as_raw_fd(),
             events: libc::POLLIN,
@@ -677,6 +678,27 @@ impl TestFrontend {
         let mut frontend = Self::negotiate_for(socket, options, guest.ram.clone(), queues);
         frontend.start_device(Inflight::Set(region), bases);
         frontend
+    }
+
+    /// This guest's queues for a front-end on another connection: the same
+    /// rings and driver state, new kick and call eventfds (see
+    /// [`Self::follow`]).
+    pub fn continued_queues(&self) -> Vec<DriverQueue> {
+        self.queues.iter().map(DriverQueue::continued).collect()
+    }
+
+    /// Connect to `socket` and negotiate only, for a guest whose RAM and
+    /// queues ([`Self::continued_queues`]) another front-end drove: a
+    /// migration destination or a reconnect of a device without an
+    /// inflight region (net), started with [`Self::start_device`] and the
+    /// bases the last stop returned.
+    pub fn follow(
+        socket: &Path,
+        options: &StartOptions,
+        ram: Arc<GuestRam>,
+        queues: Vec<DriverQueue>,
+    ) -> TestFrontend {
+        Self::negotiate_for(socket, options, ram, queues)
     }
 
     /// Connect and negotiate only (SET_OWNER, GET_FEATURES,

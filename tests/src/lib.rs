@@ -13,6 +13,7 @@ pub mod experiment;
 pub mod frontend;
 pub mod handoff_vm;
 pub mod lab;
+pub mod lab_net;
 pub mod migration_hold;
 pub mod net_agent;
 pub mod net_rig;

@@ -193,3 +193,34 @@ fn sigterm_exits_cleanly_finishing_what_it_took() {
         }
     }
 }
+
+/// This host's kernel has no vhost-net (shared/HOST.md): a vhost-net
+/// device is not served, the agent says which dataplane needs what and how
+/// to get it, and neither falls back to copying frames itself nor leaves a
+/// socket or a tap behind. (The lab test `lab_vhost_net` checks the same
+/// after `rmmod vhost_net` on a kernel that has it.)
+#[test]
+fn without_dev_vhost_net_a_vhost_net_device_is_refused_with_the_fix() {
+    assert!(
+        !std::path::Path::new("/dev/vhost-net").exists(),
+        "precondition: this test needs a host without /dev/vhost-net"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("net.sock");
+    let spec = format!("socket={},dataplane=vhost-net:vhnhost0", socket.display());
+    assert_clear_error(
+        &["--net", &spec],
+        "dataplane=vhost-net:vhnhost0 needs /dev/vhost-net, which does not exist; \
+         load the vhost_net module (`modprobe vhost_net`)",
+    );
+    assert!(!socket.exists(), "socket left behind after a failed start");
+    assert!(
+        !std::path::Path::new("/sys/class/net/vhnhost0").exists(),
+        "a tap was made for a device that is not served"
+    );
+    // The kernel picks a frame's RX queue: RSS cannot be had on vhost-net.
+    assert_clear_error(
+        &["--net", &format!("{spec},queue-pairs=2,rss=on")],
+        "rss= does not apply to dataplane vhost-net:vhnhost0",
+    );
+}

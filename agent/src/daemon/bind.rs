@@ -11,6 +11,7 @@ use super::registry::{DeviceKind, RegisteredDevice};
 use super::spec::{BlkSpec, EngineChoice, NetSpec};
 use crate::blk::{BlkDevice, BlkStorage, EngineRecipe, StorageParts};
 use crate::metrics::DeviceMetrics;
+use crate::net::vhost_net::VhostNetDevice;
 use crate::net::{NetDevice, NetOptions};
 use crate::vhost_user::inband::PresetupProtocol;
 use crate::vhost_user::listener::{DeviceServer, ListenError};
@@ -184,6 +185,19 @@ pub enum NetSetupError {
     /// The data path thread could not start.
     #[error(transparent)]
     Datapath(#[from] crate::net::datapath::NetDatapathError),
+    /// The kernel's vhost-net cannot be used (or the tap for it).
+    #[error(transparent)]
+    VhostNet(#[from] crate::net::vhost_net::VhostNetError),
+    /// A key that has no meaning for this dataplane.
+    #[error("{key}= does not apply to dataplane {dataplane}: {why}")]
+    NotForDataplane {
+        /// The key.
+        key: &'static str,
+        /// The dataplane.
+        dataplane: String,
+        /// Why.
+        why: &'static str,
+    },
     /// The socket could not be bound.
     #[error(transparent)]
     Listen(#[from] ListenError),
@@ -202,6 +216,9 @@ pub fn bind_net(
         config
             .validate(spec.queue_pairs)
             .map_err(|e| NetSetupError::Rss(e.to_string()))?;
+    }
+    if let netdev::dataplane::DataplaneSpec::VhostNet(tap) = &spec.dataplane {
+        return bind_vhost_net(spec, name, tap, rss, presetup_protocol);
     }
     let dataplane = netdev::dataplane::Dataplane::open(
         &spec.dataplane,
@@ -237,19 +254,96 @@ pub fn bind_net(
         memory.atomic(),
         status.needs_reset_flag(),
     )?;
-    let kind = DeviceKind::Net {
-        shared: device.shared(),
+    let device_shared = device.shared();
+    serve_net(
+        spec,
+        name,
+        Box::new(device),
+        device_shared,
+        memory,
+        status,
+        presetup_protocol,
+    )
+}
+
+/// `dataplane=vhost-net:TAP`: the kernel's datapath on tap `tap`.
+fn bind_vhost_net(
+    spec: &NetSpec,
+    name: &str,
+    tap: &str,
+    rss: Option<netdev::rss::RssConfig>,
+    presetup_protocol: PresetupProtocol,
+) -> Result<Bound, NetSetupError> {
+    let dataplane = spec.dataplane.to_string();
+    let refuse = |key, why| NetSetupError::NotForDataplane {
+        key,
+        dataplane: dataplane.clone(),
+        why,
     };
+    if rss.is_some() {
+        return Err(refuse("rss", "the kernel picks the RX queue of a frame"));
+    }
+    if spec.profile.is_some() {
+        return Err(refuse(
+            "profile",
+            "the kernel's configuration costs what it costs",
+        ));
+    }
+    if spec.poll_us != 0 {
+        log::warn!(
+            "{name}: poll-us={} has no effect on vhost-net (the kernel polls)",
+            spec.poll_us
+        );
+    }
+    let options = NetOptions {
+        queue_pairs: spec.queue_pairs,
+        mtu: spec.mtu,
+        mac: spec.mac,
+        poll: std::time::Duration::ZERO,
+        rss: None,
+    };
+    let memory = MemoryMap::default();
+    let status = DeviceStatus::default();
+    let device = VhostNetDevice::open(
+        name,
+        &options,
+        tap,
+        memory.atomic(),
+        status.needs_reset_flag(),
+    )?;
+    log::info!(
+        "{name}: virtio-net on the kernel's vhost-net, tap {tap}, {} queue pair(s), MTU {}, MAC {}",
+        spec.queue_pairs,
+        spec.mtu,
+        spec.mac
+    );
+    let device_shared = device.shared();
+    serve_net(
+        spec,
+        name,
+        Box::new(device),
+        device_shared,
+        memory,
+        status,
+        presetup_protocol,
+    )
+}
+
+/// The session of a net device (either kind) and its bound socket.
+fn serve_net(
+    spec: &NetSpec,
+    name: &str,
+    device: Box<dyn crate::vhost_user::device::Device>,
+    shared: Arc<crate::net::NetShared>,
+    memory: MemoryMap,
+    status: DeviceStatus,
+    inband: PresetupProtocol,
+) -> Result<Bound, NetSetupError> {
+    let kind = DeviceKind::Net { shared };
     let parts = DeviceParts {
         memory,
         status,
-        inband: presetup_protocol,
+        inband,
     };
-    Ok(serve_device(
-        name,
-        &spec.socket,
-        Box::new(device),
-        kind,
-        parts,
-    )?)
+    Ok(serve_device(name, &spec.socket, device, kind, parts)?)
 }

@@ -283,7 +283,11 @@ Serve a virtio-net device: socket=PATH,dataplane=DP[,KEY=VALUE...]. Keys:
                     virtio-net header so checksum/TSO offloads work;
                     sim:PROFILE.json: like loop, but configuration steps
                     cost what the profile says (a simulated hardware NIC
-                    for downtime experiments)
+                    for downtime experiments);
+                    vhost-net:IFNAME: the kernel's vhost-net moves frames
+                    between the guest's rings and tap IFNAME (one tap
+                    queue and one /dev/vhost-net per queue pair); the
+                    agent copies nothing (needs /dev/vhost-net; no rss=)
   profile=FILE      with tap: real frames, and configuration steps that cost
                     what the JSON cost profile says (as sim: does for loop;
                     netdev/profiles/vdpa-191ms.json models a vDPA NIC)
@@ -381,7 +385,7 @@ impl FromStr for NetSpec {
             id,
             socket: socket.ok_or(SpecError::Missing("socket=PATH"))?,
             dataplane: dataplane.ok_or(SpecError::Missing(
-                "dataplane=DP (loop, tap:IFNAME or sim:PROFILE.json)",
+                "dataplane=DP (loop, tap:IFNAME, sim:PROFILE.json or vhost-net:IFNAME)",
             ))?,
             queue_pairs,
             mtu,
@@ -483,6 +487,11 @@ mod tests {
         assert_eq!(spec.mac.to_string(), "02:00:00:00:00:01");
         assert_eq!(spec.rss, RssChoice::Spread);
         assert_eq!(spec.rss_config().unwrap().unwrap().indirection_table[3], 3);
+        let spec: NetSpec = "socket=/s,dataplane=vhost-net:vh1,queue-pairs=2"
+            .parse()
+            .unwrap();
+        assert_eq!(spec.dataplane, DataplaneSpec::VhostNet("vh1".into()));
+        assert!(NET_HELP.contains("vhost-net:IFNAME"));
     }
 
     #[test]

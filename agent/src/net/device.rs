@@ -14,16 +14,16 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use netdev::dataplane::Dataplane;
-use netdev::rss::{RssConfig, RssError};
+use netdev::rss::RssConfig;
 use netdev::spec::{self, MacAddress};
-use netdev::stats::{PairCounts, PairStats};
+use netdev::stats::PairStats;
 use presetup::{DeviceConfig, DeviceKind};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::GuestMemoryAtomic;
 
-use super::datapath::ops::rss_config;
+use super::common::NetCommon;
 use super::datapath::{DataPathOutputs, NetDatapath, NetDatapathError, SimReport};
-use super::state::{NetState, StateError, NET_STATE_VERSION};
+use super::state::NetState;
 use crate::vhost_user::datapath::{OpResult, Step};
 use crate::vhost_user::device::{Device, DeviceError, EarlyError, RingStopped, StopMode};
 use crate::vhost_user::memory::GuestRam;
@@ -83,11 +83,8 @@ pub fn net_protocol_features() -> u64 {
 
 /// A net device (module documentation).
 pub struct NetDevice {
-    name: Arc<str>,
-    queue_pairs: u16,
+    common: NetCommon,
     offered_offloads: u64,
-    max_mtu: u16,
-    shared: Arc<NetShared>,
     datapath: NetDatapath,
 }
 
@@ -102,61 +99,36 @@ impl NetDevice {
         needs_reset: Arc<std::sync::atomic::AtomicBool>,
     ) -> Result<NetDevice, NetDatapathError> {
         let name: Arc<str> = Arc::from(name);
-        let pairs = options.queue_pairs;
-        let stats: Arc<[PairStats]> = (0..pairs).map(|_| PairStats::default()).collect();
         let offered_offloads = dataplane.offload_features();
-        let max_mtu = dataplane.max_mtu();
-        let described = dataplane.describe();
-        let sim = Arc::new(Mutex::new(None));
-        let datapath = NetDatapath::spawn(
+        let common = NetCommon::new(
             name.clone(),
+            &options,
+            dataplane.describe(),
+            dataplane.max_mtu(),
+            true,
+        );
+        let datapath = NetDatapath::spawn(
+            name,
             dataplane,
-            pairs,
+            options.queue_pairs,
             memory,
             DataPathOutputs {
-                stats: stats.clone(),
-                sim_report: sim.clone(),
+                stats: common.shared().stats.clone(),
+                sim_report: common.shared().sim.clone(),
                 needs_reset,
             },
             options.poll,
         )?;
-        let shared = Arc::new(NetShared {
-            stats,
-            dataplane: described,
-            sim,
-            state: Mutex::new(NetState {
-                version: NET_STATE_VERSION,
-                queue_pairs: pairs,
-                mtu: options.mtu,
-                mac: options.mac,
-                rss: options.rss,
-            }),
-        });
         Ok(NetDevice {
-            name,
-            queue_pairs: pairs,
+            common,
             offered_offloads,
-            max_mtu,
-            shared,
             datapath,
         })
     }
 
     /// What the control API shows of this device.
     pub fn shared(&self) -> Arc<NetShared> {
-        self.shared.clone()
-    }
-
-    /// Per-pair counters, for logs.
-    fn counts(&self) -> Vec<PairCounts> {
-        self.shared.stats.iter().map(PairStats::snapshot).collect()
-    }
-
-    fn check_rss(&self, config: Option<&RssConfig>) -> Result<(), RssError> {
-        match config {
-            Some(config) => config.validate(self.queue_pairs),
-            None => Ok(()),
-        }
+        self.common.shared().clone()
     }
 }
 
@@ -171,11 +143,11 @@ impl Device for NetDevice {
 
     /// Queue pairs, as QEMU's net client and DPDK's virtio_user read it.
     fn queue_num(&self) -> u64 {
-        u64::from(self.queue_pairs)
+        u64::from(self.common.queue_pairs())
     }
 
     fn num_rings(&self) -> u16 {
-        2 * self.queue_pairs
+        2 * self.common.queue_pairs()
     }
 
     fn max_ring_size(&self) -> u16 {
@@ -183,26 +155,15 @@ impl Device for NetDevice {
     }
 
     fn config_space(&self) -> Vec<u8> {
-        let state = self.shared.state();
-        spec::config_space(state.mac, true, self.queue_pairs, state.mtu).to_vec()
+        self.common.config_space()
     }
 
     fn set_config(&mut self, offset: u32, data: &[u8]) -> Result<(), DeviceError> {
-        Err(DeviceError::ConfigWrite {
-            offset,
-            len: data.len(),
-            source: "the virtio-net config space is read-only".into(),
-        })
+        self.common.set_config(offset, data)
     }
 
     fn device_config(&self) -> DeviceKind {
-        let state = self.shared.state();
-        DeviceKind::Net(presetup::NetConfig {
-            mtu: state.mtu,
-            mac: state.mac.0,
-            queue_pairs: self.queue_pairs,
-            rss: state.rss_spec(),
-        })
+        self.common.device_config()
     }
 
     /// Nothing is configured before a plan: queues, MTU and offloads all
@@ -215,25 +176,7 @@ impl Device for NetDevice {
     /// device's (the destination's NET_SET_MTU and device state bring the
     /// same).
     fn take_early(&mut self, early: &DeviceConfig) -> Result<DeviceKind, EarlyError> {
-        let DeviceKind::Net(net) = &early.device else {
-            return Err(EarlyError::WrongKind {
-                early: early.device_type(),
-                device: presetup::DeviceType::Net,
-            });
-        };
-        if net.queue_pairs == 0 || net.queue_pairs > self.queue_pairs {
-            return Err(EarlyError::Queues {
-                early: net.queue_pairs,
-                device: self.queue_pairs,
-            });
-        }
-        let rss = net.rss.as_ref().map(rss_config);
-        self.check_rss(rss.as_ref())
-            .map_err(|e| EarlyError::Rss(e.into()))?;
-        let mut state = self.shared.state();
-        state.mtu = net.mtu;
-        state.rss = rss;
-        Ok(DeviceKind::Net(net.clone()))
+        self.common.take_early(early)
     }
 
     fn execute(&mut self, steps: Vec<Step>) -> Vec<OpResult> {
@@ -254,73 +197,36 @@ impl Device for NetDevice {
     }
 
     fn disconnected(&mut self) {
-        log::info!("{}: counters {:?}", self.name, self.counts());
+        log::info!(
+            "{}: counters {:?}",
+            self.common.name(),
+            self.common.counts()
+        );
     }
 
     fn net_set_mtu(&mut self, mtu: u64) -> Result<(), DeviceError> {
-        let refused = || DeviceError::Mtu {
-            mtu,
-            min: spec::MIN_MTU,
-            max: self.max_mtu,
-        };
-        let mtu = u16::try_from(mtu).map_err(|_| refused())?;
-        if mtu < spec::MIN_MTU || mtu > self.max_mtu {
-            return Err(refused());
-        }
-        self.shared.state().mtu = mtu;
-        Ok(())
+        self.common.net_set_mtu(mtu)
     }
 
     fn send_rarp(&mut self, mac: [u8; 6]) -> Result<bool, DeviceError> {
         let mac = MacAddress(mac);
-        self.shared.state().mac = mac;
+        self.common.shared().state().mac = mac;
         let sent = self.datapath.announce(mac)?;
+        let name = self.common.name();
         if sent {
-            log::info!("{}: announced {mac} on the dataplane (RARP)", self.name);
+            log::info!("{name}: announced {mac} on the dataplane (RARP)");
         } else {
-            log::info!(
-                "{}: SEND_RARP for {mac}: the dataplane has no wire to announce on",
-                self.name
-            );
+            log::info!("{name}: SEND_RARP for {mac}: the dataplane has no wire to announce on");
         }
         Ok(sent)
     }
 
     fn save_state(&self) -> Result<Vec<u8>, DeviceError> {
-        serde_json::to_vec(&*self.shared.state()).map_err(|e| DeviceError::State(Box::new(e)))
+        self.common.save_state()
     }
 
     fn load_state(&mut self, bytes: &[u8]) -> Result<(), DeviceError> {
-        let state = NetState::decode(bytes).map_err(|e| DeviceError::State(Box::new(e)))?;
-        if state.queue_pairs != self.queue_pairs {
-            log::warn!(
-                "{}: device state from a device with {} queue pair(s); this one has {}",
-                self.name,
-                state.queue_pairs,
-                self.queue_pairs
-            );
-        }
-        self.check_rss(state.rss.as_ref())
-            .map_err(|e| DeviceError::State(Box::new(StateError::Rss(e))))?;
-        if state.mtu < spec::MIN_MTU || state.mtu > self.max_mtu {
-            return Err(DeviceError::Mtu {
-                mtu: u64::from(state.mtu),
-                min: spec::MIN_MTU,
-                max: self.max_mtu,
-            });
-        }
-        log::info!(
-            "{}: device state loaded (MTU {}, MAC {}, RSS {})",
-            self.name,
-            state.mtu,
-            state.mac,
-            if state.rss.is_some() { "on" } else { "off" }
-        );
-        let mut current = self.shared.state();
-        current.mtu = state.mtu;
-        current.mac = state.mac;
-        current.rss = state.rss;
-        Ok(())
+        self.common.load_state(bytes)
     }
 
     fn supports_inband_presetup(&self) -> bool {

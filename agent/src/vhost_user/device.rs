@@ -15,6 +15,7 @@ use std::sync::Arc;
 use blkdev::inflight::InflightQueue;
 
 use super::datapath::{DatapathError, OpResult, Step};
+use super::dirty_log::LogRegion;
 use super::vring::RingGuestAddresses;
 
 /// How to stop a ring (GET_VRING_BASE, a disconnect, a reset).
@@ -188,6 +189,16 @@ pub trait Device: Send {
     fn disconnected(&mut self) {}
     /// The agent stops: wait for what must finish first.
     fn shut_down(&mut self) {}
+    /// The session logs guest memory writes into `log` from now on
+    /// (`None`: logging is off). The agent's own writes are logged through
+    /// its guest memory type; a device whose datapath writes guest memory
+    /// by other means (the kernel's vhost-net) hands the log on. Called
+    /// whenever logging may have changed; an error means writes would go
+    /// unlogged, so the request that switched logging fails.
+    fn set_log(&mut self, log: Option<Arc<LogRegion>>) -> Result<(), DeviceError> {
+        let _ = log;
+        Ok(())
+    }
     /// Log lines held back until a reply went out.
     fn flush_deferred_logs(&mut self) {}
     /// NET_SET_MTU: check `mtu` and make it the MTU the device should have.

@@ -91,6 +91,27 @@ impl LogRegion {
         }
     }
 
+    /// Where the agent mapped the log: the address a kernel datapath that
+    /// logs its own writes (vhost-net's VHOST_SET_LOG_BASE) takes.
+    pub fn host_addr(&self) -> u64 {
+        // A pointer always fits a u64 on the platforms vhost exists on.
+        self.addr as usize as u64
+    }
+
+    /// Its size in bytes.
+    pub fn len_bytes(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the log has a bit for every page of guest addresses below
+    /// `end`: a kernel datapath writes bits for whatever it touches, and
+    /// past the mapping it would write into other memory of the agent.
+    pub fn covers(&self, end: u64) -> bool {
+        let pages = end.div_ceil(LOG_PAGE_SIZE);
+        let bytes = pages.div_ceil(8);
+        usize::try_from(bytes).is_ok_and(|bytes| bytes <= self.len)
+    }
+
     /// Whether the page holding `gpa` is marked.
     pub fn is_dirty(&self, gpa: u64) -> bool {
         let page = gpa / LOG_PAGE_SIZE;
@@ -262,6 +283,16 @@ impl DirtyLog {
         changed
     }
 
+    /// The log writes go into while `log_all` (VHOST_F_LOG_ALL acked):
+    /// the mapped log, if any.
+    pub fn active(&self, log_all: bool) -> Option<Arc<LogRegion>> {
+        if log_all {
+            self.region.clone()
+        } else {
+            None
+        }
+    }
+
     /// The front-end went away: stop logging and drop the log.
     pub fn forget(&mut self, memory: &mut super::memory::MemoryMap) {
         memory.set_log(None);
@@ -289,6 +320,17 @@ mod tests {
         assert!(!log.is_dirty(0x4000));
         log.mark(0x9000, 3 * LOG_PAGE_SIZE);
         assert!(log.is_dirty(0x9000) && log.is_dirty(0xb000) && !log.is_dirty(0xc000));
+    }
+
+    #[test]
+    fn a_log_covers_exactly_the_pages_it_has_bits_for() {
+        let log = LogRegion::map(&log_file(2), 2, 0).unwrap(); // 16 pages
+        assert!(log.covers(0));
+        assert!(log.covers(16 * LOG_PAGE_SIZE));
+        assert!(!log.covers(16 * LOG_PAGE_SIZE + 1));
+        assert!(!log.covers(u64::MAX));
+        assert_eq!(log.len_bytes(), 2);
+        assert_ne!(log.host_addr(), 0);
     }
 
     #[test]

@@ -121,6 +121,14 @@ impl MemoryMap {
         Ok(mapped)
     }
 
+    /// The mapping `key`, if the agent has it.
+    pub fn mapped(&self, key: &RegionKey) -> Option<Arc<MappedRegion>> {
+        self.regions
+            .iter()
+            .find(|(m, _)| m.key == *key)
+            .map(|(m, _)| m.clone())
+    }
+
     /// Drop the mapping `key` (not published until [`Self::publish`];
     /// datapaths holding a snapshot keep it alive until they let go).
     pub fn unmap(&mut self, key: &RegionKey) -> Option<Arc<MappedRegion>> {

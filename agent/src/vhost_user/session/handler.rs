@@ -55,8 +55,10 @@ impl Session {
     }
 
     /// Log guest memory writes exactly while a log is mapped and
-    /// VHOST_F_LOG_ALL is acked.
-    fn update_logging(&mut self) {
+    /// VHOST_F_LOG_ALL is acked, the agent's own through its guest memory
+    /// and the device's (a kernel datapath writing guest memory itself)
+    /// through [`crate::vhost_user::device::Device::set_log`].
+    fn update_logging(&mut self) -> Result<(), SessionError> {
         let log_all = self.acked_features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
         if self.log.apply(&mut self.memory, log_all) {
             log::info!(
@@ -65,6 +67,12 @@ impl Session {
                 if self.memory.logging() { "on" } else { "off" }
             );
         }
+        self.device.set_log(self.log.active(log_all)).map_err(|e| {
+            // Writes the device makes would go unlogged: a migration
+            // over this device is not safe any more.
+            self.status.raise_needs_reset();
+            SessionError::Device(e)
+        })
     }
 
     /// RESET_DEVICE: rings stop and are forgotten, and so are the
@@ -79,7 +87,13 @@ impl Session {
         self.acked_features = 0;
         self.features_set = false;
         self.status.reset();
-        self.update_logging();
+        if let Err(e) = self.update_logging() {
+            log::warn!(
+                "{}: dirty logging after the reset: {}",
+                self.name,
+                crate::error_chain(&e)
+            );
+        }
     }
 }
 
@@ -112,7 +126,7 @@ impl VhostUserBackendReqHandlerMut for Session {
         }
         self.acked_features = features;
         self.features_set = true;
-        self.update_logging();
+        self.update_logging()?;
         Ok(self.reconcile(None)?)
     }
 
@@ -404,7 +418,7 @@ impl VhostUserBackendReqHandlerMut for Session {
             self.name,
             size.saturating_mul(8 * 4096) >> 20
         );
-        self.update_logging();
+        self.update_logging()?;
         Ok(())
     }
 }

@@ -222,6 +222,13 @@ impl Session {
         self.inflight = None;
         self.transfer = None;
         self.log.forget(&mut self.memory);
+        if let Err(e) = self.device.set_log(None) {
+            log::warn!(
+                "{}: dirty logging off: {}",
+                self.name,
+                crate::error_chain(&e)
+            );
+        }
         self.table.clear();
         self.acked_features = 0;
         self.acked_protocol_features = 0;

@@ -177,8 +177,16 @@ impl Session {
         }
         if ops.first() == Some(&ConfigOp::Reset) {
             // Everything goes: rings stop (their kicks are kept, so the
-            // full plan starts them again).
+            // full plan starts them again). The session keeps the mappings
+            // the full plan maps again (their fds are spent: `prepare` hands
+            // the datapath the mapping it has) and drops the others.
             self.stop_all_rings(StopMode::Detach);
+            let keep: Vec<presetup::RegionKey> = target.memory.iter().map(|r| r.key()).collect();
+            for region in self.memory.describe() {
+                if !keep.contains(&region.key()) {
+                    self.memory.unmap(&region.key());
+                }
+            }
         }
         let mut report = OpsReport::default();
         let mut steps = Vec::with_capacity(ops.len());
@@ -258,10 +266,19 @@ impl Session {
             }
             ConfigOp::MapRegion { region } => {
                 let key = region.key();
-                let fd = self.table.take_fd(&key).ok_or(
-                    crate::vhost_user::memory::MemoryError::NoFd(key.guest_phys_addr.0),
-                )?;
-                let mapped = self.memory.map(region, fd)?;
+                // After a reset the session may hold the mapping already.
+                let mapped = match self.memory.mapped(&key) {
+                    Some(mapped) => {
+                        self.memory.set_user_addr(&key, region.user_addr);
+                        mapped
+                    }
+                    None => {
+                        let fd = self.table.take_fd(&key).ok_or(
+                            crate::vhost_user::memory::MemoryError::NoFd(key.guest_phys_addr.0),
+                        )?;
+                        self.memory.map(region, fd)?
+                    }
+                };
                 Step::MapRegion { region: mapped }
             }
             ConfigOp::SetRegionUserAddr { region, user_addr } => {

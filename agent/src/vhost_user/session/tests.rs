@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use presetup::{DeviceConfig, DeviceKind, NetConfig, RegionKey, RssSpec, ValidConfig};
 use vhost::vhost_user::message::{
-    VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64, VhostUserVirtioFeatures,
-    VhostUserVringAddrFlags,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserU64,
+    VhostUserVirtioFeatures, VhostUserVringAddrFlags,
 };
 use vhost::vhost_user::VhostUserBackendReqHandlerMut;
 use vm_memory::ByteValued;
@@ -21,6 +21,7 @@ use crate::vhost_user::datapath::{self, Datapath, OpResult, Outcome, Step};
 use crate::vhost_user::device::{
     Device, DeviceError, EarlyError, RingStart, RingStopped, StopMode,
 };
+use crate::vhost_user::dirty_log::LogRegion;
 use crate::vhost_user::inband::{PresetupProtocol, VHOST_USER_PROTOCOL_F_PRESETUP};
 use crate::vhost_user::memory::{MappedRegion, MemoryMap};
 use crate::vhost_user::requests::code;
@@ -33,11 +34,21 @@ type Calls = Arc<Mutex<Vec<&'static str>>>;
 struct Recorder {
     calls: Calls,
     kicks: Vec<Option<File>>,
+    /// An op that fails (once), for the recovery tests.
+    fail: Arc<Mutex<Option<&'static str>>>,
 }
 
 impl Recorder {
     fn call(&self, name: &'static str) -> OpResult {
         self.calls.lock().unwrap().push(name);
+        let mut fail = self.fail.lock().unwrap();
+        if *fail == Some(name) {
+            *fail = None;
+            return Err(datapath::DatapathError::Precondition {
+                op: name,
+                reason: "failing on purpose".into(),
+            });
+        }
         Ok(Outcome::Done)
     }
 }
@@ -166,6 +177,15 @@ impl Device for RecordedNet {
     fn supports_inband_presetup(&self) -> bool {
         true
     }
+    fn set_log(&mut self, log: Option<Arc<LogRegion>>) -> Result<(), DeviceError> {
+        let name = if log.is_some() {
+            "set_log(on)"
+        } else {
+            "set_log(off)"
+        };
+        self.recorder.call(name).map(|_| ())?;
+        Ok(())
+    }
 }
 
 fn eventfd() -> File {
@@ -194,6 +214,8 @@ const RAM_SIZE: u64 = 1 << 20;
 struct Rig {
     session: Session,
     calls: Calls,
+    /// Make this op fail once.
+    fail: Arc<Mutex<Option<&'static str>>>,
     ram: File,
     /// Eventfd stand-ins made ahead of a timed start.
     spare_fds: Vec<File>,
@@ -202,12 +224,14 @@ struct Rig {
 impl Rig {
     fn new(pairs: u16, mtu: u16) -> Rig {
         let calls = Calls::default();
+        let fail = Arc::new(Mutex::new(None));
         let device = RecordedNet {
             pairs,
             mtu,
             recorder: Recorder {
                 calls: calls.clone(),
                 kicks: (0..2 * pairs).map(|_| None).collect(),
+                fail: fail.clone(),
             },
         };
         let session = Session::new(
@@ -223,6 +247,7 @@ impl Rig {
         Rig {
             session,
             calls,
+            fail,
             ram,
             spare_fds: Vec::new(),
         }
@@ -246,31 +271,35 @@ impl Rig {
         self.session.set_protocol_features(bits).unwrap();
     }
 
+    /// SET_FEATURES and SET_MEM_TABLE, as a start sends them.
+    fn features_and_memory(&mut self) {
+        self.session.set_features(Self::features()).unwrap();
+        let region = VhostUserMemoryRegion::new(0, RAM_SIZE, USER_ADDR, 0);
+        self.session
+            .set_mem_table(&[region], vec![self.ram.try_clone().unwrap()], None)
+            .unwrap();
+    }
+
+    /// SET_VRING_NUM / ADDR / BASE of `ring` at its test addresses.
+    fn layout(&mut self, ring: u32) {
+        let base = USER_ADDR + 0x10000 * u64::from(ring + 1);
+        self.session.set_vring_num(ring, 256).unwrap();
+        let flags = VhostUserVringAddrFlags::empty();
+        self.session
+            .set_vring_addr(ring, flags, base, base + 0x2000, base + 0x1000, 0)
+            .unwrap();
+        self.session.set_vring_base(ring, 0).unwrap();
+    }
+
     /// The start sequence QEMU sends for `pairs` pairs with `mtu`.
     fn start(&mut self, pairs: u16, mtu: u64) {
         assert!(matches!(
             self.own(code::NET_SET_MTU, mtu),
             OwnReply::Ack(true)
         ));
-        self.session.set_features(Self::features()).unwrap();
-        let region = VhostUserMemoryRegion::new(0, RAM_SIZE, USER_ADDR, 0);
-        self.session
-            .set_mem_table(&[region], vec![self.ram.try_clone().unwrap()], None)
-            .unwrap();
+        self.features_and_memory();
         for ring in 0..u32::from(2 * pairs) {
-            let base = USER_ADDR + 0x10000 * u64::from(ring + 1);
-            self.session.set_vring_num(ring, 256).unwrap();
-            self.session
-                .set_vring_addr(
-                    ring,
-                    VhostUserVringAddrFlags::empty(),
-                    base,
-                    base + 0x2000,
-                    base + 0x1000,
-                    0,
-                )
-                .unwrap();
-            self.session.set_vring_base(ring, 0).unwrap();
+            self.layout(ring);
             let index = u8::try_from(ring).unwrap();
             let (kick, call) = (self.fd(), self.fd());
             self.session.set_vring_kick(index, Some(kick)).unwrap();
@@ -292,25 +321,9 @@ impl Rig {
             OwnReply::Ack(true)
         ));
         self.own(code::NET_SET_MTU, mtu);
-        self.session.set_features(Self::features()).unwrap();
-        let region = VhostUserMemoryRegion::new(0, RAM_SIZE, USER_ADDR, 0);
-        self.session
-            .set_mem_table(&[region], vec![self.ram.try_clone().unwrap()], None)
-            .unwrap();
+        self.features_and_memory();
         for ring in 0..u32::from(2 * pairs) {
-            let base = USER_ADDR + 0x10000 * u64::from(ring + 1);
-            self.session.set_vring_num(ring, 256).unwrap();
-            self.session
-                .set_vring_addr(
-                    ring,
-                    VhostUserVringAddrFlags::empty(),
-                    base,
-                    base + 0x2000,
-                    base + 0x1000,
-                    0,
-                )
-                .unwrap();
-            self.session.set_vring_base(ring, 0).unwrap();
+            self.layout(ring);
             self.session.set_vring_enable(ring, true).unwrap();
         }
         assert!(matches!(
@@ -487,6 +500,77 @@ fn a_restart_after_a_stop_executes_no_heavy_op() {
         .count();
     assert_eq!(kicks, 2, "both rings started again");
     assert_eq!(rig.heavy(), Vec::<&str>::new());
+}
+
+/// After a step failed (the datapath refused a ring, say), the next plan
+/// resets the datapath and configures it in full: the memory the session
+/// mapped is handed to the datapath again (its fd was spent on the
+/// mapping), and the ring starts.
+#[test]
+fn after_a_failed_step_the_next_plan_resets_and_reuses_the_mapping() {
+    let mut rig = Rig::new(1, 1500);
+    rig.connect(false);
+    rig.features_and_memory();
+    rig.layout(0);
+    *rig.fail.lock().unwrap() = Some("set_ring_kick");
+    let kick = rig.fd();
+    assert!(rig.session.set_vring_kick(0, Some(kick)).is_err());
+    assert_ne!(rig.session.status.get() & 0x40, 0, "NEEDS_RESET");
+    rig.heavy();
+    let kick = rig.fd();
+    rig.session.set_vring_kick(0, Some(kick)).unwrap();
+    let heavy = rig.heavy();
+    assert_eq!(heavy.first(), Some(&"reset"), "{heavy:?}");
+    assert!(heavy.contains(&"map_region"), "{heavy:?}");
+    assert!(rig.session.ring(0).is_some_and(|ring| ring.running));
+}
+
+/// A device whose datapath writes guest memory itself (the kernel's
+/// vhost-net) is told whenever logging switches: on exactly while a log is
+/// mapped and VHOST_F_LOG_ALL is acked, off when LOG_ALL goes or the
+/// front-end does.
+#[test]
+fn the_device_hears_when_dirty_logging_switches() {
+    let mut rig = Rig::new(1, 1500);
+    rig.connect(false);
+    rig.start(1, 1500);
+    let last_log_call = |rig: &Rig| {
+        let calls = rig.calls.lock().unwrap();
+        calls
+            .iter()
+            .rev()
+            .find(|name| name.starts_with("set_log"))
+            .copied()
+    };
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    rig.session
+        .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
+        .unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"), "no LOG_ALL yet");
+    let log_all = VhostUserVirtioFeatures::LOG_ALL.bits();
+    rig.session.set_features(Rig::features() | log_all).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(on)"));
+    rig.session.set_features(Rig::features()).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    rig.session.set_features(Rig::features() | log_all).unwrap();
+    assert_eq!(last_log_call(&rig), Some("set_log(on)"));
+    rig.session.disconnected();
+    assert_eq!(last_log_call(&rig), Some("set_log(off)"));
+    // A device that cannot log fails the request that turns logging on,
+    // and needs a reset: its writes would go unlogged.
+    let mut rig = Rig::new(1, 1500);
+    rig.connect(false);
+    rig.start(1, 1500);
+    let log = tempfile::tempfile().unwrap();
+    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    rig.session
+        .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
+        .unwrap();
+    *rig.fail.lock().unwrap() = Some("set_log(on)");
+    assert!(rig.session.set_features(Rig::features() | log_all).is_err());
+    assert_ne!(rig.session.status.get() & 0x40, 0, "NEEDS_RESET");
 }
 
 /// How long the session's own work for a start takes (not a pass/fail
