@@ -119,6 +119,35 @@ fn regression_a_ring_running_past_guest_memory_is_refused() {
     assert!(frontend.round_trip(0, 2, 8), "queue 0 stopped serving");
 }
 
+/// The same ring without NEED_REPLY: nobody hears the refusal, so the
+/// device raises NEEDS_RESET (GET_STATUS), or the front-end would wait on a
+/// ring that never starts.
+#[test]
+fn regression_a_refusal_nobody_hears_raises_needs_reset() {
+    let disk = disk();
+    let mut frontend = disk.frontend();
+    let base = frontend.ram.user_addr(0);
+    assert_eq!(
+        frontend.get_status() & 0x40,
+        0,
+        "NEEDS_RESET before anything"
+    );
+    assert_eq!(acked(&frontend, SET_VRING_NUM, &vring_state(1, 16)), 0);
+    let (desc, used, avail) = (base + 0x2_0000, base + RAM_SIZE - 16, base + 0x2_1000);
+    frontend.send_raw(
+        SET_VRING_ADDR,
+        FLAG_VERSION,
+        &vring_addr(1, desc, used, avail),
+    );
+    assert_ne!(
+        frontend.get_status() & 0x40,
+        0,
+        "an unheard refusal left no NEEDS_RESET"
+    );
+    disk.wait_log("asked for no reply");
+    assert!(frontend.round_trip(0, 2, 8), "queue 0 stopped serving");
+}
+
 /// vhost-user spec: a split ring's index is 16 bits; a base above 0xffff
 /// means a packed ring this device did not negotiate.
 #[test]

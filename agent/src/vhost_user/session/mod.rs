@@ -255,6 +255,12 @@ impl Session {
         self.may_defer = may_defer;
     }
 
+    /// A setter was refused and the front-end, which asked for no reply,
+    /// cannot know: raise NEEDS_RESET so GET_STATUS tells it.
+    pub fn refused_unanswered(&mut self) {
+        self.status.raise_needs_reset();
+    }
+
     /// Run the plan left for later, if any: no more messages wait (or one
     /// that is answered comes). A failure is logged and raises NEEDS_RESET
     /// (the messages it belongs to had no answer to carry it).

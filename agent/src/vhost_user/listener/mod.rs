@@ -14,12 +14,13 @@ use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
-use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
+use vhost::vhost_user::BackendReqHandler;
 
-use super::requests::{self, Effect, Fds, HandledBy, Reply};
-use super::session::own::OwnReply;
+use super::requests::{self, Effect, HandledBy};
 use super::session::{ConfigSnapshot, OpsReport, PresetupError, Session};
 use super::wire::{self, Peek};
+
+mod dispatch;
 
 /// How long the rest of a started message (or a reply write) may take.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -446,7 +447,7 @@ impl DeviceServer {
             };
             let started = Instant::now();
             let info = requests::lookup(header.code);
-            let (claimed, metrics) = {
+            let (claimed, metrics, answered) = {
                 let mut session = lock(&self.session);
                 // Only a setter nobody waits on may leave its plan for the
                 // end of the burst; anything answered sees it executed.
@@ -454,14 +455,14 @@ impl DeviceServer {
                 let effect = requests::effect(header.code);
                 let may_defer = !answered && matches!(effect, Effect::Starts | Effect::Configures);
                 session.begin_message(may_defer);
-                (session.claims(&header), session.metrics().clone())
+                (session.claims(&header), session.metrics().clone(), answered)
             };
             let name = claimed.unwrap_or_else(|| requests::name(header.code));
             metrics.message_named(header.code, name);
             let outcome = match (claimed, info.map(|info| info.handled_by)) {
                 (None, Some(HandledBy::Crate)) => match conn.handler.handle_request() {
                     Ok(()) => Ok(()),
-                    Err(e) => self.crate_error(name, info.map(|info| info.reply), e),
+                    Err(e) => self.crate_error(name, info.map(|info| info.reply), answered, e),
                 },
                 _ => self.handle_own(conn, header.code, name),
             };
@@ -485,124 +486,6 @@ impl DeviceServer {
                 started.elapsed()
             );
             outcome?;
-        }
-    }
-
-    /// A request the crate handled failed. If the front-end still expects a
-    /// reply we cannot give it any more, so the connection must go; a
-    /// refused setter was already NACKed (or needs no answer) and the
-    /// connection goes on.
-    fn crate_error(
-        &self,
-        name: &'static str,
-        reply: Option<Reply>,
-        error: VhostError,
-    ) -> Result<(), Disconnect> {
-        match (&error, reply) {
-            (VhostError::ReqHandlerError(cause), Some(Reply::Ack)) => {
-                let cause = crate::error_chain(
-                    cause
-                        .get_ref()
-                        .map_or(cause as &dyn std::error::Error, |inner| inner),
-                );
-                log::warn!("{}: {name} refused: {cause}", self.name);
-                Ok(())
-            }
-            _ => {
-                log::error!("{}: {name} failed: {error}", self.name);
-                Err(Disconnect::Failed {
-                    request: name,
-                    reason: error.to_string(),
-                })
-            }
-        }
-    }
-
-    /// The requests the crate cannot handle and those the session claims.
-    fn handle_own(
-        &self,
-        conn: &Connection,
-        code: u32,
-        name: &'static str,
-    ) -> Result<(), Disconnect> {
-        let (header, payload, files) =
-            wire::read_message(&conn.stream).map_err(Disconnect::Read)?;
-        let mut session = lock(&self.session);
-        let ack_enabled = session.reply_ack_enabled();
-        let reply_error = |source| Disconnect::Reply {
-            request: name,
-            source,
-        };
-        let ack = |ok: bool| -> Result<(), Disconnect> {
-            if header.need_reply() && ack_enabled {
-                wire::send_u64(&conn.stream, &header, u64::from(!ok)).map_err(reply_error)?;
-            }
-            Ok(())
-        };
-        let info = requests::lookup(code);
-        if !files.is_empty() && info.is_some_and(|info| info.fds == Fds::None) {
-            // The fds close when `files` goes.
-            log::warn!(
-                "{}: {name} carries {} fd(s) it may not have; refusing it",
-                self.name,
-                files.len()
-            );
-            return match info.map(|info| info.reply) {
-                Some(Reply::Ack) => ack(false),
-                _ => Err(Disconnect::Failed {
-                    request: name,
-                    reason: "fds it may not carry".to_string(),
-                }),
-            };
-        }
-        // A request whose protocol feature was not negotiated is refused
-        // before its handler sees it (the vhost crate checks its own).
-        if let Some(bit) = info.and_then(|info| info.feature) {
-            if session.acked_protocol_features() & requests::feature::mask(bit) == 0 {
-                log::warn!(
-                    "{}: {name} without protocol feature {bit} negotiated; refusing it",
-                    self.name
-                );
-                return match info.map(|info| info.reply) {
-                    Some(Reply::Ack) => ack(false),
-                    _ => Err(Disconnect::Failed {
-                        request: name,
-                        reason: format!("protocol feature {bit} was not negotiated"),
-                    }),
-                };
-            }
-        }
-        match session.handle_own(code, &payload) {
-            OwnReply::Ack(ok) => ack(ok),
-            OwnReply::Reply(reply) => {
-                wire::send_reply(&conn.stream, &header, &reply).map_err(reply_error)
-            }
-            OwnReply::Fail(reason) => {
-                log::error!("{}: {name} failed: {reason}", self.name);
-                Err(Disconnect::Failed {
-                    request: name,
-                    reason,
-                })
-            }
-            OwnReply::Unhandled => match info.map(|info| info.reply) {
-                Some(Reply::Ack) => {
-                    log::warn!(
-                        "{}: {name} ({code}) is not supported; refusing it",
-                        self.name
-                    );
-                    ack(false)
-                }
-                _ => {
-                    log::error!(
-                        "{}: cannot answer request {name} ({code}); closing the connection",
-                        self.name
-                    );
-                    Err(Disconnect::Failed {
-                        request: name,
-                        reason: format!("request {code} is not supported and requires a reply"),
-                    })
-                }
-            },
         }
     }
 }
