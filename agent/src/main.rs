@@ -13,6 +13,7 @@ use vhost_agent::daemon::spec::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
 use vhost_agent::vhost_user::inband::PresetupProtocol;
 
 mod demo;
+mod experiment;
 
 /// vhost-user back-end for virtio-blk and virtio-net, built for
 /// low-downtime live migration.
@@ -38,6 +39,11 @@ enum Command {
     /// Create a scratch image, serve it, drive it with libblkio (a real
     /// vhost-user-blk client) and print what happened.
     Demo(demo::DemoArgs),
+    /// Run the presetup and downtime experiment (scenario matrices against
+    /// agents spawned from this binary, with the built-in front-end) and
+    /// write CSV, JSON and SVG charts.
+    #[command(long_about = experiment::cli::ABOUT)]
+    Experiment(experiment::cli::ExperimentArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -183,6 +189,12 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),
         Command::Demo(args) => demo::run(args),
+        Command::Experiment(args) => match experiment::cli::run_experiment(&args) {
+            // Every file is written; a scenario failed.
+            Ok(false) => return ExitCode::from(2),
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,5 +1,6 @@
 //! The test front-end: a QEMU stand-in built on the `vhost` crate's
 //! `Frontend`, plus a guest-side split-ring driver over a shared memfd.
+//! The tests, `vhost-agent demo` and `vhost-agent experiment` share it.
 //!
 //! It lets a test do what no real client will: put hostile descriptor
 //! chains on a ring, send raw malformed messages, and look at the used ring
@@ -12,10 +13,26 @@
 //! region as QEMU migrates it, and start a destination front-end on a second
 //! back-end over the SAME guest RAM (both agents map one memfd, so the rings
 //! and buffers stay where they are) with SET_INFLIGHT_FD and no GET.
+//!
+//! Failures panic, test style (with the message a test needs); the demo
+//! and the experiment catch them per run ([`bench::catch_panic`]).
+//!
+//! Besides the front-end itself, the rigs built on it:
+//!
+//! * [`support`], [`agent`]: find (or build) the agent binary, spawn
+//!   `vhost-agent serve` and wait for its sockets, one control request;
+//! * [`net_rig`]: an agent with one `--net` device and a front-end on it;
+//! * [`blk_stop`]: a blk source's stop timed, drain versus suspend;
+//! * [`bench`]: a failed run reported instead of a panic, the load average.
 
+pub mod agent;
+pub mod bench;
+pub mod blk_stop;
 pub mod inflight;
+pub mod net_rig;
 pub mod presetup;
 pub mod raw;
+pub mod support;
 
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd};
