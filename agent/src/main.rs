@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 use vhost_agent::control::{self, Reply, Request};
 use vhost_agent::daemon::serve::{self, ServeOptions};
 use vhost_agent::daemon::spec::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
+use vhost_agent::migrate::{self, DevicePair, MigrateOptions};
 use vhost_agent::vhost_user::inband::PresetupProtocol;
 
 mod demo;
@@ -39,6 +40,10 @@ enum Command {
     /// Create a scratch image, serve it, drive it with libblkio (a real
     /// vhost-user-blk client) and print what happened.
     Demo(demo::DemoArgs),
+    /// Live-migrate a QEMU VM whose devices agents serve: presetup relayed,
+    /// QMP migrate followed, write fences released, one timeline printed.
+    #[command(long_about = MIGRATE_ABOUT)]
+    Migrate(MigrateArgs),
     /// Run the presetup and downtime experiment (scenario matrices against
     /// agents spawned from this binary, with the built-in front-end) and
     /// write CSV, JSON and SVG charts.
@@ -123,6 +128,123 @@ Examples:
   vhost-agent ctl /run/vhost-agent.ctl add-device \\
       '{\"kind\": \"net\", \"spec\": \"socket=/run/n.sock,dataplane=loop\"}'";
 
+const MIGRATE_ABOUT: &str = "\
+Live-migrate one QEMU VM whose vhost-user devices vhost-agents serve, with
+stock QEMU, and report one timeline of it.
+
+Steps, in order:
+  1. connect to both QEMUs (QMP), check the source VM runs (or is paused),
+     wait until the destination QEMU (started with -incoming URI) is
+     inmigrate;
+  2. map the VM's devices to the agents' devices: by --device, or else
+     each QEMU character device (query-chardev) that is a unix socket an
+     agent device listens on, source and destination paired by the
+     chardev's label; then, unless --no-presetup, read each device's
+     query-config on the source agent and hand it to presetup on the
+     destination agent, so the destination does its heavy configuration
+     (queues, I/O rings, MTU, offloads) before the VM stops. A refused
+     presetup stops here;
+  3. turn on QEMU's MIGRATION events, send migrate URI to the source and
+     follow STOP, RESUME, MIGRATION and query-migrate until the migration
+     completed and the destination runs;
+  4. for each fence=api disk on the destination, wait until the source
+     agent reports no abandoned writes (query-devices) and fence-release it;
+  5. merge QEMU's query-migrate, the QMP events and both agents'
+     query-metrics timelines into one per-phase timeline: VM stop, the
+     source's first and last GET_VRING_BASE, device-state save and load,
+     the destination's first start message and its rings running, VM
+     resume, completion; per device its stop time, critical path and the
+     heavy ops its start executed.
+
+Times are milliseconds since migrate was sent, on this program's
+monotonic clock. QEMU's event stamps (its host's wall clock) are mapped
+through this host's wall clock: exact on one host, as good as the hosts'
+clock sync otherwise. Each agent device's timeline is placed by its
+query-metrics now-us, read before and after the migration between this
+program's send and receive: to within half that round trip (the \u{b1}
+column). Progress goes to stderr, the timeline to stdout, and with --out
+as JSON to FILE.
+
+If any step fails, the command exits 1 with the step and its cause. Until
+QEMU reports the migration completed, the VM is left on the source: before
+migrate nothing was changed, after it the migration is cancelled and a
+source that ran is resumed. The message says where the VM is.
+
+Example:
+  vhost-agent migrate --source-qmp /run/vm1/qmp.sock \\
+      --destination-qmp /run/vm1-in/qmp.sock \\
+      --source-agent /run/vhost-agent.ctl --destination-agent /run/vhost-agent-b.ctl \\
+      --uri tcp:10.0.0.2:4444 --out /tmp/vm1-migration.json";
+
+#[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
+    #[arg(long, value_name = "PATH")]
+    source_qmp: PathBuf,
+    /// The destination QEMU's QMP socket; that QEMU runs with -incoming URI.
+    #[arg(long, value_name = "PATH")]
+    destination_qmp: PathBuf,
+    /// The source agent's control socket (its serve --control PATH).
+    #[arg(long, value_name = "PATH")]
+    source_agent: PathBuf,
+    /// The destination agent's control socket.
+    #[arg(long, value_name = "PATH")]
+    destination_agent: PathBuf,
+    /// Where the source QEMU sends the migration stream: what the
+    /// destination listens on, e.g. tcp:10.0.0.2:4444.
+    #[arg(long)]
+    uri: String,
+    /// A device to migrate: SRC (the same id on both agents) or SRC=DST.
+    /// Repeat for several. Without --device, every agent device whose
+    /// socket is one of the source QEMU's chardevs is migrated.
+    #[arg(long = "device", value_name = "SRC[=DST]")]
+    devices: Vec<DevicePair>,
+    /// Do not relay presetup (the destination configures every device in
+    /// full at the switchover): for comparisons.
+    #[arg(long)]
+    no_presetup: bool,
+    /// Write the timeline as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Set the source QEMU's max-bandwidth to N MiB/s (QEMU's default is
+    /// 128 MiB/s).
+    #[arg(long, value_name = "N")]
+    max_bandwidth_mib: Option<u64>,
+    /// Seconds the destination may take to be inmigrate, the migration to
+    /// complete, and a source's abandoned writes to finish.
+    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    timeout_s: u64,
+}
+
+/// How long any one QMP or control request of `migrate` may take.
+const MIGRATE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `vhost-agent migrate`: progress on stderr, the timeline on stdout.
+fn migrate(args: MigrateArgs) -> Result<()> {
+    let options = MigrateOptions {
+        source_qmp: args.source_qmp,
+        destination_qmp: args.destination_qmp,
+        source_agent: args.source_agent,
+        destination_agent: args.destination_agent,
+        uri: args.uri,
+        devices: args.devices,
+        presetup: !args.no_presetup,
+        max_bandwidth: args
+            .max_bandwidth_mib
+            .map(|mib| mib.saturating_mul(1 << 20)),
+        timeout: Duration::from_secs(args.timeout_s),
+        request_timeout: MIGRATE_REQUEST_TIMEOUT,
+    };
+    let mut progress = |line: &str| eprintln!("migrate: {line}");
+    let timeline = migrate::migrate(&options, &mut progress)?;
+    print!("{}", migrate::render::render(&timeline));
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&timeline)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// How long `ctl` waits to send its request and again for the reply.
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -189,6 +311,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),
         Command::Demo(args) => demo::run(args),
+        Command::Migrate(args) => migrate(args),
         Command::Experiment(args) => match experiment::cli::run_experiment(&args) {
             // Every file is written; a scenario failed.
             Ok(false) => return ExitCode::from(2),
