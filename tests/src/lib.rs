@@ -13,6 +13,7 @@ pub use vhost_agent_frontend::{agent, bench, blk_stop, net_rig, support};
 
 pub mod blkio_client;
 pub mod lab;
+pub mod migrate_rig;
 pub mod net_agent;
 pub mod netns;
 pub mod netprobe;
