@@ -21,9 +21,11 @@ mod experiment;
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace. RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log level: error, warn, info, debug or trace (default: info; warn
+    /// for the demo, whose own lines tell the story). RUST_LOG overrides
+    /// it.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -37,8 +39,10 @@ enum Command {
     /// result.
     #[command(long_about = CTL_ABOUT)]
     Ctl(CtlArgs),
-    /// Create a scratch image, serve it, drive it with libblkio (a real
-    /// vhost-user-blk client) and print what happened.
+    /// Two agents in this process, a disk and a net device, two live
+    /// migrations between them (drain and full configuration, then
+    /// in-flight handoff and presetup) driven by the built-in front-end;
+    /// the timelines side by side and every check. Needs nothing installed.
     Demo(demo::DemoArgs),
     /// Live-migrate a QEMU VM whose devices agents serve: presetup relayed,
     /// QMP migrate followed, write fences released, one timeline printed.
@@ -306,7 +310,11 @@ fn ctl(args: CtlArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),

@@ -690,10 +690,19 @@ impl TestFrontend {
         region: InflightRegion,
         bases: &[u16],
     ) -> TestFrontend {
-        let queues = guest.queues.iter().map(DriverQueue::continued).collect();
-        let mut frontend = Self::negotiate_for(socket, options, guest.ram.clone(), queues);
+        let mut frontend = Self::attach(socket, options, guest);
         frontend.start_device(Inflight::Set(region), bases);
         frontend
+    }
+
+    /// Connect to `socket` and negotiate for the device of `guest` (its
+    /// RAM, its rings where its driver stands) without starting it: a
+    /// migration destination's QEMU from its start-up until the
+    /// switchover, which is [`Self::start_device`] with what the source's
+    /// stop returned (an orchestrator relays presetup in between).
+    pub fn attach(socket: &Path, options: &StartOptions, guest: &TestFrontend) -> TestFrontend {
+        let queues = guest.queues.iter().map(DriverQueue::continued).collect();
+        Self::negotiate_for(socket, options, guest.ram.clone(), queues)
     }
 
     /// Connect and negotiate only (SET_OWNER, GET_FEATURES,

@@ -10,7 +10,7 @@ fn ms(value: Option<f64>) -> String {
 }
 
 /// `create_queue x4, set_mtu` (runs of one op counted).
-fn ops(list: &[String]) -> String {
+pub fn ops(list: &[String]) -> String {
     if list.is_empty() {
         return "none".to_string();
     }
