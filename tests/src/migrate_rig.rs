@@ -176,6 +176,38 @@ impl MigrationRig {
     /// `blk_extra` (e.g. `,queue-size=64`).
     pub fn add_agent(&mut self, blk_extra: &str) -> usize {
         let index = self.agents.len();
+        let side = self.spawn_agent(index, blk_extra);
+        self.agents.push(side);
+        index
+    }
+
+    /// Replace agent `index` (no front-end may be connected to it) by a
+    /// fresh one on the same sockets and tap name: a destination that
+    /// never served this guest. An agent keeps a device's heavy
+    /// configuration (dataplane queues, I/O rings) across front-ends, so
+    /// one that was the source before would not show a full one.
+    pub fn replace_agent(&mut self, index: usize) {
+        let tap = self.agents[index].tap.clone();
+        let old = &mut self.agents[index];
+        old.agent.signal(libc::SIGTERM);
+        if old.agent.wait_timeout(Duration::from_secs(20)).is_none() {
+            panic!("agent {index} did not exit on SIGTERM");
+        }
+        // The tap goes with the agent that created it.
+        let gone = (0..200).any(|_| {
+            if self.lan.ns.has_link(&tap) {
+                std::thread::sleep(Duration::from_millis(10));
+                false
+            } else {
+                true
+            }
+        });
+        assert!(gone, "{tap} outlived its agent");
+        let side = self.spawn_agent(index, "");
+        self.agents[index] = side;
+    }
+
+    fn spawn_agent(&mut self, index: usize, blk_extra: &str) -> AgentSide {
         let dir = self.dir.path();
         let net_socket = dir.join(format!("net-{index}.sock"));
         let blk_socket = dir.join(format!("blk-{index}.sock"));
@@ -212,15 +244,14 @@ impl MigrationRig {
             .ns
             .wait_link(&tap, Duration::from_secs(5), &mut agent);
         self.lan.plug(&tap);
-        self.agents.push(AgentSide {
+        AgentSide {
             agent,
             control,
             net_socket,
             blk_socket,
             log,
             tap,
-        });
-        index
+        }
     }
 
     /// Start QEMU on agent `side`'s devices: the `net-fio-rounds` guest,

@@ -416,8 +416,8 @@ struct GapSample {
 }
 
 /// `2 * runs` migrations of one guest back and forth between the rig's
-/// two agents, alternating without and with presetup; the figures of
-/// each, by presetup.
+/// two agents, alternating without and with presetup, each to a fresh
+/// destination agent; the figures of each, by presetup.
 fn ping_pong(options: RigOptions, runs: usize) -> [Vec<GapSample>; 2] {
     let mut rig = MigrationRig::new(options);
     let (mut vm, guest) = rig.boot_source(0);
@@ -429,6 +429,8 @@ fn ping_pong(options: RigOptions, runs: usize) -> [Vec<GapSample>; 2] {
         if let Err(e) = pinger.wait_replies_since(Instant::now(), STEADY_REPLIES, ANSWER_TIMEOUT) {
             panic!("before migration {index}: {e}\n{}", vm.qemu.diagnostics());
         }
+        // A destination agent that never served this guest.
+        rig.replace_agent(1 - side);
         let (dst, uri) = rig.destination(1 - side);
         let mut cmd = rig.migrate_command(&vm, &dst, side, 1 - side, &uri);
         if !presetup {
