@@ -182,7 +182,9 @@ Example:
 
 #[derive(clap::Args, Debug)]
 struct MigrateArgs {
-    /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off).
+    /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off). A
+    /// QMP socket serves one client at a time: give QEMU a second -qmp for
+    /// this command if a management stack holds the first.
     #[arg(long, value_name = "PATH")]
     source_qmp: PathBuf,
     /// The destination QEMU's QMP socket; that QEMU runs with -incoming URI.

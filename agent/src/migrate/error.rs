@@ -69,8 +69,9 @@ pub enum MigrateError {
     /// The migration did not complete in time.
     #[error("the migration did not complete within {0:?} (last status {1})")]
     Timeout(Duration, String),
-    /// The destination did not run after the migration completed.
-    #[error("the destination QEMU is {0:?} after the migration, not running")]
+    /// The destination did not run (or, for a paused source, settle)
+    /// after the migration completed.
+    #[error("the destination QEMU is {0:?} after the migration")]
     DestinationNotRunning(String),
     /// A `fence=api` disk's source never finished its abandoned writes.
     #[error(

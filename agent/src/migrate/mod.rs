@@ -26,7 +26,7 @@
 //! migration is cancelled and the source resumed if it ran. The
 //! [`error::Failure`] says where the VM is.
 //!
-//! [`qmp`] is the QMP client, [`agents`] the control-API side, [`steps`]
+//! [`qmp`] is the QMP client, [`agents`] the control-API side, `steps`
 //! the sequence, [`render`] the text report.
 
 pub mod agents;

@@ -15,6 +15,18 @@ use super::qmp::{Qmp, QmpEvent};
 use super::timeline::{self, FenceRelease, Observed, Timeline};
 use super::{MigrateOptions, Side};
 
+/// Run states from which a QEMU never becomes `inmigrate`.
+const SETTLED_STATES: [&str; 8] = [
+    "running",
+    "paused",
+    "postmigrate",
+    "suspended",
+    "shutdown",
+    "guest-panicked",
+    "internal-error",
+    "io-error",
+];
+
 /// How often run states, `query-migrate` and fences are polled.
 const POLL: Duration = Duration::from_millis(20);
 /// How long the destination agent may take to report its rings running
@@ -99,7 +111,10 @@ impl<'a> Orchestrator<'a> {
             if state == "inmigrate" {
                 break;
             }
-            if started.elapsed() >= self.options.timeout {
+            // A QEMU that runs a guest (or ran one) will never receive
+            // this migration: the wrong socket, or no -incoming.
+            if SETTLED_STATES.contains(&state.as_str()) || started.elapsed() >= self.options.timeout
+            {
                 return Err(MigrateError::DestinationNotIncoming {
                     state,
                     waited: started.elapsed(),
@@ -323,7 +338,13 @@ impl<'a> Orchestrator<'a> {
         loop {
             let state = run_state(&mut self.destination_qmp, Side::Destination)?;
             self.collect_events();
-            if state == "running" {
+            // A paused source arrives paused; a running one must run.
+            let arrived = match self.initial_state.as_str() {
+                "running" => state == "running",
+                _ => state == "running" || state == "paused",
+            };
+            if arrived {
+                self.say(&format!("migration completed; the destination is {state}"));
                 break;
             }
             if Instant::now() >= deadline {
@@ -331,7 +352,6 @@ impl<'a> Orchestrator<'a> {
             }
             std::thread::sleep(POLL);
         }
-        self.say("migration completed; the destination runs");
         Ok((info, completed_seen))
     }
 
