@@ -361,6 +361,17 @@ impl TestFrontend {
         Self::negotiate_for(socket, options, guest.ram.clone(), queues)
     }
 
+    /// Take the guest driver's place in every ring from `guest`, its
+    /// front-end on the other side: the guest kept working there after
+    /// [`Self::attach`] copied it, and a migration carries the guest's
+    /// memory, driver state included, up to the stop. Call it at the
+    /// switchover, before [`Self::start_device`].
+    pub fn follow_driver(&mut self, guest: &TestFrontend) {
+        for (queue, theirs) in self.queues.iter_mut().zip(&guest.queues) {
+            queue.take_place(theirs);
+        }
+    }
+
     /// Connect and negotiate only (SET_OWNER, GET_FEATURES,
     /// GET/SET_PROTOCOL_FEATURES, GET_QUEUE_NUM), with fresh guest RAM;
     /// [`Self::start_device`] does the rest.

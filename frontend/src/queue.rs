@@ -114,6 +114,14 @@ impl DriverQueue {
         }
     }
 
+    /// Take the driver's place in the ring from `other`, the same queue
+    /// on another connection (what [`Self::continued`] copied, again).
+    pub(crate) fn take_place(&mut self, other: &DriverQueue) {
+        self.next_free = other.next_free;
+        self.avail_idx = other.avail_idx;
+        self.last_used = other.last_used;
+    }
+
     /// Write `head` into the next avail slot without publishing it.
     pub(crate) fn place(&mut self, ram: &GuestRam, head: u16) {
         let slot = u64::from(self.avail_idx % self.size);

@@ -104,14 +104,6 @@ pub fn migrate(
     let source = AgentClient::new(&plan.from.control_socket, CONTROL_TIMEOUT);
     let destination = AgentClient::new(&plan.to.control_socket, CONTROL_TIMEOUT);
     let devices = mapped(&source, &destination)?;
-    // The guest is busy: requests in flight on its disk, frames on its net.
-    let batch: Batch = guest::requests_in_flight(
-        &mut running.disk,
-        plan.first_block,
-        plan.in_flight,
-        plan.tag,
-    )?;
-    net_guest.frames_flow(&mut running.net, round)?;
     // The destination QEMU starts: its front-ends connect and negotiate.
     let mut disk = TestFrontend::attach(
         &plan.to.disk_socket,
@@ -134,8 +126,18 @@ pub fn migrate(
     }
     let before = [sample(&source)?, sample(&destination)?];
     let reference = Reference::new(Instant::now());
-    // The switchover: stop every ring of the source, move the region,
-    // start the destination from the source's bases.
+    // The guest keeps working: frames on its net, then requests on its
+    // disk, in flight (taken by the source agent) right up to the stop.
+    net_guest.frames_flow(&mut running.net, round)?;
+    let batch: Batch = guest::requests_in_flight(
+        &mut running.disk,
+        plan.first_block,
+        plan.in_flight,
+        plan.tag,
+    )?;
+    // The switchover: stop every ring of the source, move the region and
+    // the guest (its memory, with its driver's place in each ring), start
+    // the destination from the source's bases.
     let disk_stopped = running.disk.stop(StopRequest::GetVringBase);
     let mut net_bases = Vec::new();
     for queue in 0..running.net.queues.len() {
@@ -146,6 +148,8 @@ pub fn migrate(
             .map_err(|e| format!("net GET_VRING_BASE: {e}"))?;
         net_bases.push(u16::try_from(base).map_err(|_| format!("net base {base:#x}"))?);
     }
+    disk.follow_driver(&running.disk);
+    net.follow_driver(&running.net);
     let region = running.disk.region().migrate();
     disk.start_device(Inflight::Set(region), &disk_stopped.bases);
     net.start_device(Inflight::None, &net_bases);

@@ -13,7 +13,9 @@
 //! 2. B -> A, the way this project is built for: the disk's source
 //!    suspends (the requests move in the inflight region, the destination
 //!    resubmits them behind the write fence) and presetup gave the
-//!    destination its configuration before the stop.
+//!    destination its configuration before the stop. A is restarted
+//!    first: an agent keeps a device's heavy configuration for its next
+//!    front-end, and the comparison wants a fresh destination.
 //!
 //! It prints the two timelines side by side (the source's stop, the
 //! destination's critical path, the heavy ops the start executed) and
@@ -73,39 +75,47 @@ pub fn run(args: DemoArgs) -> Result<()> {
         args.latency_ms,
         agents::QUEUE_PAIRS
     );
-    let a = Agent::start("A", dir.path(), &image, args.latency_ms, &profile)?;
-    let b = Agent::start("B", dir.path(), &image, args.latency_ms, &profile)?;
-    let first = Plan {
-        from: &a,
-        to: &b,
-        destination_stop: StopKind::Suspend,
-        presetup: false,
-        in_flight: args.in_flight,
-        first_block: 0,
-        tag: 1,
-    };
-    let second = Plan {
-        from: &b,
-        to: &a,
-        destination_stop: StopKind::Suspend,
-        presetup: true,
-        in_flight: args.in_flight,
-        first_block: args.in_flight as u64,
-        tag: 2,
-    };
+    let start = |name| Agent::start(name, dir.path(), &image, args.latency_ms, &profile);
+    let mut a = start("A")?;
+    let b = start("B")?;
     let mut net_guest = NetGuest::default();
     let result = catch_panic(|| -> Result<Vec<Outcome>, String> {
         let running = Running {
             disk: TestFrontend::start(&a.disk_socket, &guest::disk_options(StopKind::Drain)),
             net: TestFrontend::start(&a.net_socket, &guest::net_options()),
         };
+        let first = Plan {
+            from: &a,
+            to: &b,
+            destination_stop: StopKind::Suspend,
+            presetup: false,
+            in_flight: args.in_flight,
+            first_block: 0,
+            tag: 1,
+        };
         let (running, one) =
             migration::migrate(&first, running, StopKind::Drain, &image, &mut net_guest, 1)?;
         println!("demo: migration 1 (A -> B, drain and full configuration) done");
+        // An agent keeps a device's heavy configuration (its dataplane
+        // queues, I/O rings) for the next front-end: A, the source of the
+        // first migration, would need no queue creation at all. A fresh
+        // A is the destination a migration usually meets.
+        a.stop();
+        a = start("A").map_err(|e| format!("restarting agent A: {e:#}"))?;
+        println!("demo: agent A restarted, a fresh destination");
+        let second = Plan {
+            from: &b,
+            to: &a,
+            destination_stop: StopKind::Suspend,
+            presetup: true,
+            in_flight: args.in_flight,
+            first_block: args.in_flight as u64,
+            tag: 2,
+        };
         let (running, two) = migration::migrate(
             &second,
             running,
-            first.destination_stop,
+            StopKind::Suspend,
             &image,
             &mut net_guest,
             2,
