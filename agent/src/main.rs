@@ -214,11 +214,16 @@ struct MigrateArgs {
     out: Option<PathBuf>,
     /// Set the source QEMU's max-bandwidth to N MiB/s (QEMU's default is
     /// 128 MiB/s).
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
     max_bandwidth_mib: Option<u64>,
     /// Seconds the destination may take to be inmigrate, the migration to
     /// complete, and a source's abandoned writes to finish.
-    #[arg(long, value_name = "SECONDS", default_value_t = 300)]
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
     timeout_s: u64,
 }
 

@@ -133,7 +133,9 @@ impl std::fmt::Display for VmWhereabouts {
                 f,
                 "the migration had completed: the VM runs on the destination"
             ),
-            VmWhereabouts::Unknown(why) => write!(f, "where the VM is is unknown: {why}"),
+            VmWhereabouts::Unknown(why) => {
+                write!(f, "the orchestrator cannot tell where the VM is: {why}")
+            }
         }
     }
 }
