@@ -20,12 +20,16 @@
 //!   kernel's vhost-net (`net::vhost_net`, the plan's steps as ioctls).
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 //! * [`metrics`]: per-device timelines, downtime figures, Prometheus text.
+//! * [`migrate`]: `vhost-agent migrate`, the orchestrator of one live
+//!   migration with stock QEMU (QMP client, presetup relay, write fence
+//!   release, one merged timeline).
 //! * [`wake_channel`]: how the protocol thread commands a datapath thread.
 
 pub(crate) mod blk;
 pub mod control;
 pub mod daemon;
 pub(crate) mod metrics;
+pub mod migrate;
 pub(crate) mod net;
 pub mod vhost_user;
 pub(crate) mod wake_channel;

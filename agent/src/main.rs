@@ -10,18 +10,22 @@ use clap::{Parser, Subcommand};
 use vhost_agent::control::{self, Reply, Request};
 use vhost_agent::daemon::serve::{self, ServeOptions};
 use vhost_agent::daemon::spec::{BlkSpec, NetSpec, BLK_HELP, NET_HELP};
+use vhost_agent::migrate::{self, DevicePair, MigrateOptions};
 use vhost_agent::vhost_user::inband::PresetupProtocol;
 
 mod demo;
+mod experiment;
 
 /// vhost-user back-end for virtio-blk and virtio-net, built for
 /// low-downtime live migration.
 #[derive(Parser, Debug)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Log level: error, warn, info, debug or trace. RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "info")]
-    log_level: String,
+    /// Log level: error, warn, info, debug or trace (default: info; warn
+    /// for the demo, whose own lines tell the story). RUST_LOG overrides
+    /// it.
+    #[arg(long, global = true)]
+    log_level: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,9 +39,20 @@ enum Command {
     /// result.
     #[command(long_about = CTL_ABOUT)]
     Ctl(CtlArgs),
-    /// Create a scratch image, serve it, drive it with libblkio (a real
-    /// vhost-user-blk client) and print what happened.
+    /// Two agents in this process, a disk and a net device, two live
+    /// migrations between them (drain and full configuration, then
+    /// in-flight handoff and presetup) driven by the built-in front-end;
+    /// the timelines side by side and every check. Needs nothing installed.
     Demo(demo::DemoArgs),
+    /// Live-migrate a QEMU VM whose devices agents serve: presetup relayed,
+    /// QMP migrate followed, write fences released, one timeline printed.
+    #[command(long_about = MIGRATE_ABOUT)]
+    Migrate(MigrateArgs),
+    /// Run the presetup and downtime experiment (scenario matrices against
+    /// agents spawned from this binary, with the built-in front-end) and
+    /// write CSV, JSON and SVG charts.
+    #[command(long_about = experiment::cli::ABOUT)]
+    Experiment(experiment::cli::ExperimentArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -117,6 +132,130 @@ Examples:
   vhost-agent ctl /run/vhost-agent.ctl add-device \\
       '{\"kind\": \"net\", \"spec\": \"socket=/run/n.sock,dataplane=loop\"}'";
 
+const MIGRATE_ABOUT: &str = "\
+Live-migrate one QEMU VM whose vhost-user devices vhost-agents serve, with
+stock QEMU, and report one timeline of it.
+
+Steps, in order:
+  1. connect to both QEMUs (QMP), check the source VM runs (or is paused),
+     wait until the destination QEMU (started with -incoming URI) is
+     inmigrate;
+  2. map the VM's devices to the agents' devices: by --device, or else
+     each QEMU character device (query-chardev) that is a unix socket an
+     agent device listens on, source and destination paired by the
+     chardev's label; then, unless --no-presetup, read each device's
+     query-config on the source agent and hand it to presetup on the
+     destination agent, so the destination does its heavy configuration
+     (queues, I/O rings, MTU, offloads) before the VM stops. A refused
+     presetup stops here;
+  3. turn on QEMU's MIGRATION events, send migrate URI to the source and
+     follow STOP, RESUME, MIGRATION and query-migrate until the migration
+     completed and the destination runs;
+  4. for each fence=api disk on the destination, wait until the source
+     agent reports no abandoned writes (query-devices) and fence-release it;
+  5. merge QEMU's query-migrate, the QMP events and both agents'
+     query-metrics timelines into one per-phase timeline: VM stop, the
+     source's first and last GET_VRING_BASE, device-state save and load,
+     the destination's first start message and its rings running, VM
+     resume, completion; per device its stop time, critical path and the
+     heavy ops its start executed.
+
+Times are milliseconds since migrate was sent, on this program's
+monotonic clock. QEMU's event stamps (its host's wall clock) are mapped
+through this host's wall clock: exact on one host, as good as the hosts'
+clock sync otherwise. Each agent device's timeline is placed by its
+query-metrics now-us, read before and after the migration between this
+program's send and receive: to within half that round trip (the \u{b1}
+column). Progress goes to stderr, the timeline to stdout, and with --out
+as JSON to FILE.
+
+If any step fails, the command exits 1 with the step and its cause. Until
+QEMU reports the migration completed, the VM is left on the source: before
+migrate nothing was changed, after it the migration is cancelled and a
+source that ran is resumed. The message says where the VM is.
+
+Example:
+  vhost-agent migrate --source-qmp /run/vm1/qmp.sock \\
+      --destination-qmp /run/vm1-in/qmp.sock \\
+      --source-agent /run/vhost-agent.ctl --destination-agent /run/vhost-agent-b.ctl \\
+      --uri tcp:10.0.0.2:4444 --out /tmp/vm1-migration.json";
+
+#[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    /// The source QEMU's QMP socket (-qmp unix:PATH,server=on,wait=off). A
+    /// QMP socket serves one client at a time: give QEMU a second -qmp for
+    /// this command if a management stack holds the first.
+    #[arg(long, value_name = "PATH")]
+    source_qmp: PathBuf,
+    /// The destination QEMU's QMP socket; that QEMU runs with -incoming URI.
+    #[arg(long, value_name = "PATH")]
+    destination_qmp: PathBuf,
+    /// The source agent's control socket (its serve --control PATH).
+    #[arg(long, value_name = "PATH")]
+    source_agent: PathBuf,
+    /// The destination agent's control socket.
+    #[arg(long, value_name = "PATH")]
+    destination_agent: PathBuf,
+    /// Where the source QEMU sends the migration stream: what the
+    /// destination listens on, e.g. tcp:10.0.0.2:4444.
+    #[arg(long)]
+    uri: String,
+    /// A device to migrate: SRC (the same id on both agents) or SRC=DST.
+    /// Repeat for several. Without --device, every agent device whose
+    /// socket is one of the source QEMU's chardevs is migrated.
+    #[arg(long = "device", value_name = "SRC[=DST]")]
+    devices: Vec<DevicePair>,
+    /// Do not relay presetup (the destination configures every device in
+    /// full at the switchover): for comparisons.
+    #[arg(long)]
+    no_presetup: bool,
+    /// Write the timeline as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+    /// Set the source QEMU's max-bandwidth to N MiB/s (QEMU's default is
+    /// 128 MiB/s).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1 << 30))]
+    max_bandwidth_mib: Option<u64>,
+    /// Seconds the destination may take to be inmigrate, the migration to
+    /// complete, and a source's abandoned writes to finish.
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 300,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    timeout_s: u64,
+}
+
+/// How long any one QMP or control request of `migrate` may take.
+const MIGRATE_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `vhost-agent migrate`: progress on stderr, the timeline on stdout.
+fn migrate(args: MigrateArgs) -> Result<()> {
+    let options = MigrateOptions {
+        source_qmp: args.source_qmp,
+        destination_qmp: args.destination_qmp,
+        source_agent: args.source_agent,
+        destination_agent: args.destination_agent,
+        uri: args.uri,
+        devices: args.devices,
+        presetup: !args.no_presetup,
+        max_bandwidth: args
+            .max_bandwidth_mib
+            .map(|mib| mib.saturating_mul(1 << 20)),
+        timeout: Duration::from_secs(args.timeout_s),
+        request_timeout: MIGRATE_REQUEST_TIMEOUT,
+    };
+    let mut progress = |line: &str| eprintln!("migrate: {line}");
+    let timeline = migrate::migrate(&options, &mut progress)?;
+    print!("{}", migrate::render::render(&timeline));
+    if let Some(path) = &args.out {
+        let json = serde_json::to_string_pretty(&timeline)? + "\n";
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// How long `ctl` waits to send its request and again for the reply.
 const CTL_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -178,11 +317,22 @@ fn ctl(args: CtlArgs) -> Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level);
+    let default_level = match cli.command {
+        Command::Demo(_) => "warn",
+        _ => "info",
+    };
+    init_logging(cli.log_level.as_deref().unwrap_or(default_level));
     let result = match cli.command {
         Command::Serve(args) => serve(args),
         Command::Ctl(args) => ctl(args),
         Command::Demo(args) => demo::run(args),
+        Command::Migrate(args) => migrate(args),
+        Command::Experiment(args) => match experiment::cli::run_experiment(&args) {
+            // Every file is written; a scenario failed.
+            Ok(false) => return ExitCode::from(2),
+            Ok(true) => Ok(()),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -51,6 +51,11 @@ impl SimOp {
     }
 }
 
+/// The shipped `profiles/vdpa-191ms.json` (a vDPA NIC whose `dev_conf`
+/// costs 191.4 ms), built in so tools that need it (`vhost-agent demo`,
+/// `vhost-agent experiment`) do not depend on the source checkout.
+pub const VDPA_191MS_PROFILE: &str = include_str!("../profiles/vdpa-191ms.json");
+
 /// A cost profile, as loaded from JSON:
 /// `{"name": "...", "description": "...", "costs_us": {"create_queue": 45000, ...}}`.
 /// Operations it does not name cost nothing.

@@ -18,7 +18,7 @@
 //! the drain/suspend ratio. This is a benchmark, not a test: it judges
 //! nothing, it only reports. The measuring code is
 //! `vhost_agent_tests::blk_stop`, shared with the experiment runner
-//! (`--bin experiment`).
+//! (`vhost-agent experiment`).
 //!
 //! Run it with `cargo bench -p vhost-agent-tests --bench blk_stop` (or
 //! `scripts/bench-stop.sh`). Environment knobs:

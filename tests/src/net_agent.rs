@@ -5,9 +5,7 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -275,20 +273,4 @@ impl NetAgent {
     }
 }
 
-/// Make `cmd`'s process (and every thread it will create) run on `cpu`
-/// only, as `taskset -c CPU` would.
-pub fn pin_to_cpu(cmd: &mut Command, cpu: usize) {
-    // SAFETY: the closure runs in the forked child before exec and only
-    // calls sched_setaffinity(2), which is async-signal-safe, on a set
-    // built on its own stack.
-    unsafe {
-        cmd.pre_exec(move || {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu, &mut set);
-            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
+pub use vhost_agent_frontend::agent::pin_to_cpu;

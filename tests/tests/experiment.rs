@@ -1,5 +1,5 @@
-//! The experiment runner end to end: `experiment --quick --only net` against
-//! the real agent writes a CSV, a JSON and an SVG chart that parse, with one
+//! The experiment runner end to end: `vhost-agent experiment --quick --only
+//! net` (agents spawned from the same binary) writes a CSV, a JSON and an SVG chart that parse, with one
 //! row per scenario of the quick matrix, and presetup takes the sim
 //! profile's queue creation off the start critical path. That last check is
 //! a property of presetup (the 40 ms creations move before the start), not
@@ -44,12 +44,11 @@ fn read_csv(path: &Path) -> (Vec<String>, Vec<HashMap<String, String>>) {
 #[test]
 fn quick_net_run_writes_parsable_results_and_presetup_shortens_the_start() {
     let out = tempfile::tempdir().unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_experiment"))
-        .args(["--quick", "--only", "net", "--out"])
+    let output = Command::new(agent_binary())
+        .args(["experiment", "--quick", "--only", "net", "--out"])
         .arg(out.path())
-        .env("VHOST_AGENT_BIN", agent_binary())
         .output()
-        .expect("run the experiment binary");
+        .expect("run vhost-agent experiment");
     let stderr = String::from_utf8_lossy(&output.stderr);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(

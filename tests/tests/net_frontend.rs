@@ -338,6 +338,27 @@ fn device_state_carries_rss_and_mtu_to_another_agent() {
     // Garbage is refused at CHECK_DEVICE_STATE; the device keeps its state.
     assert!(load_device_state(&destination.frontend, b"{\"version\": 99").is_err());
     assert_eq!(destination.device()["rss"], device["rss"]);
+
+    // Both transfers are on the timelines (what `vhost-agent migrate`
+    // places as device-state save and load); the refused one is not.
+    let transfers = |rig: &Rig, event: &str| -> Vec<u64> {
+        rig.metrics()["timeline"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == event)
+            .map(|e| e["bytes"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        transfers(&source, "device-state-saved"),
+        [state.len() as u64]
+    );
+    assert_eq!(
+        transfers(&destination, "device-state-loaded"),
+        [state.len() as u64]
+    );
+    assert!(transfers(&destination, "device-state-saved").is_empty());
 }
 
 #[test]

@@ -210,6 +210,7 @@ impl DeviceMetrics {
         inner.in_stop_request = is_stop(code);
         inner.message_began = Some(now);
         if inner.phase == Phase::Idle && starts_device(code) && !inner.in_presetup {
+            self.push(&mut inner, now, EventKind::StartBegan);
             inner.phase = Phase::Starting;
             inner.start_began = Some(now);
             inner.window_agent = Duration::ZERO;
@@ -308,6 +309,19 @@ impl DeviceMetrics {
         }
     }
 
+    /// A device state transfer finished and was checked: `saved` (the
+    /// source side) or loaded and applied (the destination), `bytes` long.
+    pub fn device_state(&self, saved: bool, bytes: u64) {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let kind = if saved {
+            EventKind::DeviceStateSaved { bytes }
+        } else {
+            EventKind::DeviceStateLoaded { bytes }
+        };
+        self.push(&mut inner, now, kind);
+    }
+
     /// Ring `queue` got its size: the device will run it, so a start is
     /// complete only once it runs.
     pub fn ring_configured(&self, queue: u16) {
@@ -373,6 +387,7 @@ impl DeviceMetrics {
         let inner = self.lock();
         MetricsReport {
             device: self.device.clone(),
+            now_us: micros(self.epoch.elapsed()),
             sessions: inner.sessions,
             starts: inner.starts,
             start_critical_path_us: inner.last_critical_path.map(micros),
@@ -480,6 +495,52 @@ mod tests {
         let agent = report.start_agent_us.unwrap();
         assert!(path >= 20_000, "{path}");
         assert!(agent < path && agent < 20_000, "agent {agent} of {path}");
+    }
+
+    /// What an orchestrator reads to place a migration's phases: each
+    /// start window's opening once, the device-state transfers, and the
+    /// device's clock at report time on the timeline's scale.
+    #[test]
+    fn start_windows_and_device_state_are_on_the_timeline() {
+        let metrics = DeviceMetrics::new("net0");
+        metrics.connected();
+        metrics.message(GET_FEATURES);
+        metrics.message(SET_FEATURES);
+        metrics.message(SET_MEM_TABLE);
+        metrics.ring_configured(0);
+        metrics.ring_started(0);
+        metrics.message(GET_VRING_BASE);
+        metrics.ring_stopped(0, 0);
+        metrics.stop_replied(GET_VRING_BASE);
+        metrics.device_state(true, 120);
+        metrics.message(SET_VRING_BASE);
+        metrics.device_state(false, 80);
+        let report = metrics.report();
+        let kinds: Vec<EventKind> = report.timeline.iter().map(|event| event.kind).collect();
+        let began: Vec<usize> = kinds
+            .iter()
+            .enumerate()
+            .filter(|(_, kind)| **kind == EventKind::StartBegan)
+            .map(|(index, _)| index)
+            .collect();
+        // After SET_FEATURES (the first start message) and after the
+        // SET_VRING_BASE that follows the stop; not after SET_MEM_TABLE.
+        assert_eq!(began.len(), 2, "{kinds:?}");
+        assert_eq!(
+            kinds[began[0] - 1],
+            EventKind::Message {
+                code: SET_FEATURES,
+                name: "SET_FEATURES"
+            }
+        );
+        assert_eq!(
+            report.timeline[began[0]].at_us,
+            report.timeline[began[0] - 1].at_us
+        );
+        assert!(kinds.contains(&EventKind::DeviceStateSaved { bytes: 120 }));
+        assert!(kinds.contains(&EventKind::DeviceStateLoaded { bytes: 80 }));
+        let last = report.timeline.last().unwrap().at_us;
+        assert!(report.now_us >= last, "now {} < {last}", report.now_us);
     }
 
     #[test]

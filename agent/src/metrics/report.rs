@@ -36,6 +36,22 @@ pub enum EventKind {
         /// suspend); zero when the ring drained.
         handed_off: u64,
     },
+    /// A start window opened: the first start-sequence message after a
+    /// connect or a stop (recorded with that message's time). The window
+    /// closes `start-critical-path-us` later, when every ring runs.
+    StartBegan,
+    /// The device state this device saved went through the front-end's
+    /// pipe (CHECK_DEVICE_STATE after SET_DEVICE_STATE_FD(SAVE)).
+    DeviceStateSaved {
+        /// Bytes of state written.
+        bytes: u64,
+    },
+    /// A device state was loaded from the front-end's pipe and applied
+    /// (CHECK_DEVICE_STATE after SET_DEVICE_STATE_FD(LOAD)).
+    DeviceStateLoaded {
+        /// Bytes of state read.
+        bytes: u64,
+    },
     /// An in-band presetup bracket opened (PRESETUP START).
     PresetupStart,
     /// The in-band presetup bracket closed (PRESETUP END).
@@ -103,6 +119,10 @@ pub struct SwitchoverReport {
 pub struct MetricsReport {
     /// Device id.
     pub device: String,
+    /// The device's clock when the report was taken, on the timeline's
+    /// scale (microseconds since the device was created): what an
+    /// orchestrator pairs with its own clock to place the events.
+    pub now_us: u64,
     /// Front-end connections so far.
     pub sessions: u64,
     /// Starts completed (every configured ring ran).

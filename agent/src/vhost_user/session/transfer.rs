@@ -17,7 +17,8 @@ const MAX_STATE_BYTES: u64 = 1 << 20;
 
 /// A device state transfer in progress.
 pub(super) enum Transfer {
-    Save(JoinHandle<std::io::Result<()>>),
+    /// Writing a saved state of this many bytes.
+    Save(JoinHandle<std::io::Result<()>>, u64),
     Load(JoinHandle<std::io::Result<Vec<u8>>>),
 }
 
@@ -49,6 +50,7 @@ impl Session {
             VhostTransferStateDirection::SAVE => {
                 let state = self.device.save_state()?;
                 log::info!("{}: saving device state ({} bytes)", self.name, state.len());
+                let bytes = state.len() as u64;
                 Transfer::Save(
                     std::thread::Builder::new()
                         .name(name)
@@ -57,6 +59,7 @@ impl Session {
                             fd.write_all(&state)
                         })
                         .map_err(spawn_error)?,
+                    bytes,
                 )
             }
             VhostTransferStateDirection::LOAD => Transfer::Load(
@@ -77,7 +80,9 @@ impl Session {
     }
 
     /// CHECK_DEVICE_STATE: the transfer finished; a loaded state is taken
-    /// and what it changes is applied.
+    /// and what it changes is applied. A transfer that worked goes on the
+    /// timeline (`device-state-saved` / `-loaded`), so an orchestrator
+    /// sees when the state moved.
     pub(super) fn transfer_check(&mut self) -> Result<(), SessionError> {
         let joined = |r: std::thread::Result<std::io::Result<()>>| match r {
             Ok(result) => result.map_err(|e| e.to_string()),
@@ -85,11 +90,14 @@ impl Session {
         };
         let result = match self.transfer.take() {
             None => Err("no device state transfer was started".to_string()),
-            Some(Transfer::Save(thread)) => joined(thread.join()),
+            Some(Transfer::Save(thread, bytes)) => {
+                joined(thread.join()).map(|()| self.metrics.device_state(true, bytes))
+            }
             Some(Transfer::Load(thread)) => match thread.join() {
                 Ok(Ok(bytes)) => self
                     .device
                     .load_state(&bytes)
+                    .map(|()| self.metrics.device_state(false, bytes.len() as u64))
                     .map_err(|e| crate::error_chain(&e)),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("the transfer thread panicked".to_string()),

@@ -6,6 +6,7 @@
 
 use std::ffi::OsString;
 use std::fs::File;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -124,7 +125,7 @@ impl AgentCommand {
             cmd.env("RUST_LOG", filters);
         }
         if let Some(cpu) = self.cpu {
-            crate::net_agent::pin_to_cpu(&mut cmd, cpu);
+            pin_to_cpu(&mut cmd, cpu);
         }
         cmd
     }
@@ -171,5 +172,23 @@ impl AgentCommand {
             }
         }
         guard
+    }
+}
+
+/// Make `cmd`'s process (and every thread it will create) run on `cpu`
+/// only, as `taskset -c CPU` would.
+pub fn pin_to_cpu(cmd: &mut Command, cpu: usize) {
+    // SAFETY: the closure runs in the forked child before exec and only
+    // calls sched_setaffinity(2), which is async-signal-safe, on a set
+    // built on its own stack.
+    unsafe {
+        cmd.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }

@@ -18,11 +18,11 @@ use std::time::Duration;
 
 use vhost::vhost_user::VhostUserFrontend;
 
-use crate::frontend::{
+use crate::support::{control_execute, create_image, spawn_agent, ChildGuard};
+use crate::{
     wait_until, BlkRequest, StartOptions, StopRequest, TestFrontend, PROTOCOL_F_INFLIGHT_SHMFD,
     PROTOCOL_SUSPEND,
 };
-use crate::support::{control_execute, create_image, spawn_agent, ChildGuard};
 
 /// Ring size.
 const QUEUE_SIZE: u16 = 256;

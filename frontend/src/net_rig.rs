@@ -13,8 +13,8 @@ use serde_json::Value;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::frontend::{raw, Desc, Inflight, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
 use crate::support::{agent_binary, spawn_net_agent, workspace_root, ChildGuard};
+use crate::{raw, Desc, Inflight, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
 
 /// Size of the virtio-net header without VIRTIO_NET_F_HASH_REPORT (with
 /// `num_buffers`, as modern devices always have it).

@@ -1,5 +1,6 @@
 //! The test front-end: a QEMU stand-in built on the `vhost` crate's
 //! `Frontend`, plus a guest-side split-ring driver over a shared memfd.
+//! The tests, `vhost-agent demo` and `vhost-agent experiment` share it.
 //!
 //! It lets a test do what no real client will: put hostile descriptor
 //! chains on a ring, send raw malformed messages, and look at the used ring
@@ -12,10 +13,28 @@
 //! region as QEMU migrates it, and start a destination front-end on a second
 //! back-end over the SAME guest RAM (both agents map one memfd, so the rings
 //! and buffers stay where they are) with SET_INFLIGHT_FD and no GET.
+//!
+//! Failures panic, test style (with the message a test needs); the demo
+//! and the experiment catch them per run ([`bench::catch_panic`]).
+//!
+//! Besides the front-end itself, the rigs built on it:
+//!
+//! * [`support`], [`agent`]: find (or build) the agent binary, spawn
+//!   `vhost-agent serve` and wait for its sockets, one control request;
+//! * [`net_rig`]: an agent with one `--net` device and a front-end on it;
+//! * [`blk_stop`]: a blk source's stop timed, drain versus suspend;
+//! * [`bench`](mod@bench): a failed run reported instead of a panic, the load average.
 
+pub mod agent;
+pub mod bench;
+mod blk;
+pub mod blk_stop;
 pub mod inflight;
+pub mod net_rig;
 pub mod presetup;
+mod queue;
 pub mod raw;
+pub mod support;
 
 use std::fs::File;
 use std::os::unix::io::{AsRawFd, FromRawFd};
@@ -27,27 +46,18 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use virtio_bindings::virtio_ring::{VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{
     Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
     MmapRegion,
 };
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+pub use self::blk::{
+    BlkRequest, Submitted, STATUS_UNSET, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+};
 use self::inflight::InflightRegion;
+pub use self::queue::{Desc, DriverQueue};
 use self::raw::RawMessage;
-
-/// virtio-blk request types used by tests.
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-/// virtio-blk write.
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-/// Status byte values.
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-/// I/O error status.
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-/// What the front-end writes into a status byte before submitting, so a
-/// status the device never wrote is visible.
-pub const STATUS_UNSET: u8 = 0xff;
 
 /// Protocol feature INFLIGHT_SHMFD (bit 12): GET/SET_INFLIGHT_FD.
 pub const PROTOCOL_F_INFLIGHT_SHMFD: u64 = 1 << 12;
@@ -154,289 +164,6 @@ impl GuestRam {
         }
     }
 }
-/// One descriptor as the driver writes it.
-#[derive(Clone, Copy, Debug)]
-pub struct Desc {
-    /// Guest physical address.
-    pub addr: u64,
-    /// Length.
-    pub len: u32,
-    /// VRING_DESC_F_* flags (NEXT is set by `add_chain`).
-    pub flags: u16,
-    /// Next index (only used by `add_raw`).
-    pub next: u16,
-}
-
-impl Desc {
-    /// A device-readable buffer.
-    pub fn readable(addr: u64, len: u32) -> Desc {
-        Desc {
-            addr,
-            len,
-            flags: 0,
-            next: 0,
-        }
-    }
-
-    /// A device-writable buffer.
-    pub fn writable(addr: u64, len: u32) -> Desc {
-        Desc {
-            addr,
-            len,
-            flags: VRING_DESC_F_WRITE as u16,
-            next: 0,
-        }
-    }
-}
-
-/// The driver side of one split virtqueue.
-pub struct DriverQueue {
-    /// Queue index.
-    pub index: usize,
-    size: u16,
-    desc_table: u64,
-    avail_ring: u64,
-    used_ring: u64,
-    next_free: u16,
-    avail_idx: u16,
-    last_used: u16,
-    kick: EventFd,
-    call: EventFd,
-}
-
-impl DriverQueue {
-    /// The ring's descriptor table, avail ring and used ring (guest
-    /// physical addresses).
-    pub fn addresses(&self) -> (u64, u64, u64) {
-        (self.desc_table, self.avail_ring, self.used_ring)
-    }
-
-    /// The ring's size.
-    pub fn size(&self) -> u16 {
-        self.size
-    }
-
-    fn new(index: usize, size: u16, base: u64) -> DriverQueue {
-        let desc_table = base;
-        let avail_ring = desc_table + 16 * u64::from(size);
-        let used_ring = (avail_ring + 6 + 2 * u64::from(size) + 3) & !3;
-        DriverQueue {
-            index,
-            size,
-            desc_table,
-            avail_ring,
-            used_ring,
-            next_free: 0,
-            avail_idx: 0,
-            last_used: 0,
-            kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
-            call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
-        }
-    }
-
-    fn write_desc(&self, ram: &GuestRam, index: u16, desc: Desc) {
-        let at = GuestAddress(self.desc_table + 16 * u64::from(index));
-        ram.mem.write_obj(desc.addr, at).unwrap();
-        ram.mem.write_obj(desc.len, GuestAddress(at.0 + 8)).unwrap();
-        ram.mem
-            .write_obj(desc.flags, GuestAddress(at.0 + 12))
-            .unwrap();
-        ram.mem
-            .write_obj(desc.next, GuestAddress(at.0 + 14))
-            .unwrap();
-    }
-
-    /// The same queue of the same guest, for a front-end on another
-    /// connection (migration destination, reconnect): same rings and
-    /// indices, new kick and call eventfds.
-    fn continued(&self) -> DriverQueue {
-        DriverQueue {
-            kick: EventFd::new(EFD_NONBLOCK).expect("kick eventfd"),
-            call: EventFd::new(EFD_NONBLOCK).expect("call eventfd"),
-            ..*self
-        }
-    }
-
-    /// Write `head` into the next avail slot without publishing it.
-    fn place(&mut self, ram: &GuestRam, head: u16) {
-        let slot = u64::from(self.avail_idx % self.size);
-        ram.mem
-            .write_obj(head, GuestAddress(self.avail_ring + 4 + 2 * slot))
-            .unwrap();
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-    }
-
-    /// Make every placed head visible: write avail->idx once.
-    fn publish_avail(&self, ram: &GuestRam) {
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-        ram.mem
-            .write_obj(self.avail_idx, GuestAddress(self.avail_ring + 2))
-            .unwrap();
-        std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    }
-
-    fn publish(&mut self, ram: &GuestRam, head: u16) {
-        self.place(ram, head);
-        self.publish_avail(ram);
-    }
-
-    /// Write `descs` as an indirect table at guest address `table` (NEXT
-    /// linking done here), put one INDIRECT descriptor for it in the ring
-    /// and place it in the avail ring, unpublished. Returns the head.
-    fn place_indirect(&mut self, ram: &GuestRam, table: u64, descs: &[Desc]) -> u16 {
-        for (i, desc) in descs.iter().enumerate() {
-            let mut desc = *desc;
-            if i + 1 < descs.len() {
-                desc.flags |= VRING_DESC_F_NEXT as u16;
-                desc.next = i as u16 + 1;
-            }
-            let at = table + 16 * i as u64;
-            ram.mem.write_obj(desc.addr, GuestAddress(at)).unwrap();
-            ram.mem.write_obj(desc.len, GuestAddress(at + 8)).unwrap();
-            ram.mem
-                .write_obj(desc.flags, GuestAddress(at + 12))
-                .unwrap();
-            ram.mem.write_obj(desc.next, GuestAddress(at + 14)).unwrap();
-        }
-        let head = self.next_free;
-        let table_desc = Desc {
-            addr: table,
-            len: 16 * descs.len() as u32,
-            flags: VRING_DESC_F_INDIRECT as u16,
-            next: 0,
-        };
-        self.write_desc(ram, head, table_desc);
-        self.next_free = (head + 1) % self.size;
-        self.place(ram, head);
-        head
-    }
-
-    /// Put `descs` on the ring as an indirect table at guest address
-    /// `table` and publish it; returns the head.
-    pub fn add_indirect(&mut self, ram: &GuestRam, table: u64, descs: &[Desc]) -> u16 {
-        let head = self.place_indirect(ram, table, descs);
-        self.publish_avail(ram);
-        head
-    }
-
-    /// Put a chain of consecutive descriptors on the ring (NEXT linking is
-    /// done here) and return its head. The caller keeps at most `size`
-    /// descriptors outstanding.
-    pub fn add_chain(&mut self, ram: &GuestRam, descs: &[Desc]) -> u16 {
-        let head = self.next_free;
-        for (i, desc) in descs.iter().enumerate() {
-            let index = (head + i as u16) % self.size;
-            let mut desc = *desc;
-            if i + 1 < descs.len() {
-                desc.flags |= VRING_DESC_F_NEXT as u16;
-                desc.next = (index + 1) % self.size;
-            }
-            self.write_desc(ram, index, desc);
-        }
-        self.next_free = (head + descs.len() as u16) % self.size;
-        self.publish(ram, head);
-        head
-    }
-
-    /// Write `descs` verbatim at descriptor indices `0..` (flags and next
-    /// as given, for hostile chains) and publish `head`.
-    pub fn add_raw(&mut self, ram: &GuestRam, descs: &[Desc], head: u16) {
-        for (i, desc) in descs.iter().enumerate() {
-            self.write_desc(ram, i as u16, *desc);
-        }
-        self.publish(ram, head);
-    }
-
-    /// Notify the device.
-    pub fn kick(&self) {
-        self.kick.write(1).expect("kick");
-    }
-
-    /// Wait until `count` new used entries appear; returns (id, len) for
-    /// each, or None on timeout.
-    pub fn wait_used(
-        &mut self,
-        ram: &GuestRam,
-        count: u16,
-        timeout: Duration,
-    ) -> Option<Vec<(u32, u32)>> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if self.pending_used(ram) >= count {
-                return Some(self.take_entries(ram, count));
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return None;
-            }
-            self.wait_call((deadline - now).min(Duration::from_millis(100)));
-        }
-    }
-
-    /// The used ring's index as the device last wrote it.
-    pub fn used_idx(&self, ram: &GuestRam) -> u16 {
-        ram.mem.read_obj(GuestAddress(self.used_ring + 2)).unwrap()
-    }
-
-    /// Used entries the device published that the driver has not taken.
-    pub fn pending_used(&self, ram: &GuestRam) -> u16 {
-        self.used_idx(ram).wrapping_sub(self.last_used)
-    }
-
-    /// Take every used entry published so far; (id, len) for each.
-    pub fn take_used(&mut self, ram: &GuestRam) -> Vec<(u32, u32)> {
-        let pending = self.pending_used(ram);
-        self.take_entries(ram, pending)
-    }
-
-    /// Take the next `count` used entries (the caller checked they are
-    /// published); (id, len) for each.
-    fn take_entries(&mut self, ram: &GuestRam, count: u16) -> Vec<(u32, u32)> {
-        let mut entries = Vec::with_capacity(usize::from(count));
-        for _ in 0..count {
-            let slot = u64::from(self.last_used % self.size);
-            let at = self.used_ring + 4 + 8 * slot;
-            let id: u32 = ram.mem.read_obj(GuestAddress(at)).unwrap();
-            let len: u32 = ram.mem.read_obj(GuestAddress(at + 4)).unwrap();
-            entries.push((id, len));
-            self.last_used = self.last_used.wrapping_add(1);
-        }
-        entries
-    }
-
-    /// Take used entries until `count` have come or `timeout` passes
-    /// (sleeping on the call eventfd); returns what came, maybe fewer.
-    pub fn collect_used(
-        &mut self,
-        ram: &GuestRam,
-        count: usize,
-        timeout: Duration,
-    ) -> Vec<(u32, u32)> {
-        let deadline = Instant::now() + timeout;
-        let mut entries = Vec::new();
-        loop {
-            entries.extend(self.take_used(ram));
-            let now = Instant::now();
-            if entries.len() >= count || now >= deadline {
-                return entries;
-            }
-            self.wait_call((deadline - now).min(Duration::from_millis(10)));
-        }
-    }
-
-    /// Wait up to `timeout` for the device's interrupt, and consume it.
-    pub fn wait_call(&self, timeout: Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.call.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: one valid pollfd on the stack for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) };
-        let _ = self.call.read();
-    }
-}
-
 /// A connected test front-end with its guest RAM and queues.
 pub struct TestFrontend {
     /// The vhost-user connection.
@@ -465,8 +192,6 @@ pub const RAM_SIZE: u64 = 16 << 20;
 pub const BUFFER_BASE: u64 = 1 << 20;
 /// Buffer slots that fit in guest RAM (64 KiB each, from BUFFER_BASE).
 pub const SLOTS: u64 = (RAM_SIZE - BUFFER_BASE) / 0x1_0000;
-/// Where in a slot [`TestFrontend::submit`] puts the indirect table.
-const INDIRECT_TABLE_OFFSET: u64 = 0x100;
 
 /// How a test front-end connects and starts the device.
 #[derive(Clone, Debug)]
@@ -549,58 +274,6 @@ pub struct Stopped {
     pub reply_times: Vec<Duration>,
 }
 
-/// One virtio-blk read or write for [`TestFrontend::submit`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BlkRequest {
-    /// VIRTIO_BLK_T_IN or VIRTIO_BLK_T_OUT.
-    pub request_type: u32,
-    /// First sector (512 bytes).
-    pub sector: u64,
-    /// Data length in bytes (at most 52 KiB, the slot's data area).
-    pub len: u32,
-    /// Buffer slot (see [`TestFrontend::buffers`]); distinct per request
-    /// in flight.
-    pub slot: u64,
-}
-
-impl BlkRequest {
-    /// A read of `len` bytes at `sector` into slot `slot`.
-    pub fn read(slot: u64, sector: u64, len: u32) -> BlkRequest {
-        BlkRequest {
-            request_type: VIRTIO_BLK_T_IN,
-            sector,
-            len,
-            slot,
-        }
-    }
-
-    /// A write of slot `slot`'s first `len` data bytes to `sector`.
-    pub fn write(slot: u64, sector: u64, len: u32) -> BlkRequest {
-        BlkRequest {
-            request_type: VIRTIO_BLK_T_OUT,
-            sector,
-            len,
-            slot,
-        }
-    }
-
-    /// Whether the device reads guest memory for it (a write).
-    pub fn is_write(&self) -> bool {
-        self.request_type == VIRTIO_BLK_T_OUT
-    }
-}
-
-/// A request on a ring and the head the device will report it with.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Submitted {
-    /// Queue index.
-    pub queue: usize,
-    /// Head descriptor index (the used-ring id).
-    pub head: u16,
-    /// The request.
-    pub request: BlkRequest,
-}
-
 /// Connect to `socket`, retrying for up to 5 s while nobody listens yet
 /// (a restarted back-end replacing its stale socket).
 fn connect_stream(socket: &Path) -> UnixStream {
@@ -674,10 +347,30 @@ impl TestFrontend {
         region: InflightRegion,
         bases: &[u16],
     ) -> TestFrontend {
-        let queues = guest.queues.iter().map(DriverQueue::continued).collect();
-        let mut frontend = Self::negotiate_for(socket, options, guest.ram.clone(), queues);
+        let mut frontend = Self::attach(socket, options, guest);
         frontend.start_device(Inflight::Set(region), bases);
         frontend
+    }
+
+    /// Connect to `socket` and negotiate for the device of `guest` (its
+    /// RAM, its rings where its driver stands) without starting it: a
+    /// migration destination's QEMU from its start-up until the
+    /// switchover, which is [`Self::start_device`] with what the source's
+    /// stop returned (an orchestrator relays presetup in between).
+    pub fn attach(socket: &Path, options: &StartOptions, guest: &TestFrontend) -> TestFrontend {
+        let queues = guest.queues.iter().map(DriverQueue::continued).collect();
+        Self::negotiate_for(socket, options, guest.ram.clone(), queues)
+    }
+
+    /// Take the guest driver's place in every ring from `guest`, its
+    /// front-end on the other side: the guest kept working there after
+    /// [`Self::attach`] copied it, and a migration carries the guest's
+    /// memory, driver state included, up to the stop. Call it at the
+    /// switchover, before [`Self::start_device`].
+    pub fn follow_driver(&mut self, guest: &TestFrontend) {
+        for (queue, theirs) in self.queues.iter_mut().zip(&guest.queues) {
+            queue.take_place(theirs);
+        }
     }
 
     /// This guest's queues for a front-end on another connection: the same
@@ -955,167 +648,6 @@ impl TestFrontend {
             .iter()
             .map(|queue| queue.used_idx(&self.ram))
             .collect()
-    }
-
-    /// Buffer area `slot` (64 KiB each) above the rings: (header, data, status).
-    pub fn buffers(slot: u64) -> (u64, u64, u64) {
-        assert!(slot < SLOTS, "slot {slot} beyond guest RAM");
-        let base = BUFFER_BASE + slot * 0x1_0000;
-        (base, base + 0x1000, base + 0xf000)
-    }
-
-    /// Write `bytes` into slot `slot`'s data buffer.
-    pub fn fill(&self, slot: u64, bytes: &[u8]) {
-        let (_, data, _) = Self::buffers(slot);
-        self.ram.mem.write_slice(bytes, GuestAddress(data)).unwrap();
-    }
-
-    /// The first `len` bytes of slot `slot`'s data buffer.
-    pub fn data(&self, slot: u64, len: usize) -> Vec<u8> {
-        let (_, data, _) = Self::buffers(slot);
-        let mut bytes = vec![0u8; len];
-        self.ram
-            .mem
-            .read_slice(&mut bytes, GuestAddress(data))
-            .unwrap();
-        bytes
-    }
-
-    /// Slot `slot`'s status byte.
-    pub fn status(&self, slot: u64) -> u8 {
-        let (_, _, status) = Self::buffers(slot);
-        self.ram.mem.read_obj(GuestAddress(status)).unwrap()
-    }
-
-    /// Put `requests` on ring `queue` the way a Linux guest does (one
-    /// INDIRECT descriptor each, table in the request's slot), make them
-    /// visible with a single avail->idx update and kick once. Status bytes
-    /// are set to [`STATUS_UNSET`]; write data must already be in the
-    /// slots. Heads are taken round-robin: at most `queue_size` in flight.
-    pub fn submit(&mut self, queue: usize, requests: &[BlkRequest]) -> Vec<Submitted> {
-        let mut submitted = Vec::with_capacity(requests.len());
-        for request in requests {
-            let (header, data, status) = Self::buffers(request.slot);
-            assert!(
-                u64::from(request.len) <= status - data,
-                "{} bytes do not fit a slot",
-                request.len
-            );
-            self.write_header(header, request.request_type, request.sector);
-            self.ram
-                .mem
-                .write_obj(STATUS_UNSET, GuestAddress(status))
-                .unwrap();
-            let data_desc = if request.is_write() {
-                Desc::readable(data, request.len)
-            } else {
-                Desc::writable(data, request.len)
-            };
-            let descs = [
-                Desc::readable(header, 16),
-                data_desc,
-                Desc::writable(status, 1),
-            ];
-            let table = header + INDIRECT_TABLE_OFFSET;
-            let head = self.queues[queue].place_indirect(&self.ram, table, &descs);
-            submitted.push(Submitted {
-                queue,
-                head,
-                request: *request,
-            });
-        }
-        let ring = &self.queues[queue];
-        ring.publish_avail(&self.ram);
-        ring.kick();
-        submitted
-    }
-
-    /// Take used entries of ring `queue` until `count` have come or
-    /// `timeout` passes; returns their ids (heads), maybe fewer.
-    pub fn collect_used(&mut self, queue: usize, count: usize, timeout: Duration) -> Vec<u16> {
-        self.queues[queue]
-            .collect_used(&self.ram, count, timeout)
-            .into_iter()
-            .map(|(id, _)| u16::try_from(id).unwrap_or(u16::MAX))
-            .collect()
-    }
-
-    /// Write a virtio-blk request header at `addr`.
-    pub fn write_header(&self, addr: u64, request_type: u32, sector: u64) {
-        self.ram
-            .mem
-            .write_obj(request_type, GuestAddress(addr))
-            .unwrap();
-        self.ram
-            .mem
-            .write_obj(0u32, GuestAddress(addr + 4))
-            .unwrap();
-        self.ram
-            .mem
-            .write_obj(sector, GuestAddress(addr + 8))
-            .unwrap();
-    }
-    /// Submit one well-formed request on `queue` using buffer `slot` and
-    /// wait for it; returns the status byte. Write data must already be in
-    /// the data buffer.
-    pub fn request(
-        &mut self,
-        queue: usize,
-        slot: u64,
-        request_type: u32,
-        sector: u64,
-        len: u32,
-    ) -> Option<u8> {
-        let (header, data, status) = Self::buffers(slot);
-        self.write_header(header, request_type, sector);
-        self.ram
-            .mem
-            .write_obj(0xffu8, GuestAddress(status))
-            .unwrap();
-        let data_desc = if request_type == VIRTIO_BLK_T_OUT {
-            Desc::readable(data, len)
-        } else {
-            Desc::writable(data, len)
-        };
-        let descs = [
-            Desc::readable(header, 16),
-            data_desc,
-            Desc::writable(status, 1),
-        ];
-        let q = &mut self.queues[queue];
-        q.add_chain(&self.ram, &descs);
-        q.kick();
-        q.wait_used(&self.ram, 1, Duration::from_secs(5))?;
-        Some(self.ram.mem.read_obj(GuestAddress(status)).unwrap())
-    }
-
-    /// Read and write a test pattern at `sector` through `queue`; true if
-    /// both succeed and the data matches.
-    pub fn round_trip(&mut self, queue: usize, slot: u64, sector: u64) -> bool {
-        let (_, data, _) = Self::buffers(slot);
-        let pattern: Vec<u8> = (0..4096u32)
-            .map(|i| (i as u8) ^ (sector as u8) ^ (queue as u8))
-            .collect();
-        self.ram
-            .mem
-            .write_slice(&pattern, GuestAddress(data))
-            .unwrap();
-        if self.request(queue, slot, VIRTIO_BLK_T_OUT, sector, 4096) != Some(VIRTIO_BLK_S_OK) {
-            return false;
-        }
-        self.ram
-            .mem
-            .write_slice(&[0u8; 4096], GuestAddress(data))
-            .unwrap();
-        if self.request(queue, slot, VIRTIO_BLK_T_IN, sector, 4096) != Some(VIRTIO_BLK_S_OK) {
-            return false;
-        }
-        let mut back = vec![0u8; 4096];
-        self.ram
-            .mem
-            .read_slice(&mut back, GuestAddress(data))
-            .unwrap();
-        back == pattern
     }
 }
 

@@ -322,7 +322,7 @@ pub fn net_pairs(summaries: &[Summary]) -> Vec<(&Summary, &Summary)> {
 
 /// The blk summaries paired per (in flight, latency): drain, suspend.
 pub fn blk_pairs(summaries: &[Summary]) -> Vec<(&Summary, &Summary)> {
-    use crate::blk_stop::StopMode;
+    use vhost_agent_frontend::blk_stop::StopMode;
     let mut pairs = Vec::new();
     for drain in summaries {
         let Scenario::Blk(a) = &drain.scenario else {

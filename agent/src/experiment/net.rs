@@ -10,10 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::bench::catch_panic;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-
-use crate::net_rig::{ctl, early_config_with, udp_frame, NetRig, NetRigOptions, HDR};
+use vhost_agent_frontend::bench::catch_panic;
+use vhost_agent_frontend::net_rig::{
+    ctl, early_config_with, udp_frame, NetRig, NetRigOptions, HDR,
+};
 
 /// The parameters of one net scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,29 +1,27 @@
-//! `experiment`: the presetup and downtime experiment runner.
+//! `vhost-agent experiment`: the command line of the presetup and
+//! downtime experiment runner.
 //!
-//! Drives the real `vhost-agent` binary with the test front-end through a
-//! scenario matrix (net: presetup off/on per sim profile, queue pairs and
-//! guest RAM; blk: drain versus suspend per in-flight count and storage
-//! latency), prints one progress line per scenario on stderr, writes
-//! `results.csv`, `results.json` and SVG charts into `--out`, and prints
-//! Markdown summary tables on stdout.
+//! Drives agents spawned from this binary (`vhost-agent serve`) with the
+//! test front-end through a scenario matrix (net: presetup off/on per sim
+//! profile, queue pairs and guest RAM; blk: drain versus suspend per
+//! in-flight count and storage latency), prints one progress line per
+//! scenario on stderr, writes `results.csv`, `results.json` and SVG charts
+//! into `--out`, and prints Markdown summary tables on stdout.
 //!
 //! ```sh
-//! cargo run --release -p vhost-agent-tests --bin experiment -- --help
+//! cargo run --release -p vhost-agent -- experiment --help
 //! ```
 
-use std::path::PathBuf;
-use std::process::ExitCode;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use clap::{Parser, ValueEnum};
-use vhost_agent_tests::bench::{catch_panic, load_average};
-use vhost_agent_tests::blk_stop::MAX_INFLIGHT;
-use vhost_agent_tests::experiment::{
-    chart, net::profile_name, report, run, BlkMatrix, Matrix, NetMatrix,
-};
-use vhost_agent_tests::net_rig::vdpa_191ms_profile;
-use vhost_agent_tests::support::{agent_binary, workspace_root};
+use clap::ValueEnum;
+use vhost_agent_frontend::bench::{catch_panic, load_average};
+use vhost_agent_frontend::blk_stop::MAX_INFLIGHT;
+use vhost_agent_frontend::support::{agent_binary, use_agent_binary};
+
+use super::{chart, net::profile_name, report, run, BlkMatrix, Matrix, NetMatrix};
 
 /// Which half of the matrix to run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -34,28 +32,31 @@ enum Only {
     Blk,
 }
 
-/// Presetup / downtime experiment runner for vhost-agent.
-///
-/// Net: a fresh agent with one `sim` net device per run; the test
-/// front-end (a QEMU stand-in) connects and negotiates, then, with
-/// presetup on, the control API `presetup` gets the early configuration,
-/// then the device is started and one frame per queue pair must come back.
-/// Measured: the agent's start critical path (`query-metrics`), the
-/// front-end's time from the first start message to the last frame back,
-/// and the presetup op counters. The `sim` dataplane charges each heavy op
-/// what its profile says: the figures come from that cost model, not from
-/// hardware.
-///
-/// Blk: one agent per storage latency; N requests on the ring, then
-/// SET_VRING_ENABLE(0) and GET_VRING_BASE timed from send to reply, with
-/// the front-end acking only INFLIGHT_SHMFD (drain) or also
-/// GET_VRING_BASE_INFLIGHT (suspend).
-///
-/// A scenario that does not work is reported as failed, not measured; the
-/// exit status is then 2 (after all files are written).
-#[derive(Parser, Debug)]
-#[command(name = "experiment", verbatim_doc_comment)]
-struct Args {
+/// `--help` of `vhost-agent experiment`.
+pub const ABOUT: &str = "\
+Presetup / downtime experiment runner for vhost-agent.
+
+Net: a fresh agent with one `sim` net device per run; the test
+front-end (a QEMU stand-in) connects and negotiates, then, with
+presetup on, the control API `presetup` gets the early configuration,
+then the device is started and one frame per queue pair must come back.
+Measured: the agent's start critical path (`query-metrics`), the
+front-end's time from the first start message to the last frame back,
+and the presetup op counters. The `sim` dataplane charges each heavy op
+what its profile says: the figures come from that cost model, not from
+hardware.
+
+Blk: one agent per storage latency; N requests on the ring, then
+SET_VRING_ENABLE(0) and GET_VRING_BASE timed from send to reply, with
+the front-end acking only INFLIGHT_SHMFD (drain) or also
+GET_VRING_BASE_INFLIGHT (suspend).
+
+A scenario that does not work is reported as failed, not measured; the
+exit status is then 2 (after all files are written).";
+
+/// Options of `vhost-agent experiment`.
+#[derive(clap::Args, Debug)]
+pub struct ExperimentArgs {
     /// Run only the net or only the blk scenarios.
     #[arg(long, value_enum)]
     only: Option<Only>,
@@ -70,7 +71,7 @@ struct Args {
     reps: Option<usize>,
 
     /// Sim cost profile (JSON) for the net scenarios; repeat for several.
-    /// [default: netdev/profiles/vdpa-191ms.json]
+    /// [default: the built-in vdpa-191ms profile, netdev/profiles/vdpa-191ms.json]
     #[arg(long = "profile", value_name = "FILE")]
     profiles: Vec<PathBuf>,
 
@@ -99,8 +100,8 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_value = "0,50")]
     latency_ms: Vec<u64>,
 
-    /// Directory for results.csv, results.json and the SVG charts.
-    /// [default: target/experiment under the workspace]
+    /// Directory for results.csv, results.json and the SVG charts (and the
+    /// built-in profile, when it is used). [default: target/experiment]
     #[arg(long, value_name = "DIR")]
     out: Option<PathBuf>,
 }
@@ -114,8 +115,8 @@ fn trim<T: Clone>(values: &[T], quick: bool) -> Vec<T> {
     }
 }
 
-impl Args {
-    fn matrix(&self) -> anyhow::Result<Matrix> {
+impl ExperimentArgs {
+    fn matrix(&self, out: &Path) -> anyhow::Result<Matrix> {
         let reps = self.reps.unwrap_or(if self.quick { 1 } else { 5 });
         if reps == 0 {
             bail!("--reps must be at least 1");
@@ -124,7 +125,7 @@ impl Args {
             None
         } else {
             let paths = if self.profiles.is_empty() {
-                vec![vdpa_191ms_profile()]
+                vec![builtin_profile(out)?]
             } else {
                 self.profiles.clone()
             };
@@ -166,15 +167,29 @@ impl Args {
     }
 }
 
-fn experiment(args: &Args) -> anyhow::Result<bool> {
-    let matrix = args.matrix()?;
+/// The built-in `vdpa-191ms` profile, written to `out/profiles` (the
+/// agents read profiles from files; the copy also records what was used).
+fn builtin_profile(out: &Path) -> anyhow::Result<PathBuf> {
+    let dir = out.join("profiles");
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let path = dir.join("vdpa-191ms.json");
+    std::fs::write(&path, netdev::sim::VDPA_191MS_PROFILE)
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(path)
+}
+
+/// Run the experiment: `Ok(false)` when a scenario failed (the files are
+/// written all the same).
+pub fn run_experiment(args: &ExperimentArgs) -> anyhow::Result<bool> {
     let out = args
         .out
         .clone()
-        .unwrap_or_else(|| workspace_root().join("target/experiment"));
+        .unwrap_or_else(|| PathBuf::from("target/experiment"));
     std::fs::create_dir_all(&out).with_context(|| format!("create {}", out.display()))?;
-    // Build (or find) the agent before the first scenario, so the build is
-    // not timed and its failure is reported once.
+    let matrix = args.matrix(&out)?;
+    // The agents are this binary, not a workspace build.
+    let exe = std::env::current_exe().context("cannot find this program's own executable")?;
+    use_agent_binary(exe);
     let agent = catch_panic(agent_binary).map_err(anyhow::Error::msg)?;
 
     let scenarios = matrix.scenarios().len();
@@ -261,16 +276,4 @@ fn experiment(args: &Args) -> anyhow::Result<bool> {
             .join(", ")
     );
     Ok(failed == 0)
-}
-
-fn main() -> ExitCode {
-    let args = Args::parse();
-    match experiment(&args) {
-        Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(2),
-        Err(e) => {
-            eprintln!("experiment: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
 }

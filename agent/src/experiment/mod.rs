@@ -1,7 +1,8 @@
-//! The presetup and downtime experiment (`cargo run --release -p
-//! vhost-agent-tests --bin experiment`): scenario matrices run against the
-//! real agent binary with the test front-end, their results written as CSV
-//! and JSON, drawn as SVG charts and summarised as Markdown tables.
+//! `vhost-agent experiment`, the presetup and downtime experiment:
+//! scenario matrices run against agents spawned from this very binary
+//! with the test front-end (the `vhost-agent-frontend` crate), their
+//! results written as CSV and JSON, drawn as SVG charts and summarised as
+//! Markdown tables.
 //!
 //! - [`net`]: the destination start of a `sim` net device with and without
 //!   `presetup`, per cost profile, queue-pair count and guest RAM size.
@@ -9,18 +10,20 @@
 //!   versus suspending, per in-flight count and storage latency.
 //! - [`report`]: rows, medians, CSV, JSON and the summary tables.
 //! - [`chart`]: the SVG bar charts.
+//! - [`cli`]: the command line (`vhost-agent experiment --help`).
 //!
 //! An experiment judges nothing; it measures and reports. The figures of
 //! the net part come from the `sim` dataplane's cost model, not hardware.
 
 pub mod blk;
 pub mod chart;
+pub mod cli;
 pub mod net;
 pub mod report;
 
 use std::time::Duration;
 
-use crate::blk_stop::StopMode;
+use vhost_agent_frontend::blk_stop::StopMode;
 
 use self::blk::{BlkAgents, BlkMeasurement, BlkScenario};
 use self::net::{NetMeasurement, NetScenario};

@@ -1,12 +1,12 @@
 //! One blk scenario of the experiment: a source stopped with requests in
 //! flight on storage of a given latency, draining or suspending (the
-//! measuring code is [`crate::blk_stop`], shared with the `blk_stop`
+//! measuring code is [`vhost_agent_frontend::blk_stop`], shared with the `blk_stop`
 //! benchmark).
 
 use std::time::Duration;
 
-use crate::bench::catch_panic;
-use crate::blk_stop::{StopAgent, StopMode};
+use vhost_agent_frontend::bench::catch_panic;
+use vhost_agent_frontend::blk_stop::{StopAgent, StopMode};
 
 /// The parameters of one blk scenario.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! Process helpers: build and locate the agent binary, spawn peers, wait for
-//! their sockets, and make sure they die with the test.
+//! their sockets, and make sure they die with the test (or the run of the
+//! demo or the experiment that started them).
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -11,15 +12,24 @@ use std::time::{Duration, Instant};
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
-        .expect("the tests crate lives one level below the workspace root")
+        .expect("the frontend crate lives one level below the workspace root")
         .to_path_buf()
 }
 
-/// Path of the release `vhost-agent` binary, built once per test process.
-///
-/// `VHOST_AGENT_BIN` overrides the path (and skips the build).
+/// The agent binary, once known ([`agent_binary`], [`use_agent_binary`]).
+static BIN: OnceLock<PathBuf> = OnceLock::new();
+
+/// Make [`agent_binary`] return `path` from now on (the first call wins):
+/// `vhost-agent experiment` spawns agents from its own executable, so it
+/// never needs a workspace or cargo.
+pub fn use_agent_binary(path: PathBuf) {
+    let _ = BIN.set(path);
+}
+
+/// Path of the `vhost-agent` binary that rigs spawn: the one given to
+/// [`use_agent_binary`], else `VHOST_AGENT_BIN` (without a build), else
+/// the workspace's release binary, built once per process (tests).
 pub fn agent_binary() -> PathBuf {
-    static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Ok(path) = std::env::var("VHOST_AGENT_BIN") {
             return PathBuf::from(path);
