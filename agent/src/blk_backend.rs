@@ -86,7 +86,7 @@ pub enum BackendError {
         offset: u64,
         /// Cause.
         #[source]
-        source: std::io::Error,
+        source: shm::ShmError,
     },
     /// A config space access out of bounds or to a read-only field.
     #[error("config space access refused: {0}")]
@@ -94,19 +94,8 @@ pub enum BackendError {
     /// The request needs a feature this device does not implement.
     #[error("{0} is not supported by this device")]
     Unsupported(&'static str),
-    /// GET/SET_INFLIGHT_FD described queues this device does not have.
-    #[error("inflight region for {num_queues} queue(s) of {queue_size}; the device has {max_queues} queue(s) of at most {max_size}")]
-    InflightShape {
-        /// Queues described.
-        num_queues: u16,
-        /// Descriptors per queue described.
-        queue_size: u16,
-        /// The device's queues.
-        max_queues: u16,
-        /// The device's largest ring.
-        max_size: u16,
-    },
-    /// The inflight region could not be created or mapped.
+    /// The inflight region does not fit the device, or could not be
+    /// created or mapped.
     #[error(transparent)]
     Inflight(#[from] InflightError),
     /// A request that needs a protocol feature the front-end did not ack.
@@ -416,18 +405,11 @@ impl BlkBackend {
     fn inflight_shape(&self, inflight: &VhostUserInflight) -> Result<(u16, u16), BackendError> {
         let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
         let options = self.config.options();
-        if num_queues == 0
-            || num_queues > options.num_queues
-            || queue_size == 0
-            || queue_size > blkdev::spec::MAX_QUEUE_SIZE
-        {
-            return Err(BackendError::InflightShape {
-                num_queues,
-                queue_size,
-                max_queues: options.num_queues,
-                max_size: options.queue_size,
-            });
-        }
+        let device = blkdev::inflight::DeviceQueues {
+            num_queues: options.num_queues,
+            max_queue_size: options.queue_size,
+        };
+        blkdev::inflight::check_shape(num_queues, queue_size, device)?;
         Ok((num_queues, queue_size))
     }
 

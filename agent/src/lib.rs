@@ -24,6 +24,7 @@ pub mod cli;
 pub mod control;
 pub mod device;
 pub mod dirty_log;
+pub mod guest_mapping;
 pub mod memory;
 pub mod metrics;
 pub mod net_backend;

@@ -31,7 +31,7 @@ pub enum MemoryError {
         #[source]
         source: std::io::Error,
     },
-    /// mmap of a region failed.
+    /// The region's fd or range was refused, or mmap failed.
     #[error("cannot map region at guest address {guest_phys_addr:#x} ({size} bytes)")]
     Map {
         /// Guest physical address of the region.
@@ -40,7 +40,7 @@ pub enum MemoryError {
         size: u64,
         /// Cause.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: shm::ShmError,
     },
     /// Regions overlap, are empty or wrap around.
     #[error("invalid region layout: {0}")]
@@ -337,9 +337,8 @@ fn map_region(region: &VhostUserMemoryRegion, file: File) -> Result<Region, Memo
     }
     let file_identity = identify(&file, guest_phys_addr)?;
     let file_offset = region.mmap_offset;
-    let mmap = region
-        .mmap_region::<LogBitmap>(file)
-        .map_err(|source| MemoryError::Map {
+    let mmap =
+        crate::guest_mapping::map_region(region, file).map_err(|source| MemoryError::Map {
             guest_phys_addr,
             size,
             source,

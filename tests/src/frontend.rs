@@ -82,6 +82,20 @@ fn memfd(name: &str, size: u64, sealing: bool) -> File {
     file
 }
 
+/// A memfd of `size` bytes sealed against shrinking and growing, the way
+/// QEMU's `qemu_memfd_alloc(F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL)`
+/// makes its dirty log and its migrated inflight region: the agent refuses
+/// a log or an inflight region that is not sealed.
+pub fn sealed_memfd(name: &str, size: u64) -> File {
+    let file = memfd(name, size, true);
+    let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
+    // SAFETY: fcntl(F_ADD_SEALS) on a memfd we own, with an integer
+    // argument; no memory is passed.
+    let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
+    assert_eq!(rc, 0, "seal: {}", std::io::Error::last_os_error());
+    file
+}
+
 /// Poll `condition` every millisecond until it holds (true) or `timeout`
 /// passes (false). For state that has no event to wait on, such as the
 /// inflight region.
@@ -124,6 +138,12 @@ impl GuestRam {
     /// Its size in bytes.
     pub fn size(&self) -> u64 {
         self.size
+    }
+
+    /// The memfd behind it (unsealed, like file-backed RAM): a hostile
+    /// front-end can truncate it under the back-end's mapping.
+    pub fn file(&self) -> &File {
+        &self.file
     }
 
     /// Our virtual address of guest physical address `gpa` (what the

@@ -18,7 +18,9 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::VhostUserFrontend;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
-use vhost_agent_tests::frontend::{raw, Desc, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE};
+use vhost_agent_tests::frontend::{
+    raw, sealed_memfd, Desc, StartOptions, TestFrontend, BUFFER_BASE, RAM_SIZE,
+};
 use vhost_agent_tests::net_rig::{
     counter, ctl, early_config, query_metrics, udp_frame, vdpa_191ms_profile, NetRig as Rig, HDR,
     QUEUE_SIZE, WAIT,
@@ -321,9 +323,8 @@ fn device_state_carries_rss_and_mtu_to_another_agent() {
 #[test]
 fn what_the_device_writes_is_dirty_logged() {
     let mut rig = Rig::start(1, "", VhostUserProtocolFeatures::LOG_SHMFD);
-    let log = tempfile::tempfile().unwrap();
     let log_size = RAM_SIZE / PAGE / 8;
-    log.set_len(log_size).unwrap();
+    let log = sealed_memfd("vhost-log", log_size);
     rig.frontend
         .frontend
         .set_log_base(
