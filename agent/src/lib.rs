@@ -31,6 +31,7 @@ pub mod net_backend;
 pub mod net_presetup;
 pub mod net_worker;
 pub mod presetup_inband;
+pub mod ratelimit;
 pub mod registry;
 pub mod requests;
 pub mod server;

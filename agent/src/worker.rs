@@ -31,7 +31,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::guest_mapping::FaultWatch;
 use crate::memory::GuestRam;
+use crate::ratelimit::PeerLog;
 use crate::vring::{drain_eventfd, notify};
 
 const KICK: Token = Token(0);
@@ -179,7 +181,8 @@ impl Worker {
         };
         let blk = BlkQueue::new(disk, engine, setup.size)
             .with_inflight(inflight)
-            .with_bounced_reads(setup.bounce_reads);
+            .with_bounced_reads(setup.bounce_reads)
+            .with_index(index);
         fence.add_waker(&control.wake);
         let thread_control = control.clone();
         let (exit_tx, exit) = mpsc::sync_channel(1);
@@ -334,8 +337,12 @@ fn run(
         queue.next_used()
     );
 
+    let peers = PeerLog::for_device(&device);
+    report_faults(&mut blk, &peers, index);
+    let mut faults = FaultWatch::default();
     let mut events = Events::with_capacity(8);
     let mut broken = false;
+    let mut kick_ignored = false;
     let polling = !setup.poll.is_zero();
     // Guest notifications are on unless we left them off to poll.
     let mut armed = true;
@@ -344,6 +351,11 @@ fn run(
     loop {
         let mem = memory.memory().into_inner();
         let mut notify = false;
+        if !broken && faults.faulted(&mem) {
+            log::error!("{device} queue {index}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); no more requests are taken from this queue until it is reset");
+            control.needs_reset.store(true, Ordering::SeqCst);
+            broken = true;
+        }
         match blk.process_completions(&mut queue, &mem) {
             Ok(needed) => notify |= needed,
             Err(e) => {
@@ -387,6 +399,7 @@ fn run(
                 }
             }
         }
+        report_faults(&mut blk, &peers, index);
         if notify {
             signal(control);
         }
@@ -437,6 +450,12 @@ fn run(
             continue;
         }
         drop(mem);
+        if broken && !kick_ignored {
+            // A broken ring is never looked at again until it is reset: a
+            // guest that keeps kicking it must not keep waking us either.
+            kick_ignored = true;
+            let _ = poll.registry().deregister(&mut SourceFd(&kick.as_raw_fd()));
+        }
 
         let mut completed = false;
         if let Err(e) = poll.poll(&mut events, None) {
@@ -552,6 +571,16 @@ fn suspend(
         started.elapsed()
     );
     exit
+}
+
+/// Log what the guest did wrong since the last look, through the device's
+/// rate limiter (the queue records it rather than logging it).
+fn report_faults(blk: &mut BlkQueue<GuestRam>, peers: &PeerLog, index: u16) {
+    let taken = blk.take_faults();
+    for fault in &taken.faults {
+        peers.warn(format_args!("queue {index}: {fault}"));
+    }
+    peers.count_suppressed(taken.dropped);
 }
 
 /// Spin for up to `window` until there is work or the protocol thread
