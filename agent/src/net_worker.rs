@@ -29,7 +29,9 @@ use virtio_queue::Queue;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::guest_mapping::FaultWatch;
 use crate::memory::GuestRam;
+use crate::ratelimit::PeerLog;
 use crate::vring::{drain_eventfd, notify};
 
 /// Chains taken from one ring before the loop looks at the others.
@@ -216,7 +218,8 @@ impl NetWorker {
             rx_buf: vec![0u8; spec::HDR_LEN_MRG + spec::MAX_FRAME_LEN],
             needs_reset,
             poll,
-            warned: 0,
+            peers: PeerLog::for_device(&name),
+            faults: FaultWatch::default(),
             sim_report,
             precreated: 0,
             mtu: None,
@@ -361,6 +364,9 @@ struct Slot {
     call: Option<Arc<File>>,
     enabled: bool,
     broken: bool,
+    /// Its kick is still watched (a broken ring's is not: a guest that
+    /// keeps kicking it must not keep waking the data path).
+    watched: bool,
 }
 
 impl Slot {
@@ -395,8 +401,10 @@ struct DataPath {
     rx_buf: Vec<u8>,
     needs_reset: Arc<AtomicBool>,
     poll: Duration,
-    /// Log lines about guest errors so far (rate limit).
-    warned: u32,
+    /// Warnings about what the guest did wrong, rate-limited per device.
+    peers: Arc<PeerLog>,
+    /// Contained SIGBUS in guest memory (the front-end shrank it).
+    faults: FaultWatch,
     /// The sim dataplane's accounting, for the control API.
     sim_report: Arc<Mutex<Option<SimReport>>>,
     /// Dataplane queues created early (presetup) that no ring took yet: a
@@ -424,10 +432,7 @@ impl DataPath {
     }
 
     fn warn(&mut self, text: std::fmt::Arguments<'_>) {
-        if self.warned < 20 {
-            self.warned += 1;
-            log::warn!("{}: {text}", self.name);
-        }
+        self.peers.warn(text);
     }
 
     fn run(mut self, mut poller: Poll, wake: &EventFd, commands: &mpsc::Receiver<Command>) {
@@ -460,6 +465,7 @@ impl DataPath {
             if self.arm_kicks() {
                 continue;
             }
+            self.unwatch_broken(&poller);
             if let Err(e) = poller.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -496,7 +502,44 @@ impl DataPath {
             }
         }
         self.finish_step(mem);
+        // After the work: the access that faulted may have been this
+        // step's, and nothing may wake us again.
+        if self.faults.faulted(mem) {
+            self.memory_faulted();
+        }
         moved
+    }
+
+    /// Stop watching the kicks of broken rings: they are not looked at
+    /// again until they are started anew.
+    fn unwatch_broken(&mut self, poller: &Poll) {
+        for slot in self.rings.iter_mut().flatten() {
+            if slot.broken && slot.watched {
+                slot.watched = false;
+                let _ = poller
+                    .registry()
+                    .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+            }
+        }
+    }
+
+    /// The front-end truncated guest memory under our mapping (a SIGBUS
+    /// was contained): every ring stops until the device is reset.
+    fn memory_faulted(&mut self) {
+        let mut stopped = 0;
+        for slot in self.rings.iter_mut().flatten() {
+            if !slot.broken {
+                slot.broken = true;
+                stopped += 1;
+            }
+        }
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if stopped > 0 {
+            log::error!(
+                "{}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); {stopped} ring(s) stopped, the device needs a reset",
+                self.name
+            );
+        }
     }
 
     /// Publish used entries, signal guests, fold counts into the stats.
@@ -967,9 +1010,11 @@ impl DataPath {
             return;
         }
         if let Some(old) = self.rings[index].take() {
-            let _ = poller
-                .registry()
-                .deregister(&mut SourceFd(&old.kick.as_raw_fd()));
+            if old.watched {
+                let _ = poller
+                    .registry()
+                    .deregister(&mut SourceFd(&old.kick.as_raw_fd()));
+            }
         }
         let kick_fd: RawFd = start.kick.as_raw_fd();
         if let Err(e) =
@@ -993,6 +1038,7 @@ impl DataPath {
             call: start.call,
             enabled: start.enabled,
             broken: false,
+            watched: true,
         });
         // The dataplane may hold frames that waited for this ring.
         if index.is_multiple_of(2) {
@@ -1002,9 +1048,11 @@ impl DataPath {
 
     fn stop(&mut self, index: u16, poller: &Poll) -> Option<u16> {
         let slot = self.rings.get_mut(usize::from(index))?.take()?;
-        let _ = poller
-            .registry()
-            .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+        if slot.watched {
+            let _ = poller
+                .registry()
+                .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+        }
         self.dataplane.queue_started(false);
         // Everything taken from the ring was answered within its step and
         // published at the step's end: the index is exact.

@@ -401,6 +401,16 @@ impl<B: ServedBackend> DeviceServer<B> {
                 log::warn!("{}: {name} refused: {cause}", self.name);
                 Ok(())
             }
+            (VhostError::ReqHandlerError(cause), _) => {
+                // The cause chain names the rule the peer broke.
+                let cause = crate::error_chain(
+                    cause
+                        .get_ref()
+                        .map_or(cause as &dyn std::error::Error, |inner| inner),
+                );
+                log::error!("{}: {name} failed: {cause}", self.name);
+                Err(format!("{name} failed: {cause}"))
+            }
             _ => {
                 log::error!("{}: {name} failed: {error}", self.name);
                 Err(format!("{name} failed: {error}"))

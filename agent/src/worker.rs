@@ -351,11 +351,6 @@ fn run(
     loop {
         let mem = memory.memory().into_inner();
         let mut notify = false;
-        if !broken && faults.faulted(&mem) {
-            log::error!("{device} queue {index}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); no more requests are taken from this queue until it is reset");
-            control.needs_reset.store(true, Ordering::SeqCst);
-            broken = true;
-        }
         match blk.process_completions(&mut queue, &mem) {
             Ok(needed) => notify |= needed,
             Err(e) => {
@@ -400,6 +395,13 @@ fn run(
             }
         }
         report_faults(&mut blk, &peers, index);
+        // After the work, before sleeping: the access that faulted may have
+        // been this step's, and nothing may wake us again.
+        if !broken && faults.faulted(&mem) {
+            log::error!("{device} queue {index}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); no more requests are taken from this queue until it is reset");
+            control.needs_reset.store(true, Ordering::SeqCst);
+            broken = true;
+        }
         if notify {
             signal(control);
         }

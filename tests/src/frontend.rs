@@ -366,6 +366,18 @@ impl DriverQueue {
         self.publish(ram, head);
     }
 
+    /// Write the avail ring's index as the driver would, without placing
+    /// any head (a hostile driver's runaway index).
+    pub fn set_avail_idx(&mut self, ram: &GuestRam, idx: u16) {
+        self.avail_idx = idx;
+        self.publish_avail(ram);
+    }
+
+    /// The avail index the driver last published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Notify the device.
     pub fn kick(&self) {
         self.kick.write(1).expect("kick");
@@ -836,6 +848,39 @@ impl TestFrontend {
         self.frontend
             .set_vring_addr(index, &config)
             .expect("SET_VRING_ADDR");
+    }
+
+    /// Start ring `queue` again after a GET_VRING_BASE, as a front-end that
+    /// lies about its size: SET_VRING_NUM `size` (the driver's ring stays as
+    /// it is), SET_VRING_BASE `base`, SET_VRING_ADDR, SET_VRING_KICK and
+    /// SET_VRING_ENABLE(1), then a round trip.
+    pub fn restart_ring_as(&mut self, queue: usize, size: u16, base: u16) {
+        let ring = &self.queues[queue];
+        self.frontend
+            .set_vring_num(queue, size)
+            .expect("SET_VRING_NUM");
+        self.frontend
+            .set_vring_base(queue, base)
+            .expect("SET_VRING_BASE");
+        let config = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: self.ram.user_addr(ring.desc_table),
+            used_ring_addr: self.ram.user_addr(ring.used_ring),
+            avail_ring_addr: self.ram.user_addr(ring.avail_ring),
+            log_addr: None,
+        };
+        self.frontend
+            .set_vring_addr(queue, &config)
+            .expect("SET_VRING_ADDR");
+        self.frontend
+            .set_vring_kick(queue, &ring.kick)
+            .expect("SET_VRING_KICK");
+        self.frontend
+            .set_vring_enable(queue, true)
+            .expect("SET_VRING_ENABLE");
+        self.sync();
     }
 
     /// GET_INFLIGHT_FD for this front-end's queues.
