@@ -129,6 +129,14 @@ impl BlkPresetup {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Per queue of the disk: requests taken from the ring and not yet
+    /// answered (`query-devices`' `in-flight`).
+    pub fn in_flight(&self) -> Vec<u64> {
+        (0..self.own.num_queues)
+            .map(|queue| self.disk.in_flight(queue))
+            .collect()
+    }
+
     /// How engines are made (the queue workers make theirs the same way).
     pub fn recipe(&self) -> EngineRecipe {
         self.recipe

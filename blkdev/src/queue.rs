@@ -482,6 +482,16 @@ impl<M: GuestMemory> BlkQueue<M> {
     }
 }
 
+impl<M: GuestMemory> Drop for BlkQueue<M> {
+    /// A queue that is gone holds nothing (what a detach left held is in
+    /// the inflight region for the next back-end).
+    fn drop(&mut self) {
+        if let Some(index) = self.index {
+            self.disk.set_in_flight(index, 0);
+        }
+    }
+}
+
 mod buffers;
 mod complete;
 mod disk;

@@ -397,14 +397,9 @@ fn stalled_message_drops_the_connection_not_the_device() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let mut buf = [0u8; 16];
-    let started = std::time::Instant::now();
+    // The agent closed it (EOF), rather than our read timing out (an error).
     let n = std::io::Read::read(&mut stream, &mut buf).unwrap_or(usize::MAX);
     assert_eq!(n, 0, "the agent must close a stalled connection");
-    assert!(
-        started.elapsed() < Duration::from_secs(14),
-        "closed only after {:?}",
-        started.elapsed()
-    );
     let mut fe = TestFrontend::connect(&setup.disk_a, 1, QUEUE_SIZE);
     assert!(fe.round_trip(0, 0, 0), "disk A after a stalled front-end");
     assert!(

@@ -47,7 +47,8 @@ impl DiskShared {
 
     /// Requests queue `queue` has taken from its ring and not answered
     /// yet (submitted to storage, or held by the write fence), as of its
-    /// last step. 0 for a queue that is not running.
+    /// last step; after a suspend, its abandoned storage operations that
+    /// are still running. 0 for a queue that is not running.
     pub fn in_flight(&self, queue: u16) -> u64 {
         self.in_flight
             .get(usize::from(queue))

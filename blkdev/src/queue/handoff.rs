@@ -126,11 +126,9 @@ impl<M: GuestMemory> BlkQueue<M> {
             .flatten()
             .filter(|request| request.mutating)
             .count();
-        // What is left is the next back-end's now (in the region), no
-        // longer this queue's.
-        if let Some(index) = self.index {
-            self.disk.set_in_flight(index, 0);
-        }
+        // The held requests are the next back-end's now (in the region);
+        // what is left counted is storage still running for this queue.
+        self.note_in_flight();
         u64::try_from(mutating).unwrap_or(u64::MAX)
     }
 
@@ -152,6 +150,7 @@ impl<M: GuestMemory> BlkQueue<M> {
             }
         }
         self.completions = completions;
+        self.note_in_flight();
         mutating
     }
 }
