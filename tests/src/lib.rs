@@ -10,6 +10,7 @@ pub mod blk_stop;
 pub mod blkio_client;
 pub mod experiment;
 pub mod frontend;
+pub mod handoff;
 pub mod net_agent;
 pub mod net_rig;
 pub mod netns;
