@@ -38,7 +38,7 @@ unsafe impl Sync for LogRegion {}
 impl LogRegion {
     /// Map `size` bytes of `file` from `offset` (SET_LOG_BASE's
     /// mmap_size/mmap_offset). The fd must be a memfd sealed against
-    /// shrinking whose size covers the range ([`shm::check`]): a log that
+    /// shrinking whose size covers the range ([`shm::check()`]): a log that
     /// lies about its size, or that can be truncated later, would raise
     /// SIGBUS at the first logged write.
     pub fn map(file: &File, size: u64, offset: u64) -> Result<LogRegion, shm::ShmError> {

@@ -2,7 +2,7 @@
 //! kill the process through them (issue 18):
 //!
 //! * before mapping, the fd is checked against what the message claims
-//!   ([`shm::check`]: a regular file or memfd, the whole range inside it);
+//!   ([`shm::check()`]: a regular file or memfd, the whole range inside it);
 //! * the mapping is a [`shm::GuestMapping`], whose SIGBUS (the front-end
 //!   shrank an unsealed file after it was mapped) is contained: the
 //!   mapping turns into zero pages and is marked faulted;

@@ -196,7 +196,7 @@ impl InflightRegion {
     /// previous back-end, or the migration source's back-end, filled in).
     ///
     /// The fd must be a memfd sealed against shrinking whose size covers
-    /// `mmap_offset + mmap_size` ([`shm::check`]): every front-end that
+    /// `mmap_offset + mmap_size` ([`shm::check()`]): every front-end that
     /// sends one seals it, and an unsealed or short one would raise SIGBUS
     /// inside this very call (the fresh region's queues are initialised
     /// here). `mmap_size` must hold the layout of `num_queues` queues of

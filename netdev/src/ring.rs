@@ -2,7 +2,7 @@
 //! from TX chains, frames written into RX chains (merged buffers included),
 //! and used entries published in batches.
 //!
-//! `virtio-queue` pops chains and walks descriptors; [`chain`] walks every
+//! `virtio-queue` pops chains and walks descriptors; `ring/chain.rs` walks every
 //! chain whole and refuses what no correct driver builds before any of
 //! its buffers is touched (the blk parser's rules). Used entries are
 //! written here rather than with its
@@ -32,7 +32,7 @@ const AVAIL_F_NO_INTERRUPT: u16 = 1;
 /// (the device needs a reset).
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
-    /// A chain no correct driver builds (see [`chain`]): a loop, more
+    /// A chain no correct driver builds (see `ring/chain.rs`): a loop, more
     /// descriptors than the ring, nested or broken indirect tables, more
     /// than 4 GiB, an RX buffer outside guest memory.
     #[error("broken chain at head {head}: {reason}")]

@@ -1,6 +1,6 @@
 //! Containing a SIGBUS in guest RAM to the device that maps it.
 //!
-//! [`crate::check`] makes sure a region lies inside its file when it is
+//! [`crate::check()`] makes sure a region lies inside its file when it is
 //! mapped. But guest RAM fds need not be sealed (file-backed RAM cannot
 //! be), so the front-end may shrink the file afterwards; the next access to
 //! a page past the new end raises SIGBUS, which by default kills the agent

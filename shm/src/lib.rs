@@ -2,7 +2,7 @@
 //! guest RAM regions of SET_MEM_TABLE / ADD_MEM_REG, the dirty log of
 //! SET_LOG_BASE and the inflight region of SET_INFLIGHT_FD.
 //!
-//! * [`check`]: what an fd must be, and the range a message claims in it,
+//! * [`mod@check`]: what an fd must be, and the range a message claims in it,
 //!   before it is mapped (a typed [`ShmError`] otherwise).
 //! * [`fault`]: guest RAM mappings whose SIGBUS (the front-end shrank the
 //!   file after it was mapped) fails the device instead of the process.
