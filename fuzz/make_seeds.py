@@ -117,6 +117,11 @@ def net_seeds():
     img.avail([0, 1, 3, 4])
     write("net_rx", "merged-buffers", ring_input(3, img, extra=0x0d))
     write("net_rx", "one-chain-each", ring_input(3, img, extra=0x0c))
+    # Issue 18: a writable 16-byte descriptor whose next is itself.
+    img = Image()
+    img.desc(0, 0x2000, 16, WRITE | NEXT, 0)
+    img.avail([0])
+    write("net_rx", "self-loop", ring_input(4, img, extra=0x0c))
 
 
 def inflight_seeds():

@@ -95,3 +95,69 @@ pub fn used_len(mem: &GuestMemoryMmap, size: u16, slot: u16) -> u32 {
     let at = USED + 4 + 8 * u64::from(slot % size) + 4;
     mem.read_obj(GuestAddress(at)).unwrap_or(0)
 }
+
+/// The id field of used entry `slot` of a ring of `size`.
+pub fn used_id(mem: &GuestMemoryMmap, size: u16, slot: u16) -> u32 {
+    let at = USED + 4 + 8 * u64::from(slot % size);
+    mem.read_obj(GuestAddress(at)).unwrap_or(u32::MAX)
+}
+
+/// The heads the driver made available from `next_avail` on (at most a
+/// ring's worth), read from the avail ring.
+pub fn avail_heads(mem: &GuestMemoryMmap, size: u16, next_avail: u16) -> Vec<u16> {
+    let idx: u16 = mem.read_obj(GuestAddress(AVAIL + 2)).unwrap_or(0);
+    let count = idx.wrapping_sub(next_avail).min(size);
+    (0..count)
+        .filter_map(|i| {
+            let slot = u64::from(next_avail.wrapping_add(i) % size);
+            mem.read_obj(GuestAddress(AVAIL + 4 + 2 * slot)).ok()
+        })
+        .collect()
+}
+
+/// The device-writable bytes the chain at `head` offers, found by a walk of
+/// this harness's own (not the device's): None when the chain is one the
+/// device must refuse (a loop, a next or table out of range, a nested
+/// indirect table), so a device that used it is wrong.
+pub fn writable_capacity(mem: &GuestMemoryMmap, size: u16, head: u16) -> Option<u64> {
+    const NEXT: u16 = 1;
+    const WRITE: u16 = 2;
+    const INDIRECT: u16 = 4;
+    let mut table = 0u64;
+    let mut entries = u64::from(size);
+    let mut index = u64::from(head);
+    let mut indirect = false;
+    let mut visited = std::collections::HashSet::new();
+    let mut total = 0u64;
+    loop {
+        if index >= entries {
+            return None;
+        }
+        let at = GuestAddress(table.checked_add(16 * index)?);
+        let addr: u64 = mem.read_obj(at).ok()?;
+        let len: u32 = mem.read_obj(GuestAddress(at.0 + 8)).ok()?;
+        let flags: u16 = mem.read_obj(GuestAddress(at.0 + 12)).ok()?;
+        let next: u16 = mem.read_obj(GuestAddress(at.0 + 14)).ok()?;
+        if flags & INDIRECT != 0 {
+            if indirect || len % 16 != 0 || len == 0 {
+                return None;
+            }
+            table = addr;
+            entries = u64::from(len / 16);
+            index = 0;
+            indirect = true;
+            visited.clear();
+            continue;
+        }
+        if !visited.insert(index) {
+            return None;
+        }
+        if flags & WRITE != 0 {
+            total += u64::from(len);
+        }
+        if flags & NEXT == 0 {
+            return Some(total);
+        }
+        index = u64::from(next);
+    }
+}
