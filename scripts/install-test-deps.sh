@@ -41,6 +41,13 @@ if [[ $(id -u) -ne 0 ]]; then
     exit 1
 fi
 
+# cargo-fuzz for scripts/fuzz.sh (fuzz/README.md), from crates.io with its
+# locked dependencies; independent of the apt packages below.
+if ! cargo fuzz --version >/dev/null 2>&1; then
+    log "installing cargo-fuzz"
+    cargo install cargo-fuzz --locked
+fi
+
 export DEBIAN_FRONTEND=noninteractive
 
 backports_wanted() {

@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it.
 #
 # As root it first installs what the tests need (QEMU 10 and
-# qemu-storage-daemon from bookworm-backports, the guest build tools);
+# qemu-storage-daemon from bookworm-backports, the guest build tools,
+# cargo-fuzz);
 # the guest kernel and initramfs are built on first use and cached in
 # target/guest. Everything runs in the release profile so the agent binary
 # the integration tests spawn is the one the unit tests were built with.
@@ -24,3 +25,7 @@ if cargo nextest --version >/dev/null 2>&1; then
 else
     cargo test --workspace --release --no-fail-fast "$@"
 fi
+
+# Every fuzz target for a short, bounded time (fuzz/README.md); a crash
+# fails the run.
+scripts/fuzz.sh --ci

@@ -23,6 +23,7 @@
 //! * [`migrate`]: `vhost-agent migrate`, the orchestrator of one live
 //!   migration with stock QEMU (QMP client, presetup relay, write fence
 //!   release, one merged timeline).
+//! * [`ratelimit`]: how a worker logs what a peer keeps doing wrong.
 //! * [`wake_channel`]: how the protocol thread commands a datapath thread.
 
 pub(crate) mod blk;
@@ -31,6 +32,7 @@ pub mod daemon;
 pub(crate) mod metrics;
 pub mod migrate;
 pub(crate) mod net;
+pub(crate) mod ratelimit;
 pub mod vhost_user;
 pub(crate) mod wake_channel;
 

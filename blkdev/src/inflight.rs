@@ -52,9 +52,67 @@ pub fn queue_stride(queue_size: u16) -> u64 {
     bytes.div_ceil(QUEUE_ALIGN) * QUEUE_ALIGN
 }
 
+/// The queues of the device an inflight description must fit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DeviceQueues {
+    /// Queues the device has.
+    pub num_queues: u16,
+    /// Its largest ring (what SET_VRING_NUM accepts).
+    pub max_queue_size: u16,
+}
+
+/// GET/SET_INFLIGHT_FD's `num_queues` and `queue_size` against the device:
+/// between 1 and the device's queues, and a power of two no larger than
+/// the device's largest ring (the sizes SET_VRING_NUM accepts; the region
+/// tracks one descriptor state per ring entry).
+pub fn check_shape(
+    num_queues: u16,
+    queue_size: u16,
+    device: DeviceQueues,
+) -> Result<(), InflightError> {
+    let rule = if num_queues == 0 {
+        Some("no queues")
+    } else if num_queues > device.num_queues {
+        Some("more queues than the device has")
+    } else if queue_size == 0 {
+        Some("zero-sized queues")
+    } else if !queue_size.is_power_of_two() {
+        Some("a queue size that is not a power of two")
+    } else if queue_size > device.max_queue_size {
+        Some("queues larger than the device's largest ring")
+    } else {
+        None
+    };
+    match rule {
+        Some(rule) => Err(InflightError::Shape {
+            num_queues,
+            queue_size,
+            device,
+            rule,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Why a region could not be created, mapped or used.
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
+    /// The description does not fit the device ([`check_shape`]).
+    #[error("inflight region for {num_queues} queue(s) of {queue_size}: {rule} (the device has {} queue(s) of at most {})", device.num_queues, device.max_queue_size)]
+    Shape {
+        /// Queues described.
+        num_queues: u16,
+        /// Descriptors per queue described.
+        queue_size: u16,
+        /// What the device has.
+        device: DeviceQueues,
+        /// The rule the description breaks.
+        rule: &'static str,
+    },
+    /// The fd, or the range the message claims in it, is refused (not
+    /// memory, past the end of the file, not sealed against shrinking).
+    #[error("inflight region fd refused")]
+    Fd(#[from] shm::ShmError),
     /// The description asks for no queues or zero-sized queues.
     #[error("inflight region for {num_queues} queue(s) of {queue_size} descriptors is empty")]
     Empty {
@@ -136,6 +194,13 @@ impl InflightRegion {
 
     /// SET_INFLIGHT_FD: map a region the front-end gives us (possibly one a
     /// previous back-end, or the migration source's back-end, filled in).
+    ///
+    /// The fd must be a memfd sealed against shrinking whose size covers
+    /// `mmap_offset + mmap_size` ([`shm::check()`]): every front-end that
+    /// sends one seals it, and an unsealed or short one would raise SIGBUS
+    /// inside this very call (the fresh region's queues are initialised
+    /// here). `mmap_size` must hold the layout of `num_queues` queues of
+    /// `queue_size`.
     pub fn map(
         file: &File,
         mmap_size: u64,
@@ -144,6 +209,7 @@ impl InflightRegion {
         queue_size: u16,
     ) -> Result<InflightRegion, InflightError> {
         let needed = Self::needed(num_queues, queue_size)?;
+        shm::check(file, shm::Purpose::Inflight, mmap_offset, mmap_size)?;
         if mmap_size < needed {
             return Err(InflightError::TooSmall {
                 mmap_size,
@@ -153,8 +219,16 @@ impl InflightRegion {
             });
         }
         let file = file.try_clone().map_err(InflightError::Create)?;
-        // The layout only needs `needed` bytes; map just those.
-        let mapping = MmapRegion::from_file(FileOffset::new(file, mmap_offset), needed as usize)
+        // The layout only needs `needed` bytes; map just those. They lie
+        // in the file (checked above), which cannot shrink (sealed).
+        let len = usize::try_from(needed).map_err(|_| {
+            InflightError::Fd(shm::ShmError::TooLarge {
+                purpose: shm::Purpose::Inflight,
+                offset: mmap_offset,
+                size: needed,
+            })
+        })?;
+        let mapping = MmapRegion::from_file(FileOffset::new(file, mmap_offset), len)
             .map_err(InflightError::Map)?;
         let region = InflightRegion {
             mapping: Arc::new(mapping),
@@ -164,9 +238,10 @@ impl InflightRegion {
         for index in 0..num_queues {
             // A region written by another back-end keeps its desc_num; a
             // fresh one learns it now (libvhost-user does the same).
-            let queue = region.queue(index).expect("index < num_queues");
-            if queue.version() == 0 {
-                queue.store_u16(OFF_DESC_NUM, queue_size);
+            if let Some(queue) = region.queue(index) {
+                if queue.version() == 0 {
+                    queue.store_u16(OFF_DESC_NUM, queue_size);
+                }
             }
         }
         Ok(region)
@@ -179,6 +254,7 @@ impl InflightRegion {
                 queue_size,
             });
         }
+        // At most 2^16 queues of 2^16 strides of 1 MiB: fits a u64.
         Ok(queue_stride(queue_size) * u64::from(num_queues))
     }
 
@@ -199,10 +275,17 @@ impl InflightRegion {
 
     /// The part of the region that tracks queue `index`.
     pub fn queue(&self, index: u16) -> Option<InflightQueue> {
-        (index < self.num_queues).then(|| InflightQueue {
+        if index >= self.num_queues {
+            return None;
+        }
+        // Both lie within the mapping (map() mapped num_queues strides), so
+        // they fit a usize.
+        let stride = usize::try_from(queue_stride(self.queue_size)).ok()?;
+        let offset = stride.checked_mul(usize::from(index))?;
+        Some(InflightQueue {
             mapping: self.mapping.clone(),
-            offset: (queue_stride(self.queue_size) * u64::from(index)) as usize,
-            len: queue_stride(self.queue_size) as usize,
+            offset,
+            len: stride,
             queue_size: self.queue_size,
             counter: 0,
         })
@@ -242,23 +325,39 @@ impl InflightQueue {
         self.mapping
             .as_volatile_slice()
             .subslice(self.offset, self.len)
-            .expect("queue part lies within the mapping")
+            .expect("queue part lies within the mapping: map() mapped every queue's stride")
     }
 
     fn store_u16(&self, at: usize, value: u16) {
         self.slice()
             .store(value, at, Ordering::Release)
-            .expect("offset within the queue part");
+            .expect("header field within the queue part (a stride is at least 64 bytes)");
     }
 
     fn load_u16(&self, at: usize) -> u16 {
         self.slice()
             .load(at, Ordering::Acquire)
-            .expect("offset within the queue part")
+            .expect("header field within the queue part (a stride is at least 64 bytes)")
     }
 
-    fn desc(head: u16) -> usize {
-        (HEADER_SIZE + DESC_STATE_SIZE * u64::from(head)) as usize
+    /// Offset of `head`'s state in the queue part, if the part has one.
+    fn desc(&self, head: u16) -> Option<usize> {
+        (head < self.queue_size)
+            .then(|| usize::try_from(HEADER_SIZE + DESC_STATE_SIZE * u64::from(head)).ok())
+            .flatten()
+    }
+
+    /// Store `value` into field `field` of `head`'s state; heads beyond the
+    /// part are ignored (the queue's own checks keep them out).
+    fn store_desc<T: vm_memory::AtomicAccess>(&self, head: u16, field: usize, value: T) {
+        if let Some(at) = self.desc(head) {
+            let _ = self.slice().store(value, at + field, Ordering::Release);
+        }
+    }
+
+    fn load_desc<T: vm_memory::AtomicAccess>(&self, head: u16, field: usize) -> Option<T> {
+        let at = self.desc(head)?;
+        self.slice().load(at + field, Ordering::Acquire).ok()
     }
 
     /// Region format version (0: never used).
@@ -278,12 +377,8 @@ impl InflightQueue {
 
     /// Whether `head` is marked in flight.
     pub fn is_inflight(&self, head: u16) -> bool {
-        head < self.queue_size
-            && self
-                .slice()
-                .load::<u8>(Self::desc(head) + DESC_OFF_INFLIGHT, Ordering::Acquire)
-                .expect("descriptor within the queue part")
-                != 0
+        self.load_desc::<u8>(head, DESC_OFF_INFLIGHT)
+            .is_some_and(|inflight| inflight != 0)
     }
 
     /// Start using the region for a ring of `ring_size` whose used index
@@ -330,7 +425,6 @@ impl InflightQueue {
             self.store_u16(OFF_USED_IDX, used_idx);
             recovery.fixed_last_batch = true;
         }
-        let slice = self.slice();
         let mut pending: Vec<(u64, u16)> = Vec::new();
         for head in 0..desc_num {
             if !self.is_inflight(head) {
@@ -341,47 +435,42 @@ impl InflightQueue {
                     "head {head} in flight on a ring of {ring_size}"
                 )));
             }
-            let counter: u64 = slice
-                .load(Self::desc(head) + DESC_OFF_COUNTER, Ordering::Acquire)
-                .expect("descriptor within the queue part");
+            let counter = self
+                .load_desc::<u64>(head, DESC_OFF_COUNTER)
+                .ok_or_else(|| InflightError::Corrupt(format!("head {head} unreadable")))?;
             pending.push((counter, head));
         }
         pending.sort_unstable();
-        self.counter = pending.last().map_or(0, |&(counter, _)| counter + 1);
+        self.counter = match pending.last() {
+            None => 0,
+            Some(&(counter, _)) => counter.checked_add(1).ok_or_else(|| {
+                InflightError::Corrupt("a fetch counter is at its maximum".to_string())
+            })?,
+        };
         recovery.heads = pending.into_iter().map(|(_, head)| head).collect();
         Ok(recovery)
     }
 
     fn set_inflight(&self, head: u16, inflight: bool) {
-        self.slice()
-            .store(
-                u8::from(inflight),
-                Self::desc(head) + DESC_OFF_INFLIGHT,
-                Ordering::Release,
-            )
-            .expect("descriptor within the queue part");
+        self.store_desc(head, DESC_OFF_INFLIGHT, u8::from(inflight));
     }
 
     /// A head was taken from the avail ring: record it, newest counter.
+    /// (Heads beyond the region are never passed: the ring is no larger
+    /// than the region, [`Self::begin`] checked that.)
     pub fn fetched(&mut self, head: u16) {
-        let at = Self::desc(head);
-        self.slice()
-            .store(self.counter, at + DESC_OFF_COUNTER, Ordering::Release)
-            .expect("descriptor within the queue part");
-        self.counter += 1;
+        self.store_desc(head, DESC_OFF_COUNTER, self.counter);
+        self.counter = self.counter.wrapping_add(1);
         self.set_inflight(head, true);
     }
 
     /// About to publish `head`'s used entry: it becomes the last batch.
     pub fn before_publish(&mut self, head: u16) {
+        if self.desc(head).is_none() {
+            return;
+        }
         let previous = self.load_u16(OFF_LAST_BATCH_HEAD);
-        self.slice()
-            .store(
-                previous,
-                Self::desc(head) + DESC_OFF_NEXT,
-                Ordering::Release,
-            )
-            .expect("descriptor within the queue part");
+        self.store_desc(head, DESC_OFF_NEXT, previous);
         self.store_u16(OFF_LAST_BATCH_HEAD, head);
     }
 
@@ -401,155 +490,4 @@ impl InflightQueue {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stride_matches_libvhost_user_and_dpdk() {
-        for qs in 1..=32768u32 {
-            let ours = queue_stride(qs as u16);
-            let libvhost_user = (16 * u64::from(qs) + 2).div_ceil(64) * 64;
-            let dpdk = (16 * u64::from(qs) + 16).div_ceil(64) * 64;
-            assert_eq!(ours, libvhost_user, "qs {qs}");
-            assert_eq!(ours, dpdk, "qs {qs}");
-        }
-        assert_eq!(queue_stride(128), 2112);
-    }
-
-    #[test]
-    fn created_region_is_sealed_and_zeroed() {
-        let (region, file) = InflightRegion::create(2, 128).unwrap();
-        assert_eq!(region.mmap_size(), 2 * 2112);
-        assert_eq!(file.metadata().unwrap().len(), 2 * 2112);
-        assert!(file.set_len(1).is_err(), "shrinking must be sealed");
-        assert!(file.set_len(10 << 20).is_err(), "growing must be sealed");
-        let queue = region.queue(1).unwrap();
-        assert_eq!(queue.version(), 0);
-        assert_eq!(queue.desc_num(), 128);
-        assert!(region.queue(2).is_none());
-    }
-
-    #[test]
-    fn too_small_or_empty_regions_are_refused() {
-        let (_, file) = InflightRegion::create(1, 128).unwrap();
-        assert!(matches!(
-            InflightRegion::map(&file, 2112, 0, 2, 128),
-            Err(InflightError::TooSmall { needed: 4224, .. })
-        ));
-        assert!(matches!(
-            InflightRegion::map(&file, 2112, 0, 0, 128),
-            Err(InflightError::Empty { .. })
-        ));
-    }
-
-    /// Raw bytes at the offsets the spec gives, as another back-end sees them.
-    fn raw(file: &File, at: u64, len: usize) -> Vec<u8> {
-        use std::os::unix::fs::FileExt;
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, at).unwrap();
-        buf
-    }
-
-    #[test]
-    fn bookkeeping_follows_the_spec_layout() {
-        let (region, file) = InflightRegion::create(2, 8).unwrap();
-        let stride = queue_stride(8);
-        let mut queue = region.queue(1).unwrap();
-        assert!(queue.begin(8, 5).unwrap().fresh);
-        queue.fetched(3);
-        queue.fetched(6);
-        let header = raw(&file, stride, 16);
-        assert_eq!(u16::from_le_bytes([header[8], header[9]]), 1, "version");
-        assert_eq!(u16::from_le_bytes([header[10], header[11]]), 8, "desc_num");
-        assert_eq!(u16::from_le_bytes([header[14], header[15]]), 5, "used_idx");
-        let desc6 = raw(&file, stride + 16 + 16 * 6, 16);
-        assert_eq!(desc6[0], 1, "inflight");
-        assert_eq!(u64::from_le_bytes(desc6[8..16].try_into().unwrap()), 1);
-        queue.before_publish(3);
-        queue.after_publish(3, 6);
-        let header = raw(&file, stride, 16);
-        assert_eq!(
-            u16::from_le_bytes([header[12], header[13]]),
-            3,
-            "last batch"
-        );
-        assert_eq!(u16::from_le_bytes([header[14], header[15]]), 6, "used_idx");
-        assert_eq!(raw(&file, stride + 16 + 16 * 3, 1)[0], 0);
-        // Queue 0 is untouched.
-        assert!(raw(&file, 0, stride as usize)
-            .iter()
-            .skip(16)
-            .all(|&b| b == 0));
-    }
-
-    #[test]
-    fn recovery_resubmits_in_fetch_order() {
-        let (region, file) = InflightRegion::create(1, 16).unwrap();
-        let mut queue = region.queue(0).unwrap();
-        queue.begin(16, 0).unwrap();
-        for head in [9, 2, 14, 5] {
-            queue.fetched(head);
-        }
-        queue.before_publish(2);
-        queue.after_publish(2, 1);
-        // A new back-end maps the same memfd.
-        let again = InflightRegion::map(&file, region.mmap_size(), 0, 1, 16).unwrap();
-        let mut queue = again.queue(0).unwrap();
-        let recovery = queue.begin(16, 1).unwrap();
-        assert_eq!(recovery.heads, vec![9, 14, 5]);
-        assert!(!recovery.fresh && !recovery.fixed_last_batch);
-        // New fetches continue after the highest counter.
-        queue.fetched(7);
-        let desc7 = raw(&file, 16 + 16 * 7, 16);
-        assert_eq!(u64::from_le_bytes(desc7[8..16].try_into().unwrap()), 4);
-    }
-
-    #[test]
-    fn published_but_uncleared_last_batch_is_not_resubmitted() {
-        let (region, _file) = InflightRegion::create(1, 16).unwrap();
-        let mut queue = region.queue(0).unwrap();
-        queue.begin(16, 0).unwrap();
-        queue.fetched(4);
-        queue.fetched(11);
-        // Died after the used index went to 1 but before clearing head 11.
-        queue.before_publish(11);
-        let recovery = queue.begin(16, 1).unwrap();
-        assert!(recovery.fixed_last_batch);
-        assert_eq!(recovery.heads, vec![4]);
-        assert_eq!(queue.used_idx(), 1);
-    }
-
-    #[test]
-    fn unpublished_last_batch_is_resubmitted() {
-        let (region, _file) = InflightRegion::create(1, 16).unwrap();
-        let mut queue = region.queue(0).unwrap();
-        queue.begin(16, 0).unwrap();
-        queue.fetched(4);
-        // Died before the used index moved: head 4 was never answered.
-        queue.before_publish(4);
-        let recovery = queue.begin(16, 0).unwrap();
-        assert!(!recovery.fixed_last_batch);
-        assert_eq!(recovery.heads, vec![4]);
-    }
-
-    #[test]
-    fn corrupt_regions_are_refused() {
-        let (region, file) = InflightRegion::create(1, 16).unwrap();
-        let mut queue = region.queue(0).unwrap();
-        assert!(matches!(
-            queue.begin(32, 0),
-            Err(InflightError::RingTooLarge { .. })
-        ));
-        queue.begin(8, 0).unwrap();
-        queue.fetched(12); // beyond a ring of 8
-        assert!(matches!(queue.begin(8, 0), Err(InflightError::Corrupt(_))));
-        use std::os::unix::fs::FileExt;
-        file.write_all_at(&0u8.to_le_bytes(), 16 + 16 * 12).unwrap();
-        file.write_all_at(&9999u16.to_le_bytes(), 10).unwrap();
-        assert!(matches!(queue.begin(16, 0), Err(InflightError::Corrupt(_))));
-        file.write_all_at(&16u16.to_le_bytes(), 10).unwrap();
-        queue.begin(16, 0).unwrap();
-        file.write_all_at(&7u16.to_le_bytes(), 8).unwrap();
-        assert!(matches!(queue.begin(16, 0), Err(InflightError::Corrupt(_))));
-    }
-}
+mod tests;

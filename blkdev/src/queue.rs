@@ -6,18 +6,18 @@
 //! [`BlkQueue::process_avail`] on a kick and [`BlkQueue::process_completions`]
 //! when the engine's completion eventfd fires.
 
-use std::fs::File;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::num::Wrapping;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use virtio_queue::{Queue, QueueT};
-use vm_memory::bitmap::Bitmap;
-use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use vm_memory::{GuestAddress, GuestMemory, Permissions};
 
 use crate::engine::{Completion, IoEngine, IoOp};
 use crate::inflight::{InflightError, InflightQueue};
-use crate::request::{parse_chain, parse_head, ParseError, Request, RequestKind, Segment};
+use crate::request::{parse_chain, ParseError, Request, RequestKind, Segment};
 use crate::spec::*;
+use buffers::{iovecs, write_segments, BounceBuffer};
 
 /// A queue-level failure: the caller stops serving this queue (the device
 /// needs a reset) but keeps serving every other queue and disk.
@@ -26,6 +26,21 @@ pub enum QueueError {
     /// The guest put an unanswerable chain on the ring.
     #[error("queue needs reset: {0}")]
     NeedsReset(ParseError),
+    /// The driver's avail index is more than a ring ahead of the device
+    /// (or behind it): the driver never makes more than the queue size
+    /// available (virtio 1.2, 2.7.13.3), so the ring is broken. Raised
+    /// once; the caller stops taking requests until the ring is reset.
+    #[error("the avail index {avail} is {ahead} entries ahead of the device's {next_avail} on a ring of {size}")]
+    AvailIndex {
+        /// avail->idx as the driver wrote it.
+        avail: u16,
+        /// The next avail index the device would process.
+        next_avail: u16,
+        /// avail - next_avail (mod 2^16).
+        ahead: u16,
+        /// Ring size.
+        size: u16,
+    },
     /// The ring itself could not be accessed (bad addresses, bad index).
     #[error("virtqueue access failed")]
     Ring(#[from] virtio_queue::Error),
@@ -41,39 +56,6 @@ pub enum QueueError {
         #[source]
         source: vm_memory::GuestMemoryError,
     },
-}
-
-/// Disk state shared by all queues of one disk.
-#[derive(Debug)]
-pub struct DiskShared {
-    /// The image.
-    pub file: Arc<File>,
-    /// Capacity in 512-byte sectors.
-    pub capacity_sectors: u64,
-    /// Writes are refused.
-    pub readonly: bool,
-    /// GET_ID answer (zero-padded or truncated to 20 bytes).
-    pub serial: [u8; VIRTIO_BLK_ID_BYTES as usize],
-    /// Writeback cache enabled (config `writeback`); when false, writes
-    /// complete only once durable.
-    pub writeback: AtomicBool,
-}
-
-impl DiskShared {
-    /// Shared state for a disk of `capacity_sectors` backed by `file`.
-    pub fn new(file: Arc<File>, capacity_sectors: u64, readonly: bool, serial: &str) -> DiskShared {
-        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-        let bytes = serial.as_bytes();
-        let len = bytes.len().min(id.len());
-        id[..len].copy_from_slice(&bytes[..len]);
-        DiskShared {
-            file,
-            capacity_sectors,
-            readonly,
-            serial: id,
-            writeback: AtomicBool::new(true),
-        }
-    }
 }
 
 /// Counters a queue keeps for logs and metrics.
@@ -104,69 +86,6 @@ struct InFlight<M> {
     bounce: Option<BounceBuffer>,
 }
 
-/// Largest read that goes through a bounce buffer; larger reads fail with
-/// IOERR while bouncing (Linux guests never issue reads this large).
-pub const MAX_BOUNCE_BYTES: u64 = 32 << 20;
-
-/// A private, page-aligned buffer (O_DIRECT needs the alignment) that a
-/// read lands in before it is copied into guest memory.
-struct BounceBuffer {
-    ptr: std::ptr::NonNull<u8>,
-    layout: std::alloc::Layout,
-}
-
-impl BounceBuffer {
-    /// None when `len` is 0, too large, or the allocation fails: the caller
-    /// fails the request instead of the process.
-    fn new(len: u64) -> Option<BounceBuffer> {
-        if len == 0 || len > MAX_BOUNCE_BYTES {
-            return None;
-        }
-        let layout = std::alloc::Layout::from_size_align(len as usize, 4096).ok()?;
-        // SAFETY: the layout has a non-zero size (checked above).
-        let ptr = std::ptr::NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
-        Some(BounceBuffer { ptr, layout })
-    }
-
-    fn iovec(&self) -> libc::iovec {
-        libc::iovec {
-            iov_base: self.ptr.as_ptr().cast(),
-            iov_len: self.layout.size(),
-        }
-    }
-
-    fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr is a live allocation of layout.size() initialised
-        // (zeroed) bytes; the engine is done with it once the completion is
-        // reaped, which is the only time this is called.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.layout.size()) }
-    }
-}
-
-impl Drop for BounceBuffer {
-    fn drop(&mut self) {
-        // SAFETY: allocated in new() with this layout and freed only here.
-        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
-    }
-}
-
-// SAFETY: the buffer is plain owned memory; moving it to another thread
-// moves that ownership (a Box<[u8]> would be Send too).
-unsafe impl Send for BounceBuffer {}
-
-/// What [`BlkQueue::resume`] found in the inflight region.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct ResumeReport {
-    /// Requests taken from the region (all of them were in flight when the
-    /// previous back-end stopped).
-    pub resubmitted: usize,
-    /// Of those, writes held behind the write fence.
-    pub held: usize,
-    /// Next avail index derived from the region, when it differs from the
-    /// one the front-end set.
-    pub corrected_avail: Option<(u16, u16)>,
-}
-
 /// The processor of one virtqueue. `M` is the guest memory type.
 pub struct BlkQueue<M: GuestMemory> {
     disk: Arc<DiskShared>,
@@ -185,6 +104,26 @@ pub struct BlkQueue<M: GuestMemory> {
     held: Vec<Request>,
     /// Reads go through private buffers (see [`Self::with_bounced_reads`]).
     bounce_reads: bool,
+    /// Guest errors not yet taken by the caller.
+    faults: Faults,
+    /// This queue's entry in its disk's in-flight counts.
+    gauge: Option<InFlightGauge>,
+}
+
+/// A queue's entry in [`DiskShared::in_flight`]: a queue that is gone
+/// holds nothing (what a detach left held is in the inflight region for
+/// the next back-end), so the entry reads 0 once the gauge drops. Kept
+/// apart from [`BlkQueue`] so the queue can still give its engine back by
+/// value ([`BlkQueue::into_engine`]).
+struct InFlightGauge {
+    disk: Arc<DiskShared>,
+    index: u16,
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        self.disk.set_in_flight(self.index, 0);
+    }
 }
 
 impl<M: GuestMemory> BlkQueue<M> {
@@ -201,6 +140,35 @@ impl<M: GuestMemory> BlkQueue<M> {
             inflight: None,
             held: Vec::new(),
             bounce_reads: false,
+            faults: Faults::default(),
+            gauge: None,
+        }
+    }
+
+    /// This is queue `index` of its disk: keep [`DiskShared::in_flight`]
+    /// for it.
+    pub fn with_index(mut self, index: u16) -> Self {
+        self.gauge = Some(InFlightGauge {
+            disk: self.disk.clone(),
+            index,
+        });
+        self
+    }
+
+    /// The guest errors recorded since the last call (malformed requests
+    /// failed with IOERR), for the caller to log through its rate limiter:
+    /// the queue itself logs none of them.
+    pub fn take_faults(&mut self) -> TakenFaults {
+        self.faults.take()
+    }
+
+    /// Publish how many requests this queue holds (taken from the ring,
+    /// not answered) to its disk.
+    fn note_in_flight(&self) {
+        if let Some(gauge) = &self.gauge {
+            let held = self.in_flight.saturating_add(self.held.len());
+            self.disk
+                .set_in_flight(gauge.index, u64::try_from(held).unwrap_or(u64::MAX));
         }
     }
 
@@ -221,116 +189,6 @@ impl<M: GuestMemory> BlkQueue<M> {
     pub fn with_inflight(mut self, inflight: Option<InflightQueue>) -> Self {
         self.inflight = inflight;
         self
-    }
-
-    /// Before serving the avail ring: if the inflight region lists
-    /// requests an earlier back-end took and never answered, resubmit them,
-    /// oldest first, and move the ring's next avail index past them. With
-    /// `hold_writes`, resubmitted requests that modify the image wait for
-    /// [`Self::release_held`] (the write fence); reads go at once.
-    pub fn resume(
-        &mut self,
-        queue: &mut Queue,
-        mem: &Arc<M>,
-        hold_writes: impl FnOnce() -> bool,
-    ) -> Result<ResumeReport, QueueError> {
-        let mut report = ResumeReport::default();
-        let Some(inflight) = self.inflight.as_mut() else {
-            return Ok(report);
-        };
-        let used = queue.next_used();
-        let recovery = inflight.begin(queue.size(), used)?;
-        if recovery.fixed_last_batch {
-            log::info!("inflight region: last batch was already published; not resubmitting it");
-        }
-        let heads = recovery.heads;
-        // Requests fetched = used entries published + requests in flight.
-        let derived = used.wrapping_add(heads.len() as u16);
-        if derived != queue.next_avail() {
-            report.corrected_avail = Some((queue.next_avail(), derived));
-            queue.set_next_avail(derived);
-        }
-        let desc_table = GuestAddress(queue.desc_table());
-        let mut requests = Vec::with_capacity(heads.len());
-        for head in heads {
-            report.resubmitted += 1;
-            match parse_head(mem.as_ref(), desc_table, queue.size(), head) {
-                Ok(request) => requests.push(request),
-                Err(ParseError::Invalid {
-                    head,
-                    status,
-                    reason,
-                }) => {
-                    log::warn!("resubmitted request head {head}: {reason}; failing it with IOERR");
-                    self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR)?;
-                }
-                Err(broken @ ParseError::Broken { .. }) => {
-                    return Err(QueueError::NeedsReset(broken))
-                }
-            }
-        }
-        let hold = requests.iter().any(|r| r.kind.modifies_image()) && hold_writes();
-        for request in requests {
-            if hold && request.kind.modifies_image() {
-                report.held += 1;
-                self.held.push(request);
-            } else {
-                self.start(queue, mem, request)?;
-            }
-        }
-        self.engine.flush();
-        Ok(report)
-    }
-
-    /// Resubmitted writes waiting for the write fence.
-    pub fn held(&self) -> usize {
-        self.held.len()
-    }
-
-    /// The write fence opened: submit the held requests. Returns whether the
-    /// guest should be notified.
-    pub fn release_held(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
-        for request in std::mem::take(&mut self.held) {
-            self.start(queue, mem, request)?;
-        }
-        self.engine.flush();
-        self.publish_completions(queue, mem)?;
-        self.notify_decision(queue, mem)
-    }
-
-    /// Suspend (stop without draining): forget the held requests and stop
-    /// answering. Everything not answered stays marked in the inflight
-    /// region for the next back-end to resubmit. Returns how many submitted
-    /// operations may still modify the image; from now on only
-    /// [`Self::reap_abandoned`] may be called.
-    pub fn suspend(&mut self) -> u64 {
-        self.held.clear();
-        self.slots
-            .iter()
-            .flatten()
-            .filter(|request| request.mutating)
-            .count() as u64
-    }
-
-    /// After [`Self::suspend`]: collect finished storage operations without
-    /// writing anything into guest memory. Returns how many that modify the
-    /// image finished.
-    pub fn reap_abandoned(&mut self) -> u64 {
-        let mut completions = std::mem::take(&mut self.completions);
-        self.engine.reap(&mut completions);
-        let mut mutating = 0;
-        for completion in completions.drain(..) {
-            let slot = usize::try_from(completion.token)
-                .ok()
-                .and_then(|index| self.slots.get_mut(index))
-                .and_then(Option::take);
-            if let Some(request) = slot {
-                self.in_flight -= 1;
-                mutating += u64::from(request.mutating);
-            }
-        }
-        self.completions = completions;
-        mutating
     }
 
     /// The engine's completion eventfd, to register with the event loop.
@@ -418,8 +276,36 @@ impl<M: GuestMemory> BlkQueue<M> {
         // io_uring signals only completions that did not finish inside the
         // submit call (see UringEngine::new): publish those here.
         let published = self.publish_completions(queue, mem);
+        self.note_in_flight();
         let notify = self.notify_decision(queue, mem)?;
         popped.and(published).map(|_| notify)
+    }
+
+    /// The next chain on the avail ring, or None when the device caught up
+    /// with the driver. An avail index more than a ring ahead is an error
+    /// (virtio-queue would log it and return None, every time it is asked:
+    /// a queue that asks in a loop spins and floods the log).
+    fn next_chain<'a>(
+        queue: &mut Queue,
+        mem: &'a M,
+    ) -> Result<Option<DescriptorChain<&'a M>>, QueueError> {
+        let avail = queue.avail_idx(mem, Ordering::Acquire)?;
+        let next_avail = queue.next_avail();
+        let ahead = (avail - Wrapping(next_avail)).0;
+        if ahead > queue.size() {
+            return Err(QueueError::AvailIndex {
+                avail: avail.0,
+                next_avail,
+                ahead,
+                size: queue.size(),
+            });
+        }
+        if ahead == 0 {
+            return Ok(None);
+        }
+        // The index may have moved on since the check; virtio-queue checks
+        // it again and refuses a bad one with an error, not a log line.
+        Ok(queue.iter(mem)?.next())
     }
 
     fn pop_all(&mut self, queue: &mut Queue, mem: &Arc<M>, rearm: bool) -> Result<(), QueueError> {
@@ -427,12 +313,18 @@ impl<M: GuestMemory> BlkQueue<M> {
             if queue.event_idx_enabled() || !rearm {
                 queue.disable_notification(mem.as_ref())?;
             }
-            while let Some(chain) = queue.pop_descriptor_chain(mem.as_ref()) {
+            while let Some(chain) = Self::next_chain(queue, mem.as_ref())? {
                 let head = chain.head_index();
-                if usize::from(head) >= self.slots.len() || self.slots[usize::from(head)].is_some()
-                {
-                    // virtio-queue checks head < size; a head still in flight
-                    // means the guest reused a descriptor we own.
+                let Some(slot) = self.slots.get(usize::from(head)) else {
+                    // The avail ring named a descriptor the table does not
+                    // have (virtio 1.2, 2.7.6: heads are table indices).
+                    return Err(QueueError::NeedsReset(ParseError::Broken {
+                        head,
+                        reason: "head index beyond the queue size",
+                    }));
+                };
+                if slot.is_some() {
+                    // The guest reused a descriptor we own.
                     return Err(QueueError::NeedsReset(ParseError::Broken {
                         head,
                         reason: "head descriptor already in flight",
@@ -454,7 +346,7 @@ impl<M: GuestMemory> BlkQueue<M> {
                         status,
                         reason,
                     }) => {
-                        log::warn!("queue request head {head}: {reason}; failing it with IOERR");
+                        self.faults.push(GuestFault::FailedRequest { head, reason });
                         self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR)?;
                     }
                     Err(broken @ ParseError::Broken { .. }) => {
@@ -480,7 +372,7 @@ impl<M: GuestMemory> BlkQueue<M> {
         let sector_bytes = |sector: u64, len: u64| -> Option<u64> {
             let offset = sector.checked_mul(SECTOR_SIZE)?;
             let end = offset.checked_add(len)?;
-            (end <= self.disk.capacity_sectors * SECTOR_SIZE).then_some(offset)
+            (end <= self.disk.capacity_sectors.saturating_mul(SECTOR_SIZE)).then_some(offset)
         };
         let head = request.head;
         let status = request.status;
@@ -489,10 +381,11 @@ impl<M: GuestMemory> BlkQueue<M> {
             RequestKind::Read => match sector_bytes(request.sector, request.data_len) {
                 Some(offset) if self.bounce_reads && request.data_len > 0 => {
                     let Some(buffer) = BounceBuffer::new(request.data_len) else {
-                        log::warn!(
-                            "request head {head}: cannot buffer a read of {} bytes (at most {MAX_BOUNCE_BYTES}); failing it",
-                            request.data_len
-                        );
+                        self.faults.push(GuestFault::ReadTooLarge {
+                            head,
+                            len: request.data_len,
+                            max: MAX_BOUNCE_BYTES,
+                        });
                         return self.complete_now(queue, mem, head, status, 0, VIRTIO_BLK_S_IOERR);
                     };
                     let op = IoOp::Read {
@@ -522,7 +415,8 @@ impl<M: GuestMemory> BlkQueue<M> {
             RequestKind::Flush => IoOp::Flush,
             RequestKind::GetId => {
                 // At most the 20 serial bytes.
-                let written = write_segments(mem.as_ref(), &request.data, &self.disk.serial) as u32;
+                let written = write_segments(mem.as_ref(), &request.data, &self.disk.serial);
+                let written = u32::try_from(written).unwrap_or(u32::MAX);
                 return self.complete_now(queue, mem, head, status, written, VIRTIO_BLK_S_OK);
             }
             RequestKind::Discard {
@@ -620,186 +514,19 @@ impl<M: GuestMemory> BlkQueue<M> {
             VIRTIO_BLK_S_IOERR,
         )
     }
-
-    /// Finish a request that needed no storage I/O.
-    fn complete_now(
-        &mut self,
-        queue: &mut Queue,
-        mem: &Arc<M>,
-        head: u16,
-        status: GuestAddress,
-        data_written: u32,
-        status_value: u32,
-    ) -> Result<(), QueueError> {
-        self.publish(
-            queue,
-            mem.as_ref(),
-            head,
-            status,
-            data_written.saturating_add(1),
-            status_value,
-        )
-    }
-
-    fn publish(
-        &mut self,
-        queue: &mut Queue,
-        mem: &M,
-        head: u16,
-        status: GuestAddress,
-        used_len: u32,
-        status_value: u32,
-    ) -> Result<(), QueueError> {
-        // Status values are 0..=2 and fit the status byte.
-        mem.write_obj(status_value as u8, status)
-            .map_err(|source| QueueError::Status {
-                addr: status.0,
-                source,
-            })?;
-        match status_value {
-            VIRTIO_BLK_S_OK => self.stats.ok += 1,
-            VIRTIO_BLK_S_UNSUPP => self.stats.unsupported += 1,
-            _ => self.stats.io_errors += 1,
-        }
-        if let Some(inflight) = self.inflight.as_mut() {
-            inflight.before_publish(head);
-        }
-        queue.add_used(mem, head, used_len)?;
-        if let Some(inflight) = self.inflight.as_mut() {
-            inflight.after_publish(head, queue.next_used());
-        }
-        self.unsignalled = true;
-        Ok(())
-    }
-
-    /// Reap storage completions and publish them. Returns whether the guest
-    /// should be notified.
-    pub fn process_completions(
-        &mut self,
-        queue: &mut Queue,
-        mem: &Arc<M>,
-    ) -> Result<bool, QueueError> {
-        self.publish_completions(queue, mem)?;
-        self.notify_decision(queue, mem)
-    }
-
-    fn publish_completions(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<(), QueueError> {
-        let mut completions = std::mem::take(&mut self.completions);
-        self.engine.reap(&mut completions);
-        let mut result = Ok(());
-        for completion in completions.drain(..) {
-            let Ok(index) = usize::try_from(completion.token) else {
-                continue;
-            };
-            let Some(request) = self.slots.get_mut(index).and_then(Option::take) else {
-                log::warn!("completion for token {} with no request", completion.token);
-                continue;
-            };
-            self.in_flight -= 1;
-            let status_value = match &completion.result {
-                Ok(()) => match &request.bounce {
-                    // vm-memory logs these writes itself.
-                    Some(buffer) => {
-                        let data = buffer.bytes();
-                        if write_segments(mem.as_ref(), &request.written, data) == data.len() {
-                            VIRTIO_BLK_S_OK
-                        } else {
-                            log::error!(
-                                "request head {index}: read data no longer fits guest memory"
-                            );
-                            VIRTIO_BLK_S_IOERR
-                        }
-                    }
-                    None => {
-                        for segment in &request.written {
-                            mark_dirty(mem.as_ref(), segment);
-                        }
-                        VIRTIO_BLK_S_OK
-                    }
-                },
-                Err(e) => {
-                    log::error!("request head {index}: storage I/O failed: {e}");
-                    VIRTIO_BLK_S_IOERR
-                }
-            };
-            let used_len = if status_value == VIRTIO_BLK_S_OK {
-                request.used_len
-            } else {
-                1
-            };
-            // index < slots.len() <= u16::MAX + 1, so it is a valid head.
-            if let Err(e) = self.publish(
-                queue,
-                mem.as_ref(),
-                index as u16,
-                request.status,
-                used_len,
-                status_value,
-            ) {
-                result = Err(e);
-            }
-        }
-        self.completions = completions;
-        result
-    }
-
-    fn notify_decision(&mut self, queue: &mut Queue, mem: &Arc<M>) -> Result<bool, QueueError> {
-        if !self.unsignalled {
-            return Ok(false);
-        }
-        self.unsignalled = false;
-        Ok(queue.needs_notification(mem.as_ref())?)
-    }
 }
 
-/// Build iovecs for `segments`. Segments were range-checked by the parser,
-/// so a slice lookup that fails here means the memory changed under us; the
-/// segment is then skipped and the short transfer fails the request.
-fn iovecs<M: GuestMemory>(mem: &M, segments: &[Segment], access: Permissions) -> Vec<libc::iovec> {
-    let mut out = Vec::with_capacity(segments.len());
-    for segment in segments {
-        let Ok(slices) = mem.get_slices(segment.addr, segment.len as usize, access) else {
-            continue;
-        };
-        for slice in slices.flatten() {
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-    }
-    out
-}
+mod buffers;
+mod complete;
+mod disk;
+mod faults;
+mod handoff;
 
-/// Copy `data` into the guest `segments` (up to their total length); returns
-/// the number of bytes written.
-fn write_segments<M: GuestMemory>(mem: &M, segments: &[Segment], data: &[u8]) -> usize {
-    let mut written = 0usize;
-    for segment in segments {
-        if written == data.len() {
-            break;
-        }
-        let take = (data.len() - written).min(segment.len as usize);
-        if mem
-            .write_slice(&data[written..written + take], segment.addr)
-            .is_err()
-        {
-            break;
-        }
-        written += take;
-    }
-    written
-}
-
-/// Record in the memory's dirty bitmap that the device wrote `segment`
-/// (writes made by the kernel through io_uring bypass vm-memory's tracking).
-fn mark_dirty<M: GuestMemory>(mem: &M, segment: &Segment) {
-    if let Ok(slices) = mem.get_slices(segment.addr, segment.len as usize, Permissions::Write) {
-        for slice in slices.flatten() {
-            slice.bitmap().mark_dirty(0, slice.len());
-        }
-    }
-}
+pub use buffers::MAX_BOUNCE_BYTES;
+pub use disk::{DiskShared, MAX_QUEUES};
+use faults::Faults;
+pub use faults::{GuestFault, TakenFaults};
+pub use handoff::ResumeReport;
 
 #[cfg(test)]
 mod tests;

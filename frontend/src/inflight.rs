@@ -19,7 +19,8 @@ use std::os::unix::io::{AsRawFd, RawFd};
 
 use vhost::vhost_user::message::VhostUserInflight;
 
-use super::memfd;
+use super::ram::memfd;
+use super::sealed_memfd;
 
 /// Each queue's part of the region is aligned to this many bytes.
 pub const INFLIGHT_ALIGNMENT: u64 = 64;
@@ -109,10 +110,23 @@ impl InflightRegion {
         }
     }
 
-    /// A zeroed region of `mmap_size` bytes the front-end made itself,
-    /// described as `num_queues` queues of `queue_size` (for SET_INFLIGHT_FD
-    /// without GET; `mmap_size` may deliberately not fit the description).
+    /// A zeroed region of `mmap_size` bytes the front-end made itself, in
+    /// a sealed memfd as QEMU makes one, described as `num_queues` queues
+    /// of `queue_size` (for SET_INFLIGHT_FD without GET; `mmap_size` may
+    /// deliberately not fit the description).
     pub fn zeroed(mmap_size: u64, num_queues: u16, queue_size: u16) -> InflightRegion {
+        InflightRegion {
+            file: sealed_memfd("vhost-inflight", mmap_size),
+            mmap_size,
+            mmap_offset: 0,
+            num_queues,
+            queue_size,
+        }
+    }
+
+    /// Like [`Self::zeroed`], in a memfd that is NOT sealed: a front-end
+    /// that could shrink the region under the back-end's mapping.
+    pub fn unsealed(mmap_size: u64, num_queues: u16, queue_size: u16) -> InflightRegion {
         InflightRegion {
             file: memfd("vhost-inflight", mmap_size, false),
             mmap_size,
@@ -184,14 +198,9 @@ impl InflightRegion {
     /// resizing like QEMU's `qemu_memfd_alloc(F_SEAL_GROW | F_SEAL_SHRINK |
     /// F_SEAL_SEAL)`.
     pub fn migrate(&self) -> InflightRegion {
-        let file = memfd("vhost-inflight", self.mmap_size, true);
+        let file = sealed_memfd("vhost-inflight", self.mmap_size);
         file.write_all_at(&self.bytes(), 0)
             .expect("copy the inflight region");
-        let seals = libc::F_SEAL_GROW | libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL;
-        // SAFETY: fcntl(F_ADD_SEALS) on a memfd we own, with an integer
-        // argument; no memory is passed.
-        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) };
-        assert_eq!(rc, 0, "seal: {}", std::io::Error::last_os_error());
         InflightRegion {
             file,
             mmap_size: self.mmap_size,

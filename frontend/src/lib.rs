@@ -33,11 +33,10 @@ pub mod inflight;
 pub mod net_rig;
 pub mod presetup;
 mod queue;
+mod ram;
 pub mod raw;
 pub mod support;
 
-use std::fs::File;
-use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::Arc;
@@ -45,11 +44,7 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserInflight, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{
-    Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
-    MmapRegion,
-};
+use vhost::{VhostBackend, VringConfigData};
 
 pub use self::blk::{
     BlkRequest, Submitted, STATUS_UNSET, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN,
@@ -57,6 +52,7 @@ pub use self::blk::{
 };
 use self::inflight::InflightRegion;
 pub use self::queue::{Desc, DriverQueue};
+pub use self::ram::{sealed_memfd, GuestRam};
 use self::raw::RawMessage;
 
 /// Protocol feature INFLIGHT_SHMFD (bit 12): GET/SET_INFLIGHT_FD.
@@ -74,24 +70,6 @@ pub const PROTOCOL_SUSPEND: u64 = PROTOCOL_F_INFLIGHT_SHMFD | PROTOCOL_F_GET_VRI
 /// (instead of hanging on a stuck back-end).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// A memfd of `size` bytes named `name`; `sealing` allows F_ADD_SEALS.
-fn memfd(name: &str, size: u64, sealing: bool) -> File {
-    let name = std::ffi::CString::new(name).expect("no NUL in name");
-    let flags = libc::MFD_CLOEXEC | if sealing { libc::MFD_ALLOW_SEALING } else { 0 };
-    // SAFETY: memfd_create with a valid C string; the returned fd (checked
-    // below) is owned by the File we wrap it in.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-    assert!(
-        fd >= 0,
-        "memfd_create failed: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: fd is a fresh, valid descriptor owned by nobody else.
-    let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(size).expect("size the memfd");
-    file
-}
-
 /// Poll `condition` every millisecond until it holds (true) or `timeout`
 /// passes (false). For state that has no event to wait on, such as the
 /// inflight region.
@@ -108,62 +86,6 @@ pub fn wait_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> boo
     }
 }
 
-/// Guest RAM shared with the back-end through a memfd, mapped at guest
-/// physical address 0.
-pub struct GuestRam {
-    /// The mapping, for reading and writing guest memory.
-    pub mem: GuestMemoryMmap,
-    file: File,
-    size: u64,
-}
-
-impl GuestRam {
-    /// Allocate `size` bytes of shared guest RAM.
-    pub fn new(size: u64) -> GuestRam {
-        let file = memfd("vhost-agent-test-ram", size, false);
-        let region = MmapRegion::<()>::from_file(
-            FileOffset::new(file.try_clone().expect("dup memfd"), 0),
-            size as usize,
-        )
-        .expect("map guest RAM");
-        let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("guest region");
-        let mem = GuestMemoryMmap::from_regions(vec![region]).expect("guest memory");
-        GuestRam { mem, file, size }
-    }
-
-    /// Its size in bytes.
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
-    /// Our virtual address of guest physical address `gpa` (what the
-    /// front-end tells the back-end in SET_VRING_ADDR).
-    pub fn user_addr(&self, gpa: u64) -> u64 {
-        self.mem
-            .get_host_address(GuestAddress(gpa))
-            .expect("address in guest RAM") as u64
-    }
-
-    /// A copy of all of guest RAM, to prove later that nobody wrote to it.
-    pub fn snapshot(&self) -> Vec<u8> {
-        let mut bytes = vec![0u8; self.size as usize];
-        self.mem
-            .read_slice(&mut bytes, GuestAddress(0))
-            .expect("read guest RAM");
-        bytes
-    }
-
-    /// The memory table entry of this RAM (SET_MEM_TABLE).
-    pub fn region_info(&self) -> VhostUserMemoryRegionInfo {
-        VhostUserMemoryRegionInfo {
-            guest_phys_addr: 0,
-            memory_size: self.size,
-            userspace_addr: self.user_addr(0),
-            mmap_offset: 0,
-            mmap_handle: self.file.as_raw_fd(),
-        }
-    }
-}
 /// A connected test front-end with its guest RAM and queues.
 pub struct TestFrontend {
     /// The vhost-user connection.
@@ -536,6 +458,39 @@ impl TestFrontend {
         self.frontend
             .set_vring_addr(index, &config)
             .expect("SET_VRING_ADDR");
+    }
+
+    /// Start ring `queue` again after a GET_VRING_BASE, as a front-end that
+    /// lies about its size: SET_VRING_NUM `size` (the driver's ring stays as
+    /// it is), SET_VRING_BASE `base`, SET_VRING_ADDR, SET_VRING_KICK and
+    /// SET_VRING_ENABLE(1), then a round trip.
+    pub fn restart_ring_as(&mut self, queue: usize, size: u16, base: u16) {
+        let ring = &self.queues[queue];
+        self.frontend
+            .set_vring_num(queue, size)
+            .expect("SET_VRING_NUM");
+        self.frontend
+            .set_vring_base(queue, base)
+            .expect("SET_VRING_BASE");
+        let config = VringConfigData {
+            queue_max_size: size,
+            queue_size: size,
+            flags: 0,
+            desc_table_addr: self.ram.user_addr(ring.desc_table),
+            used_ring_addr: self.ram.user_addr(ring.used_ring),
+            avail_ring_addr: self.ram.user_addr(ring.avail_ring),
+            log_addr: None,
+        };
+        self.frontend
+            .set_vring_addr(queue, &config)
+            .expect("SET_VRING_ADDR");
+        self.frontend
+            .set_vring_kick(queue, &ring.kick)
+            .expect("SET_VRING_KICK");
+        self.frontend
+            .set_vring_enable(queue, true)
+            .expect("SET_VRING_ENABLE");
+        self.sync();
     }
 
     /// GET_INFLIGHT_FD for this front-end's queues.

@@ -212,6 +212,18 @@ impl DriverQueue {
         self.publish(ram, head);
     }
 
+    /// Write the avail ring's index as the driver would, without placing
+    /// any head (a hostile driver's runaway index).
+    pub fn set_avail_idx(&mut self, ram: &GuestRam, idx: u16) {
+        self.avail_idx = idx;
+        self.publish_avail(ram);
+    }
+
+    /// The avail index the driver last published.
+    pub fn avail_idx(&self) -> u16 {
+        self.avail_idx
+    }
+
     /// Notify the device.
     pub fn kick(&self) {
         self.kick.write(1).expect("kick");

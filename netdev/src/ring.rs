@@ -2,8 +2,10 @@
 //! from TX chains, frames written into RX chains (merged buffers included),
 //! and used entries published in batches.
 //!
-//! `virtio-queue` pops chains and walks descriptors (indirect tables, loop
-//! and length checks). Used entries are written here rather than with its
+//! `virtio-queue` pops chains and walks descriptors; `ring/chain.rs` walks every
+//! chain whole and refuses what no correct driver builds before any of
+//! its buffers is touched (the blk parser's rules). Used entries are
+//! written here rather than with its
 //! `add_used`, which publishes the used index once per entry: a frame spread
 //! over several merged buffers must appear to the driver all at once (Linux
 //! drops a frame whose later buffers are not yet visible), and one index
@@ -13,17 +15,47 @@
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
 
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError};
 
 use crate::spec::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
 
+mod chain;
+#[cfg(test)]
+mod tests;
+
 /// VRING_AVAIL_F_NO_INTERRUPT (split ring avail flags).
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
 
-/// A ring could not be accessed.
+/// A ring could not be accessed, or the driver broke it: the ring stops
+/// (the device needs a reset).
 #[derive(Debug, thiserror::Error)]
 pub enum RingError {
+    /// A chain no correct driver builds (see `ring/chain.rs`): a loop, more
+    /// descriptors than the ring, nested or broken indirect tables, more
+    /// than 4 GiB, an RX buffer outside guest memory.
+    #[error("broken chain at head {head}: {reason}")]
+    BrokenChain {
+        /// Head descriptor index.
+        head: u16,
+        /// The rule it breaks.
+        reason: &'static str,
+    },
+    /// The driver's avail index is more than a ring ahead of the device
+    /// (or behind it): the driver never makes more than the queue size
+    /// available (virtio 1.2, 2.7.13.3).
+    #[error("the avail index {avail} is {ahead} entries ahead of the device's {next_avail} on a ring of {size}")]
+    AvailIndex {
+        /// avail->idx as the driver wrote it.
+        avail: u16,
+        /// The next avail index the device would process.
+        next_avail: u16,
+        /// avail - next_avail (mod 2^16).
+        ahead: u16,
+        /// Ring size.
+        size: u16,
+    },
     /// virtio-queue refused (bad ring address, index beyond the ring).
     #[error("virtqueue access failed")]
     Queue(#[from] virtio_queue::Error),
@@ -42,9 +74,9 @@ pub enum TxChain {
         /// Bytes copied, header included.
         len: usize,
     },
-    /// The chain is unusable (a device-writable descriptor, a frame larger
-    /// than any Ethernet frame, memory outside guest RAM); it is returned
-    /// unused and counted as a TX error.
+    /// The chain is well formed but unusable (a device-writable
+    /// descriptor, a frame larger than any Ethernet frame, a buffer outside
+    /// guest RAM); it is returned unused and counted as a TX error.
     Bad {
         /// Head descriptor.
         head: u16,
@@ -81,6 +113,8 @@ pub struct NetRing {
     segments: Vec<(GuestAddress, u32)>,
     /// Chain heads and byte counts of the frame being delivered (reused).
     heads: Vec<(u16, u32)>,
+    /// The descriptors of the chain being walked (reused).
+    descs: Vec<Descriptor>,
 }
 
 impl NetRing {
@@ -94,6 +128,7 @@ impl NetRing {
             signalled,
             segments: Vec::new(),
             heads: Vec::new(),
+            descs: Vec::new(),
         }
     }
 
@@ -102,11 +137,42 @@ impl NetRing {
         self.queue.next_avail()
     }
 
-    /// Whether the driver posted chains we have not taken yet.
+    /// Whether the driver posted chains we have not taken yet (or broke
+    /// its avail index: the next burst finds out which).
     pub fn has_avail<M: GuestMemory>(&self, mem: &M) -> bool {
         self.queue
             .avail_idx(mem, Ordering::Acquire)
             .is_ok_and(|idx| idx.0 != self.queue.next_avail())
+    }
+
+    /// How many chains the driver made available, checked against the
+    /// ring size: virtio-queue would log "invalid available ring index"
+    /// and hand out nothing, every time it is asked (issue 18).
+    fn available<M: GuestMemory>(&self, mem: &M) -> Result<u16, RingError> {
+        let avail = self.queue.avail_idx(mem, Ordering::Acquire)?;
+        let next_avail = self.queue.next_avail();
+        let ahead = (avail - Wrapping(next_avail)).0;
+        let size = self.queue.size();
+        if ahead > size {
+            return Err(RingError::AvailIndex {
+                avail: avail.0,
+                next_avail,
+                ahead,
+                size,
+            });
+        }
+        Ok(ahead)
+    }
+
+    /// The next available chain, if any.
+    fn next_chain<'a, M: GuestMemory>(
+        &mut self,
+        mem: &'a M,
+    ) -> Result<Option<DescriptorChain<&'a M>>, RingError> {
+        if self.available(mem)? == 0 {
+            return Ok(None);
+        }
+        Ok(self.queue.iter(mem)?.next())
     }
 
     /// Queue a used entry for `head`; it is written and made visible by
@@ -141,13 +207,18 @@ impl NetRing {
             bytes[4..].copy_from_slice(&len.to_le_bytes());
             bytes
         };
-        let next_used = first + Wrapping(self.used.len() as u16);
+        // add_used() keeps at most the ring size (<= 32768) queued.
+        let queued = u16::try_from(self.used.len())
+            .map_err(|_| virtio_queue::Error::InvalidDescriptorIndex)?;
+        let next_used = first + Wrapping(queued);
         if let Some(slice) = mem
             .physical_memory()
             .and_then(|phys| phys.get_slice(ring, ring_len).ok())
         {
-            for (i, &(head, len)) in self.used.iter().enumerate() {
-                let slot = (first + Wrapping(i as u16)).0 % size;
+            let mut slot_index = first;
+            for &(head, len) in &self.used {
+                let slot = slot_index.0 % size;
+                slot_index += Wrapping(1);
                 slice
                     .write_slice(&element(head, len), 4 + 8 * usize::from(slot))
                     .map_err(GuestMemoryError::from)?;
@@ -156,8 +227,10 @@ impl NetRing {
                 .store(next_used.0.to_le(), 2, Ordering::Release)
                 .map_err(GuestMemoryError::from)?;
         } else {
-            for (i, &(head, len)) in self.used.iter().enumerate() {
-                let slot = (first + Wrapping(i as u16)).0 % size;
+            let mut slot_index = first;
+            for &(head, len) in &self.used {
+                let slot = slot_index.0 % size;
+                slot_index += Wrapping(1);
                 let addr = ring
                     .checked_add(4 + 8 * u64::from(slot))
                     .ok_or(virtio_queue::Error::AddressOverflow)?;
@@ -210,11 +283,13 @@ impl NetRing {
         Ok(self.queue.enable_notification(mem)?)
     }
 
-    /// Take up to `max` TX chains, reading the avail index once: copy each
-    /// chain's frame (virtio-net header included) into `buf`, which must
-    /// hold [`crate::spec::MAX_FRAME_LEN`] plus the header, hand it to
-    /// `each`, and queue the chain's used entry (length 0: the device
-    /// wrote nothing). Returns how many chains were taken.
+    /// Take up to `max` TX chains: copy each chain's frame (virtio-net
+    /// header included) into `buf`, which must hold
+    /// [`crate::spec::MAX_FRAME_LEN`] plus the header, hand it to `each`,
+    /// and queue the chain's used entry (length 0: the device wrote
+    /// nothing). Returns how many chains were taken. A structurally broken
+    /// chain ([`RingError::BrokenChain`]) stops the burst and the ring;
+    /// the chains before it were handled.
     pub fn tx_burst<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -222,12 +297,24 @@ impl NetRing {
         max: usize,
         mut each: impl FnMut(TxChain, &[u8]),
     ) -> Result<usize, RingError> {
+        let size = self.queue.size();
         let mut taken = 0;
-        let mut iter = self.queue.iter(mem)?;
+        let mut result = Ok(());
         while taken < max {
-            let Some(chain) = iter.next() else { break };
+            let chain = match self.next_chain(mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            };
             let head = chain.head_index();
-            let outcome = copy_tx_chain(chain, mem, buf);
+            if let Err(reason) = chain::walk(chain, size, &mut self.descs) {
+                result = Err(chain::broken(head, reason));
+                break;
+            }
+            let outcome = chain::copy_tx(head, &self.descs, mem, buf);
             each(outcome, buf);
             self.heads.push((head, 0));
             taken += 1;
@@ -237,13 +324,16 @@ impl NetRing {
             self.add_used(head, len)?;
         }
         self.heads.clear();
-        Ok(taken)
+        result.map(|()| taken)
     }
 
     /// Write `header` (its `num_buffers` is filled in here when `mrg_rxbuf`)
     /// and `frame` into RX chains and queue their used entries; publish with
-    /// [`Self::publish`]. Device-readable descriptors in RX chains are
-    /// skipped.
+    /// [`Self::publish`]. Only device-writable buffers are written, each
+    /// checked to lie in guest memory first; a chain's used length is what
+    /// was written into it. A structurally broken chain, or one with a
+    /// buffer outside guest memory, is [`RingError::BrokenChain`] (nothing
+    /// of the frame was written).
     pub fn push_rx<M: GuestMemory>(
         &mut self,
         mem: &M,
@@ -251,10 +341,11 @@ impl NetRing {
         frame: &[u8],
         mrg_rxbuf: bool,
     ) -> Result<RxOutcome, RingError> {
-        let total = header.len() + frame.len();
         if frame.len() > MAX_FRAME_LEN {
             return Ok(RxOutcome::TooBig);
         }
+        let total = header.len() + frame.len();
+        let size = self.queue.size();
         let start = self.queue.next_avail();
         self.segments.clear();
         self.heads.clear();
@@ -265,25 +356,29 @@ impl NetRing {
             if !mrg_rxbuf && !self.heads.is_empty() {
                 break;
             }
-            let Some(chain) = self.queue.pop_descriptor_chain(mem) else {
-                break;
+            let chain = match self.next_chain(mem) {
+                Ok(Some(chain)) => chain,
+                Ok(None) => break,
+                Err(e) => {
+                    self.queue.set_next_avail(start);
+                    return Err(e);
+                }
             };
             let head = chain.head_index();
-            let mut chain_bytes = 0u32;
-            for desc in chain {
-                if !desc.is_write_only() || desc.len() == 0 {
-                    continue;
+            let gathered = chain::walk(chain, size, &mut self.descs)
+                .map_err(|reason| chain::broken(head, reason))
+                .and_then(|()| {
+                    chain::rx_segments(head, &self.descs, mem, total - capacity, &mut self.segments)
+                });
+            let chain_bytes = match gathered {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    // Nothing was written: the ring stops where it was.
+                    self.queue.set_next_avail(start);
+                    return Err(e);
                 }
-                let want = total - capacity;
-                let take = (desc.len() as usize).min(want);
-                self.segments.push((desc.addr(), take as u32));
-                capacity += take;
-                // take <= desc.len(): a u32.
-                chain_bytes += take as u32;
-                if capacity == total {
-                    break;
-                }
-            }
+            };
+            capacity += usize::try_from(chain_bytes).unwrap_or(usize::MAX);
             self.heads.push((head, chain_bytes));
         }
         if capacity < total {
@@ -298,133 +393,22 @@ impl NetRing {
                 RxOutcome::TooBig
             });
         }
-        let buffers = self.heads.len() as u16;
+        // At most the ring size (<= 32768) chains.
+        let buffers = u16::try_from(self.heads.len()).unwrap_or(u16::MAX);
         if mrg_rxbuf && header.len() > NUM_BUFFERS_OFFSET + 1 {
             header[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
                 .copy_from_slice(&buffers.to_le_bytes());
         }
-        let mut source = Source {
-            parts: [header, frame],
-            part: 0,
-            offset: 0,
-        };
+        let mut source = chain::Source::new(header, frame);
         for index in 0..self.segments.len() {
             let (addr, len) = self.segments[index];
-            source.write_to(mem, addr, len as usize)?;
+            let len = usize::try_from(len).map_err(|_| virtio_queue::Error::AddressOverflow)?;
+            source.write_to(mem, addr, len)?;
         }
         for index in 0..self.heads.len() {
             let (head, len) = self.heads[index];
             self.add_used(head, len)?;
         }
         Ok(RxOutcome::Delivered { buffers })
-    }
-}
-
-/// Copy one TX chain's frame into `buf`.
-fn copy_tx_chain<M: GuestMemory>(
-    chain: virtio_queue::DescriptorChain<&M>,
-    mem: &M,
-    buf: &mut [u8],
-) -> TxChain {
-    let head = chain.head_index();
-    let mut len = 0usize;
-    for desc in chain {
-        if desc.is_write_only() {
-            return TxChain::Bad {
-                head,
-                reason: "device-writable descriptor in a TX chain",
-            };
-        }
-        let part = desc.len() as usize;
-        let Some(dest) = len.checked_add(part).and_then(|end| buf.get_mut(len..end)) else {
-            return TxChain::Bad {
-                head,
-                reason: "TX frame larger than the largest Ethernet frame",
-            };
-        };
-        if read_guest(mem, desc.addr(), dest).is_err() {
-            return TxChain::Bad {
-                head,
-                reason: "TX buffer outside guest memory",
-            };
-        }
-        len += part;
-    }
-    TxChain::Frame { head, len }
-}
-
-/// Header then frame, read sequentially into guest segments.
-struct Source<'a> {
-    parts: [&'a [u8]; 2],
-    part: usize,
-    offset: usize,
-}
-
-impl Source<'_> {
-    /// Copy the next `len` bytes into guest memory at `addr`: one region
-    /// lookup for the whole segment (the usual case: header and frame go
-    /// into one buffer), byte-wise lookups only across a region boundary.
-    fn write_to<M: GuestMemory>(
-        &mut self,
-        mem: &M,
-        addr: GuestAddress,
-        len: usize,
-    ) -> Result<(), RingError> {
-        if let Some(slice) = mem
-            .physical_memory()
-            .and_then(|phys| phys.get_slice(addr, len).ok())
-        {
-            let mut offset = 0;
-            while offset < len && self.part < self.parts.len() {
-                let chunk = self.next_chunk(len - offset);
-                slice
-                    .subslice(offset, chunk.len())
-                    .map_err(GuestMemoryError::from)?
-                    .copy_from(chunk);
-                offset += chunk.len();
-            }
-            return Ok(());
-        }
-        let mut addr = addr;
-        let mut left = len;
-        while left > 0 && self.part < self.parts.len() {
-            let chunk = self.next_chunk(left);
-            mem.write_slice(chunk, addr)?;
-            left -= chunk.len();
-            addr = addr.unchecked_add(chunk.len() as u64);
-        }
-        Ok(())
-    }
-
-    /// Up to `max` bytes of the current part, advancing past them.
-    fn next_chunk(&mut self, max: usize) -> &[u8] {
-        let part = self.parts[self.part];
-        let chunk = (part.len() - self.offset).min(max);
-        let start = self.offset;
-        self.offset += chunk;
-        if self.offset == part.len() {
-            self.part += 1;
-            self.offset = 0;
-        }
-        &part[start..start + chunk]
-    }
-}
-
-/// Copy guest memory at `addr` into `dest`: one region lookup in the usual
-/// case, the general path across region boundaries.
-fn read_guest<M: GuestMemory>(
-    mem: &M,
-    addr: GuestAddress,
-    dest: &mut [u8],
-) -> Result<(), RingError> {
-    match mem
-        .physical_memory()
-        .and_then(|phys| phys.get_slice(addr, dest.len()).ok())
-    {
-        Some(slice) => {
-            slice.copy_to(dest);
-            Ok(())
-        }
-        None => Ok(mem.read_slice(dest, addr)?),
     }
 }

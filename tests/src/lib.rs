@@ -12,6 +12,7 @@ pub use vhost_agent_frontend as frontend;
 pub use vhost_agent_frontend::{agent, bench, blk_stop, net_rig, support};
 
 pub mod blkio_client;
+pub mod handoff;
 pub mod handoff_vm;
 pub mod lab;
 pub mod lab_net;

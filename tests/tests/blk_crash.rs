@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::VhostBackend;
+use vhost_agent_tests::frontend::wait_until;
 use vhost_agent_tests::qemu::{self, Qemu, QsdOptions, Verdict, VhostUserBlk, VmConfig};
 use vhost_agent_tests::support::{self, ChildGuard};
 
@@ -36,6 +37,9 @@ const RECONNECT_MS: u32 = 100;
 const FIRST_ROUND_TIMEOUT: Duration = Duration::from_secs(90);
 /// A restarted back-end must be serving the guest again within this.
 const RECOVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// The guest must have requests in flight on the agent within this (it
+/// writes continuously at queue depth 32).
+const IN_FLIGHT_TIMEOUT: Duration = Duration::from_secs(60);
 const VERDICT_TIMEOUT: Duration = Duration::from_secs(90);
 /// How long the qemu-storage-daemon control waits for a round that never
 /// comes.
@@ -61,6 +65,8 @@ struct CrashEnv {
     dir: tempfile::TempDir,
     image: PathBuf,
     socket: PathBuf,
+    /// The agent's control socket (`query-devices`).
+    control: PathBuf,
     backend: Backend,
     process: Option<ChildGuard>,
     starts: u32,
@@ -78,10 +84,12 @@ impl CrashEnv {
         let image = dir.path().join("disk.img");
         support::create_image(&image, IMAGE_SIZE).expect("create the disk image");
         let socket = dir.path().join("blk.sock");
+        let control = dir.path().join("agent.ctl");
         let mut env = CrashEnv {
             dir,
             image,
             socket,
+            control,
             backend,
             process: None,
             starts: 0,
@@ -106,15 +114,19 @@ impl CrashEnv {
             let _ = std::fs::remove_file(&self.socket);
         }
         let process = match self.backend {
-            Backend::Agent => support::spawn_agent(
-                &[format!(
-                    "socket={},image={},latency-ms={AGENT_LATENCY_MS}",
-                    self.socket.display(),
-                    self.image.display()
-                )],
-                &[],
-                Some(&log),
-            ),
+            Backend::Agent => {
+                let _ = std::fs::remove_file(&self.control);
+                let control = self.control.display().to_string();
+                support::spawn_agent(
+                    &[format!(
+                        "socket={},image={},latency-ms={AGENT_LATENCY_MS}",
+                        self.socket.display(),
+                        self.image.display()
+                    )],
+                    &["--control", &control],
+                    Some(&log),
+                )
+            }
             Backend::QemuStorageDaemon => qemu::spawn_qemu_storage_daemon(
                 &self.image,
                 &self.socket,
@@ -123,6 +135,35 @@ impl CrashEnv {
             ),
         };
         self.process = Some(process);
+    }
+
+    /// Requests the agent reports taken from the ring and not answered
+    /// (`query-devices`, all queues); 0 while its control socket is not up.
+    fn agent_in_flight(&self) -> u64 {
+        support::control_execute(&self.control, "query-devices", serde_json::json!({}))
+            .ok()
+            .and_then(|devices| {
+                devices[0]["in-flight"]
+                    .as_array()
+                    .map(|queues| queues.iter().filter_map(|n| n.as_u64()).sum())
+            })
+            .unwrap_or(0)
+    }
+
+    /// Wait until the agent reports requests in flight (the precondition
+    /// of a kill that tests recovery); how many it reported.
+    fn wait_agent_in_flight(&self, vm: &Qemu) -> u64 {
+        let mut in_flight = 0;
+        let reached = wait_until(IN_FLIGHT_TIMEOUT, || {
+            in_flight = self.agent_in_flight();
+            in_flight > 0
+        });
+        assert!(
+            reached,
+            "the agent never had a request in flight within {IN_FLIGHT_TIMEOUT:?}\n{}",
+            vm.diagnostics()
+        );
+        in_flight
     }
 
     /// SIGKILL the back-end: no chance to finish or answer anything.
@@ -192,10 +233,10 @@ fn agent_crash_recovery(kills: usize) {
     );
     let mut resubmitted_total = 0;
     for kill in 1..=kills {
-        // Land the kill inside a round's I/O: a round marker is followed by
-        // a few hundred ms of fio starting up under TCG, then the writes
-        // and the read-back; vary the point so kills hit both.
-        std::thread::sleep(Duration::from_millis(450 + 90 * (kill as u64 % 7)));
+        // Land the kill inside the guest's I/O, as the agent itself
+        // reports it: requests taken from the ring and not yet answered.
+        // (The guest keeps 32 in flight while fio writes or reads back.)
+        let in_flight = env.wait_agent_in_flight(&vm);
         let killed_at = Instant::now();
         env.kill_backend();
         env.start_backend();
@@ -234,7 +275,7 @@ fn agent_crash_recovery(kills: usize) {
             vm.diagnostics()
         );
         eprintln!(
-            "vhost-agent: kill {kill}/{kills}: reconnected, {resubmitted} request(s) resubmitted, next round done {:.1?} after the kill",
+            "vhost-agent: kill {kill}/{kills} with {in_flight} request(s) in flight: reconnected, {resubmitted} request(s) resubmitted, next round done {:.1?} after the kill",
             killed_at.elapsed()
         );
     }

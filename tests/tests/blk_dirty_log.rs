@@ -11,7 +11,7 @@ use std::os::unix::io::AsRawFd;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::{VhostBackend, VhostUserDirtyLogRegion};
 use vhost_agent_tests::frontend::{
-    TestFrontend, RAM_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    sealed_memfd, TestFrontend, RAM_SIZE, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
 };
 use vhost_agent_tests::support::{create_image, spawn_agent, ChildGuard};
 
@@ -40,9 +40,8 @@ fn rig() -> Rig {
         Some(&dir.path().join("agent.log")),
     );
     let frontend = TestFrontend::connect_with(&socket, 1, 16, VhostUserProtocolFeatures::LOG_SHMFD);
-    let log = tempfile::tempfile().unwrap();
     let log_size = RAM_SIZE / PAGE / 8;
-    log.set_len(log_size).unwrap();
+    let log = sealed_memfd("vhost-log", log_size);
     frontend
         .frontend
         .set_log_base(

@@ -397,19 +397,14 @@ fn stalled_message_drops_the_connection_not_the_device() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let mut buf = [0u8; 16];
-    let started = std::time::Instant::now();
-    // Closed: end of file, or a reset (the agent left the stalled header
-    // unread: it never blocks reading a message that has not all come).
+    // Closed (end of file, or a reset: the agent left the stalled header
+    // unread, it never blocks reading a message that has not all come),
+    // rather than our read timing out (an error of another kind).
     let closed = match std::io::Read::read(&mut stream, &mut buf) {
         Ok(n) => n == 0,
         Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
     };
     assert!(closed, "the agent must close a stalled connection");
-    assert!(
-        started.elapsed() < Duration::from_secs(14),
-        "closed only after {:?}",
-        started.elapsed()
-    );
     let mut fe = TestFrontend::connect(&setup.disk_a, 1, QUEUE_SIZE);
     assert!(fe.round_trip(0, 0, 0), "disk A after a stalled front-end");
     assert!(

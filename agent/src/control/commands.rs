@@ -166,6 +166,9 @@ enum KindInfo {
     Blk {
         image: String,
         fence: FenceInfo,
+        /// Per queue: requests taken from the ring, not answered yet.
+        #[serde(rename = "in-flight")]
+        in_flight: Vec<u64>,
     },
     Net {
         dataplane: String,
@@ -219,9 +222,17 @@ fn query_devices(devices: &Devices, arguments: Arguments) -> CommandResult {
             kind: device.kind().name(),
             socket: device.socket().to_string_lossy().into_owned(),
             details: match device.kind() {
-                DeviceKind::Blk { image, fence, .. } => KindInfo::Blk {
+                DeviceKind::Blk {
+                    image,
+                    fence,
+                    disk,
+                    num_queues,
+                } => KindInfo::Blk {
                     image: image.to_string_lossy().into_owned(),
                     fence: FenceInfo::of(fence),
+                    in_flight: (0..*num_queues)
+                        .map(|queue| disk.in_flight(queue))
+                        .collect(),
                 },
                 DeviceKind::Net { shared } => {
                     let state = shared

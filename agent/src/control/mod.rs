@@ -223,15 +223,15 @@ pub fn dispatch(line: &[u8], devices: &Devices) -> Option<Dispatched> {
 type Executed = (Value, commands::Effect, Option<Value>, &'static str);
 
 fn execute(line: &[u8], devices: &Devices) -> Result<Executed, (ControlError, Option<Value>)> {
-    // Two steps, so that the id is known (and echoed) even when the rest
-    // of the request is wrong.
-    let value: Value = serde_json::from_slice(line).map_err(|e| (ControlError::Parse(e), None))?;
-    let Value::Object(object) = value else {
-        return Err((ControlError::NotAnObject, None));
-    };
-    let id = object.get("id").cloned();
-    let request: Request = serde_json::from_value(Value::Object(object))
-        .map_err(|e| (ControlError::BadRequest(e), id.clone()))?;
+    let request = protocol::parse_request(line).map_err(|(failure, id)| {
+        let error = match failure {
+            protocol::ParseFailure::Json(e) => ControlError::Parse(e),
+            protocol::ParseFailure::NotAnObject => ControlError::NotAnObject,
+            protocol::ParseFailure::NotARequest(e) => ControlError::BadRequest(e),
+        };
+        (error, id)
+    })?;
+    let id = request.id.clone();
     let command = commands::find(&request.execute).ok_or_else(|| {
         (
             ControlError::CommandNotFound(request.execute.clone()),

@@ -30,6 +30,34 @@ pub struct Request {
     pub id: Option<Value>,
 }
 
+/// Why a line is not a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ParseFailure {
+    /// The line is not JSON.
+    #[error("invalid JSON")]
+    Json(#[source] serde_json::Error),
+    /// The line is JSON but not an object.
+    #[error("a request must be a JSON object")]
+    NotAnObject,
+    /// The object is not a request (no `execute`, unknown members, wrong
+    /// types).
+    #[error("invalid request")]
+    NotARequest(#[source] serde_json::Error),
+}
+
+/// Parse one request line as the server does, without acting on it: JSON,
+/// an object, then a [`Request`]. In two steps, so that the request's `id`
+/// comes back (to be echoed in the error reply) even when the rest of the
+/// object is wrong. Pure, and the entry the `control_line` fuzz target uses.
+pub fn parse_request(line: &[u8]) -> Result<Request, (ParseFailure, Option<Value>)> {
+    let value: Value = serde_json::from_slice(line).map_err(|e| (ParseFailure::Json(e), None))?;
+    let Value::Object(object) = value else {
+        return Err((ParseFailure::NotAnObject, None));
+    };
+    let id = object.get("id").cloned();
+    serde_json::from_value(Value::Object(object)).map_err(|e| (ParseFailure::NotARequest(e), id))
+}
+
 /// QMP's error classes, as far as the agent uses them. The class is for
 /// programs to act on; the description is for people.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

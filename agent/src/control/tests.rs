@@ -13,6 +13,12 @@ use crate::daemon::registry::{DeviceKind, RegisteredDevice, Registry};
 use crate::metrics::DeviceMetrics;
 use crate::vhost_user::listener::ServerHandle;
 
+/// A disk's shared state over a scratch file (no queue runs).
+fn test_disk(id: &str) -> Arc<blkdev::queue::DiskShared> {
+    let file = Arc::new(tempfile::tempfile().unwrap());
+    Arc::new(blkdev::queue::DiskShared::new(file, 8, false, id))
+}
+
 /// Devices `dst` (fence=api, so its gate starts closed) and `src`
 /// (fence=lock), registered without servers. Neither fence touches the
 /// file system here.
@@ -27,6 +33,8 @@ fn registry() -> (Devices, Arc<Fence>) {
             DeviceKind::Blk {
                 image,
                 fence: fence.clone(),
+                disk: test_disk("dst"),
+                num_queues: 1,
             },
             Arc::new(DeviceMetrics::new("dst")),
             Arc::default(),
@@ -41,6 +49,8 @@ fn registry() -> (Devices, Arc<Fence>) {
             DeviceKind::Blk {
                 fence: Fence::new(FenceMode::Lock, &image),
                 image,
+                disk: test_disk("src"),
+                num_queues: 1,
             },
             Arc::new(DeviceMetrics::new("src")),
             Arc::default(),
@@ -164,13 +174,15 @@ fn query_devices_reports_each_disk_and_its_fence() {
                 "id": "dst", "kind": "blk", "socket": "/run/dst.sock",
                 "image": "/nonexistent/dst.img",
                 "fence": {"mode": "api", "open": false,
-                          "abandoned-outstanding": 0, "abandoned-total": 0}
+                          "abandoned-outstanding": 0, "abandoned-total": 0},
+                "in-flight": [0]
             },
             {
                 "id": "src", "kind": "blk", "socket": "/run/src.sock",
                 "image": "/nonexistent/src.img",
                 "fence": {"mode": "lock", "open": true,
-                          "abandoned-outstanding": 0, "abandoned-total": 0}
+                          "abandoned-outstanding": 0, "abandoned-total": 0},
+                "in-flight": [0]
             }
         ])
     );

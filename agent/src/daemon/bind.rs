@@ -101,7 +101,7 @@ pub fn bind_blk(spec: &BlkSpec, name: &str) -> Result<Bound, BlkSetupError> {
     let storage = BlkStorage::new(StorageParts {
         name: Arc::from(name),
         image: spec.image.clone(),
-        disk,
+        disk: disk.clone(),
         recipe: EngineRecipe {
             kind: engine,
             latency: std::time::Duration::from_millis(u64::from(spec.options.latency_ms)),
@@ -116,6 +116,8 @@ pub fn bind_blk(spec: &BlkSpec, name: &str) -> Result<Bound, BlkSetupError> {
     let kind = DeviceKind::Blk {
         image: spec.image.clone(),
         fence,
+        disk,
+        num_queues: spec.options.num_queues,
     };
     let parts = DeviceParts {
         memory,

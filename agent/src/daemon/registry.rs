@@ -31,6 +31,10 @@ pub enum DeviceKind {
         image: PathBuf,
         /// The disk's write fence, shared with its queues.
         fence: Arc<Fence>,
+        /// What its queues publish (requests in flight per queue).
+        disk: Arc<blkdev::queue::DiskShared>,
+        /// Its queues.
+        num_queues: u16,
     },
     /// A virtio-net device.
     Net {
@@ -80,6 +84,19 @@ impl RegisteredDevice {
             config,
             server,
         }
+    }
+
+    /// A device nobody serves (no session, no socket bound): what the
+    /// control API's own tests and the `control_line` fuzz target register.
+    pub fn unserved(id: &str, socket: &Path, kind: DeviceKind) -> RegisteredDevice {
+        RegisteredDevice::new(
+            id,
+            socket,
+            kind,
+            Arc::new(DeviceMetrics::new(id)),
+            Arc::default(),
+            ServerHandle::unserved(),
+        )
     }
 
     /// Its timeline and downtime figures, shared with its session.
@@ -173,10 +190,17 @@ mod tests {
     fn blk(id: &str) -> RegisteredDevice {
         let image = PathBuf::from(format!("/nonexistent/{id}.img"));
         let fence = Fence::new(FenceMode::Api, &image);
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        let disk = Arc::new(blkdev::queue::DiskShared::new(file, 8, false, id));
         RegisteredDevice::new(
             id,
             Path::new(&format!("/nonexistent/{id}.sock")),
-            DeviceKind::Blk { image, fence },
+            DeviceKind::Blk {
+                image,
+                fence,
+                disk,
+                num_queues: 1,
+            },
             Arc::new(DeviceMetrics::new(id)),
             Arc::default(),
             ServerHandle::unserved(),

@@ -37,32 +37,37 @@ unsafe impl Sync for LogRegion {}
 
 impl LogRegion {
     /// Map `size` bytes of `file` from `offset` (SET_LOG_BASE's
-    /// mmap_size/mmap_offset).
-    pub fn map(file: &File, size: u64, offset: u64) -> io::Result<LogRegion> {
-        let invalid = || io::Error::from(io::ErrorKind::InvalidInput);
-        let len = usize::try_from(size).map_err(|_| invalid())?;
-        let offset = libc::off_t::try_from(offset).map_err(|_| invalid())?;
-        if len == 0 || isize::try_from(len).is_err() {
-            return Err(invalid());
-        }
+    /// mmap_size/mmap_offset). The fd must be a memfd sealed against
+    /// shrinking whose size covers the range ([`shm::check()`]): a log that
+    /// lies about its size, or that can be truncated later, would raise
+    /// SIGBUS at the first logged write.
+    pub fn map(file: &File, size: u64, offset: u64) -> Result<LogRegion, shm::ShmError> {
+        let purpose = shm::Purpose::DirtyLog;
+        shm::check(file, purpose, offset, size)?;
+        let range = shm::check::range(purpose, offset, size)?;
         // SAFETY: a fresh shared mapping of an fd we hold open for the call;
         // no existing memory is affected. The result is checked below.
         let addr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                len,
+                range.len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 file.as_raw_fd(),
-                offset,
+                range.offset,
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
+            return Err(shm::ShmError::Map {
+                purpose,
+                offset,
+                size,
+                source: io::Error::last_os_error(),
+            });
         }
         Ok(LogRegion {
             addr: addr.cast(),
-            len,
+            len: range.len,
         })
     }
 
@@ -173,9 +178,30 @@ impl LogState {
 #[derive(Debug, Default)]
 pub struct LogBitmap {
     state: Arc<LogState>,
+    /// The mapping of the region this bitmap belongs to, when the agent
+    /// made it itself ([`crate::guest_mapping`]): the region owns its
+    /// bitmap, so the mapping lives exactly as long as the region and is
+    /// unmapped after every access through it.
+    mapping: Option<shm::GuestMapping>,
 }
 
 impl LogBitmap {
+    /// The bitmap of a region that lives in `mapping`.
+    pub fn owning(mapping: shm::GuestMapping) -> LogBitmap {
+        LogBitmap {
+            state: Arc::default(),
+            mapping: Some(mapping),
+        }
+    }
+
+    /// Whether the region's mapping took a contained SIGBUS (the front-end
+    /// shrank the file under it; see [`shm::fault`]).
+    pub fn faulted(&self) -> bool {
+        self.mapping
+            .as_ref()
+            .is_some_and(shm::GuestMapping::faulted)
+    }
+
     /// Start logging this region's writes into `log`; the region starts at
     /// guest address `region_gpa`.
     pub fn attach(&self, log: Arc<LogRegion>, region_gpa: u64) {
@@ -269,7 +295,7 @@ pub struct DirtyLog {
 impl DirtyLog {
     /// SET_LOG_BASE: map the log the front-end shares (all or nothing: a
     /// refused log leaves the old one in place).
-    pub fn map(&mut self, file: &File, size: u64, offset: u64) -> io::Result<()> {
+    pub fn map(&mut self, file: &File, size: u64, offset: u64) -> Result<(), shm::ShmError> {
         self.region = Some(Arc::new(LogRegion::map(file, size, offset)?));
         Ok(())
     }
@@ -304,10 +330,50 @@ impl DirtyLog {
 mod tests {
     use super::*;
 
+    /// A log as QEMU makes it: a memfd sealed against resizing.
     fn log_file(size: u64) -> File {
-        let file = tempfile::tempfile().unwrap();
+        use std::os::unix::io::FromRawFd;
+        // SAFETY: a NUL-terminated name; the result is checked.
+        let fd = unsafe {
+            libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+        };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd nobody else owns.
+        let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(size).unwrap();
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS with an int argument on our memfd.
+        assert_eq!(unsafe { libc::fcntl(fd, libc::F_ADD_SEALS, seals) }, 0);
         file
+    }
+
+    /// SET_LOG_BASE lies (issue 18): each would have mapped and then
+    /// raised SIGBUS at the first logged write. Before the fix they were
+    /// all mapped with a success ack.
+    #[test]
+    fn regression_log_ranges_past_the_fd_or_unsealed_fds_are_refused() {
+        use shm::ShmError;
+        let small = log_file(512);
+        assert!(matches!(
+            LogRegion::map(&small, 512, 1 << 30),
+            Err(ShmError::PastEnd { .. })
+        ));
+        let page = log_file(4096);
+        assert!(matches!(
+            LogRegion::map(&page, 1 << 20, 0),
+            Err(ShmError::PastEnd { .. })
+        ));
+        assert!(matches!(
+            LogRegion::map(&page, 1 << 63, 0),
+            Err(ShmError::TooLarge { .. })
+        ));
+        let unsealed = tempfile::tempfile().unwrap();
+        unsealed.set_len(4096).unwrap();
+        assert!(matches!(
+            LogRegion::map(&unsealed, 4096, 0),
+            Err(ShmError::NotSealed { .. })
+        ));
+        assert!(LogRegion::map(&page, 4096, 0).is_ok());
     }
 
     #[test]

@@ -150,7 +150,8 @@ impl Worker {
         } = resources;
         let blk = BlkQueue::new(disk, engine, setup.size)
             .with_inflight(inflight)
-            .with_bounced_reads(setup.bounce_reads);
+            .with_bounced_reads(setup.bounce_reads)
+            .with_index(setup.index);
         fence.add_waker(&commands.eventfd());
         let state = Loop {
             setup,

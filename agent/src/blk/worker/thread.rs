@@ -16,7 +16,9 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::{Command, QueueSetup, WorkerExit};
+use crate::ratelimit::PeerLog;
 use crate::vhost_user::device::StopMode;
+use crate::vhost_user::memory::guest_mapping::FaultWatch;
 use crate::vhost_user::memory::GuestRam;
 use crate::vhost_user::vring::{build_queue, drain_eventfd, notify};
 use crate::wake_channel::{self, Reply, WakeReceiver};
@@ -171,8 +173,12 @@ impl Loop {
     fn serve(mut self, mut blk: BlkQueue<GuestRam>, mut queue: Queue, poll: &mut Poll) {
         let device = self.setup.device.clone();
         let index = self.setup.index;
+        let peers = PeerLog::for_device(&device);
+        report_faults(&mut blk, &peers, index);
+        let mut faults = FaultWatch::default();
         let mut events = Events::with_capacity(8);
         let mut broken = false;
+        let mut kick_ignored = false;
         let polling = !self.setup.poll.is_zero();
         let mut stop: Option<StopRequest> = None;
         // Guest notifications are on unless we left them off to poll.
@@ -225,6 +231,14 @@ impl Loop {
                         notify = true;
                     }
                 }
+            }
+            report_faults(&mut blk, &peers, index);
+            // After the work, before sleeping: the access that faulted may
+            // have been this step's, and nothing may wake us again.
+            if !broken && faults.faulted(&mem) {
+                log::error!("{device} queue {index}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); no more requests are taken from this queue until it is reset");
+                self.needs_reset.store(true, Ordering::SeqCst);
+                broken = true;
             }
             if notify {
                 self.signal();
@@ -283,6 +297,14 @@ impl Loop {
             drop(mem);
             if self.commands.pending() {
                 continue;
+            }
+            if broken && !kick_ignored {
+                // A broken ring is never looked at again until it is reset:
+                // a guest that keeps kicking it must not keep waking us.
+                kick_ignored = true;
+                let _ = poll
+                    .registry()
+                    .deregister(&mut SourceFd(&self.kick.as_raw_fd()));
             }
 
             let mut completed = false;
@@ -480,4 +502,14 @@ fn drain_completion_fd<M: vm_memory::GuestMemory>(blk: &BlkQueue<M>) {
             counter.len(),
         )
     };
+}
+
+/// Log what the guest did wrong since the last look, through the device's
+/// rate limiter (the queue records it rather than logging it).
+fn report_faults(blk: &mut BlkQueue<GuestRam>, peers: &PeerLog, index: u16) {
+    let taken = blk.take_faults();
+    for fault in &taken.faults {
+        peers.warn(format_args!("queue {index}: {fault}"));
+    }
+    peers.count_suppressed(taken.dropped);
 }

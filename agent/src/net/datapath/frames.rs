@@ -27,6 +27,11 @@ impl DataPath {
             }
         }
         self.finish_step(mem);
+        // After the work: the access that faulted may have been this
+        // step's, and nothing may wake us again.
+        if self.faults.faulted(mem) {
+            self.memory_faulted();
+        }
         moved
     }
 

@@ -165,7 +165,8 @@ impl NetDatapath {
             rx_buf: vec![0u8; spec::HDR_LEN_MRG + spec::MAX_FRAME_LEN],
             needs_reset,
             poll,
-            warned: 0,
+            peers: crate::ratelimit::PeerLog::for_device(&name),
+            faults: crate::vhost_user::memory::guest_mapping::FaultWatch::default(),
             sim_report,
             queues: vec![false; usize::from(pairs)],
         };

@@ -163,9 +163,11 @@ impl Datapath for DataPath {
         )
         .map_err(|e| DatapathError::failed("set_ring_kick", e))?;
         if let Some(old) = self.rings[index].take() {
-            let _ = self
-                .registry
-                .deregister(&mut SourceFd(&old.kick.as_raw_fd()));
+            if old.watched {
+                let _ = self
+                    .registry
+                    .deregister(&mut SourceFd(&old.kick.as_raw_fd()));
+            }
         }
         self.registry
             .register(
@@ -180,6 +182,7 @@ impl Datapath for DataPath {
             call: start.call,
             enabled: start.enabled,
             broken: false,
+            watched: true,
         });
         // The dataplane may hold frames that waited for this ring.
         if index.is_multiple_of(2) {

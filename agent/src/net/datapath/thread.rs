@@ -17,7 +17,9 @@ use netdev::stats::{PairCounts, PairStats};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::{Command, SimReport};
+use crate::ratelimit::PeerLog;
 use crate::vhost_user::datapath;
+use crate::vhost_user::memory::guest_mapping::FaultWatch;
 use crate::vhost_user::memory::GuestRam;
 use crate::vhost_user::vring::drain_eventfd;
 use crate::wake_channel::{Gone, WakeReceiver};
@@ -37,6 +39,9 @@ pub(super) struct Slot {
     pub(super) call: Option<Arc<File>>,
     pub(super) enabled: bool,
     pub(super) broken: bool,
+    /// Its kick is still watched (a broken ring's is not: a guest that
+    /// keeps kicking it must not keep waking the data path).
+    pub(super) watched: bool,
 }
 
 impl Slot {
@@ -73,8 +78,10 @@ pub(super) struct DataPath {
     pub(super) rx_buf: Vec<u8>,
     pub(super) needs_reset: Arc<AtomicBool>,
     pub(super) poll: Duration,
-    /// Log lines about guest errors so far (rate limit).
-    pub(super) warned: u32,
+    /// Warnings about what the guest did wrong, rate-limited per device.
+    pub(super) peers: Arc<PeerLog>,
+    /// Contained SIGBUS in guest memory (the front-end shrank it).
+    pub(super) faults: FaultWatch,
     /// The cost model's accounting, for the control API.
     pub(super) sim_report: Arc<Mutex<Option<SimReport>>>,
     /// Per pair: its dataplane queue was created (`create_queue`).
@@ -96,9 +103,38 @@ impl DataPath {
     }
 
     pub(super) fn warn(&mut self, text: std::fmt::Arguments<'_>) {
-        if self.warned < 20 {
-            self.warned += 1;
-            log::warn!("{}: {text}", self.name);
+        self.peers.warn(text);
+    }
+
+    /// Stop watching the kicks of broken rings: they are not looked at
+    /// again until they are started anew.
+    fn unwatch_broken(&mut self) {
+        for slot in self.rings.iter_mut().flatten() {
+            if slot.broken && slot.watched {
+                slot.watched = false;
+                let _ = self
+                    .registry
+                    .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+            }
+        }
+    }
+
+    /// The front-end truncated guest memory under our mapping (a SIGBUS
+    /// was contained): every ring stops until the device is reset.
+    pub(super) fn memory_faulted(&mut self) {
+        let mut stopped = 0;
+        for slot in self.rings.iter_mut().flatten() {
+            if !slot.broken {
+                slot.broken = true;
+                stopped += 1;
+            }
+        }
+        self.needs_reset.store(true, Ordering::SeqCst);
+        if stopped > 0 {
+            log::error!(
+                "{}: the front-end truncated guest memory under the agent's mapping (SIGBUS contained); {stopped} ring(s) stopped, the device needs a reset",
+                self.name
+            );
         }
     }
 
@@ -135,6 +171,7 @@ impl DataPath {
             if commands.pending() {
                 continue;
             }
+            self.unwatch_broken();
             if let Err(e) = poller.poll(&mut events, None) {
                 if e.kind() == io::ErrorKind::Interrupted {
                     continue;
@@ -267,9 +304,11 @@ impl DataPath {
     /// at the step's end, so the index is exact.
     pub(super) fn stop(&mut self, index: u16) -> Option<(u16, File)> {
         let slot = self.rings.get_mut(usize::from(index))?.take()?;
-        let _ = self
-            .registry
-            .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+        if slot.watched {
+            let _ = self
+                .registry
+                .deregister(&mut SourceFd(&slot.kick.as_raw_fd()));
+        }
         Some((slot.ring.next_avail(), slot.kick))
     }
 

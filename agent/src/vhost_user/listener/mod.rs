@@ -126,12 +126,11 @@ impl std::fmt::Debug for ServerHandle {
 }
 
 impl ServerHandle {
-    /// A handle to no server (unit tests of the registry and control API):
-    /// every request finds the protocol thread gone.
-    #[cfg(test)]
+    /// A handle to no server (the registry's and control API's tests, the
+    /// control-line fuzzer): every request finds the protocol thread gone.
     pub fn unserved() -> ServerHandle {
-        let poll = Poll::new().expect("a poll instance for a test");
-        let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("a waker for a test"));
+        let poll = Poll::new().expect("an epoll instance");
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE).expect("an eventfd waker"));
         let (requests, _) = mpsc::channel();
         ServerHandle {
             waker,

@@ -99,13 +99,13 @@ impl MemoryMap {
             region.user_addr.0,
             region.file_offset,
         );
-        let mmap = message
-            .mmap_region::<LogBitmap>(file)
-            .map_err(|source| MemoryError::Map {
+        let mmap = super::guest_mapping::map_region(&message, file).map_err(|source| {
+            MemoryError::Map {
                 guest_phys_addr,
                 size,
                 source,
-            })?;
+            }
+        })?;
         let mapping = GuestRegionMmap::new(mmap, GuestAddress(guest_phys_addr)).ok_or(
             MemoryError::Layout {
                 guest_phys_addr,

@@ -15,6 +15,7 @@ use vm_memory::GuestMemoryMmap;
 
 use super::dirty_log::LogBitmap;
 
+pub(crate) mod guest_mapping;
 mod mapped;
 mod table;
 #[cfg(test)]
@@ -49,9 +50,9 @@ pub enum MemoryError {
         guest_phys_addr: u64,
         /// Size of the region.
         size: u64,
-        /// Cause.
+        /// Cause: the fd or range was refused, or mmap failed.
         #[source]
-        source: vhost::vhost_user::Error,
+        source: shm::ShmError,
     },
     /// A region is empty or wraps around.
     #[error("region at guest address {guest_phys_addr:#x} of {size} bytes is empty or wraps")]

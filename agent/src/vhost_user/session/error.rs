@@ -88,9 +88,10 @@ pub enum SessionError {
         size: u64,
         /// mmap_offset from the request.
         offset: u64,
-        /// Cause.
+        /// Cause: the fd was refused (not sealed against shrinking, too
+        /// small, not memory) or mmap failed.
         #[source]
-        source: std::io::Error,
+        source: shm::ShmError,
     },
     /// A config space access out of bounds.
     #[error("config space read of {size} byte(s) at {offset} is out of bounds")]
@@ -109,21 +110,8 @@ pub enum SessionError {
     /// The request needs a protocol feature the front-end did not ack.
     #[error("{0} without its protocol feature negotiated")]
     NotNegotiated(&'static str),
-    /// GET/SET_INFLIGHT_FD described queues this device does not have.
-    #[error(
-        "inflight region for {num_queues} queue(s) of {queue_size}; the device has {max_queues} queue(s) of at most {max_size} (a power of two)"
-    )]
-    InflightShape {
-        /// Queues described.
-        num_queues: u16,
-        /// Descriptors per queue described.
-        queue_size: u16,
-        /// The device's queues.
-        max_queues: u16,
-        /// The device's largest ring.
-        max_size: u16,
-    },
-    /// The inflight region could not be created or mapped.
+    /// The inflight region does not fit the device, or could not be
+    /// created or mapped.
     #[error(transparent)]
     Inflight(#[from] blkdev::inflight::InflightError),
     /// A device state transfer failed.

@@ -17,21 +17,11 @@ impl Session {
             return Err(SessionError::Unsupported("the inflight region"));
         }
         let (num_queues, queue_size) = (inflight.num_queues, inflight.queue_size);
-        let max_queues = self.device.num_rings();
-        let max_size = self.device.max_ring_size();
-        if num_queues == 0
-            || num_queues > max_queues
-            || queue_size == 0
-            || queue_size > max_size
-            || !queue_size.is_power_of_two()
-        {
-            return Err(SessionError::InflightShape {
-                num_queues,
-                queue_size,
-                max_queues,
-                max_size,
-            });
-        }
+        let device = blkdev::inflight::DeviceQueues {
+            num_queues: self.device.num_rings(),
+            max_queue_size: self.device.max_ring_size(),
+        };
+        blkdev::inflight::check_shape(num_queues, queue_size, device)?;
         Ok((num_queues, queue_size))
     }
 
