@@ -360,8 +360,14 @@ impl Lab {
         Err(LabError::Failed {
             name: config.name.clone(),
             details: run.verdict.details.clone(),
+            // The results first: on a slow boot the serial tail can be
+            // all kernel noise printed after them.
             diagnostics: format!(
-                "----- serial ({}) -----\n{}",
+                "----- results -----\n{}----- serial ({}) -----\n{}",
+                run.results
+                    .iter()
+                    .map(|r| format!("{RESULT_MARKER}{r}\n"))
+                    .collect::<String>(),
                 run.serial_log.display(),
                 tail(&run.serial, SERIAL_TAIL_LINES)
             ),
@@ -381,6 +387,18 @@ impl Lab {
         let initrd = dir.join(format!("{name}-initrd.img"));
         let serial_log = dir.join(format!("{name}-serial.log"));
         let qemu_log = dir.join(format!("{name}-qemu.log"));
+        // A run before this one in the same directory left its serial log:
+        // read before QEMU truncates it, its verdict would pass for ours.
+        match std::fs::remove_file(&serial_log) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => {
+                return Err(LabError::Spawn {
+                    command: format!("remove the old {}", serial_log.display()),
+                    source,
+                })
+            }
+        }
         let payload_bytes = payload.write_archive(&archive, &self.base_libs)?;
         concatenate(&[&self.base_initrd, &archive], &initrd)?;
         let _ = std::fs::remove_file(&archive);

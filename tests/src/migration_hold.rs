@@ -298,7 +298,9 @@ impl Migration {
 /// With `hold`, the stop is held back ([`Migration::begin`]) and
 /// `ready(rig, src, query-migrate)` is asked every 50 ms until it says the
 /// guest may stop; `watch(rig, src)` is then called every 2 ms until the
-/// migration completes (to observe or act around the stop).
+/// migration completes, and once more when it has (to observe or act
+/// around the stop: a stop and the completion can both fall between two
+/// polls, and a `watch` waiting for the stop must still get its turn).
 pub fn migrate(
     rig: &mut Rig,
     mut src: Vm,
@@ -317,6 +319,11 @@ pub fn migrate(
             Err(e) => panic!("{e}\n{}", both(&src, &dst)),
         };
         if info["status"] == "completed" {
+            if migration.stop_allowed {
+                if let Err(e) = watch(rig, &src) {
+                    panic!("{e}\n{}", both(&src, &dst));
+                }
+            }
             break info;
         }
         if std::env::var_os(DEBUG_ENV).is_some() {

@@ -201,17 +201,20 @@ impl SlowDisk {
         self.set_throttle(0)
     }
 
-    /// Writes the cgroup's processes submitted to the device so far,
-    /// held ones included (the kernel counts a bio when it enters the
-    /// throttle): blkio.throttle.io_serviced (v1) or io.stat `wios` (v2).
-    pub fn writes_submitted(&self) -> Result<u64, String> {
+    /// Bytes of data the cgroup's processes have written to the device so
+    /// far, held ones included (the kernel counts a bio when it enters the
+    /// throttle): blkio.throttle.io_service_bytes (v1) or io.stat `wbytes`
+    /// (v2). Bytes, not bios: a cache flush is a write bio of 0 bytes that
+    /// the throttle lets through at once, so a bio count can grow while no
+    /// data at all is held.
+    pub fn write_bytes_submitted(&self) -> Result<u64, String> {
         let (file, key) = match &self.throttle {
-            Throttle::V1(dir) => (dir.join("blkio.throttle.io_serviced"), "Write"),
-            Throttle::V2(dir) => (dir.join("io.stat"), "wios="),
+            Throttle::V1(dir) => (dir.join("blkio.throttle.io_service_bytes"), "Write"),
+            Throttle::V2(dir) => (dir.join("io.stat"), "wbytes="),
         };
         let text =
             std::fs::read_to_string(&file).map_err(|e| format!("read {}: {e}", file.display()))?;
-        // v1: `MAJ:MIN Write N`; v2: `MAJ:MIN rbytes=.. wbytes=.. rios=.. wios=N ..`.
+        // v1: `MAJ:MIN Write N`; v2: `MAJ:MIN rbytes=.. wbytes=N rios=.. ..`.
         let count = text.lines().find_map(|line| {
             let mut words = line.split_whitespace();
             if words.next()? != self.major_minor {

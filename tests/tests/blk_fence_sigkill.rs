@@ -132,6 +132,9 @@ fn regression_a_killed_source_keeps_the_fence_until_the_kernel_has_its_writes() 
     let options = StartOptions::with_protocol(1, QUEUE_SIZE, PROTOCOL_SUSPEND);
     let mut src = TestFrontend::start(&source_socket, &options);
     disk.hold_writes().unwrap_or_else(|e| panic!("{e}"));
+    let bytes_before = disk
+        .write_bytes_submitted()
+        .unwrap_or_else(|e| panic!("{e}"));
     let requests: Vec<BlkRequest> = (0..WRITES)
         .map(|block| {
             src.fill(block, &pattern(0xa, block));
@@ -145,6 +148,23 @@ fn regression_a_killed_source_keeps_the_fence_until_the_kernel_has_its_writes() 
         }),
         "the source took {} of {WRITES} writes",
         src.region().queue(0).inflight_count()
+    );
+    // What this test is about needs the writes inside the kernel, not
+    // merely taken by the agent: an io_uring operation still queued in
+    // user space or punted to an io-wq worker that has not run is
+    // cancelled when the process dies and never reaches storage (then the
+    // lock may go at once, and rightly so). Wait until the throttle holds
+    // every byte of them.
+    let wanted = bytes_before + WRITES * BLOCK as u64;
+    let mut held = 0;
+    assert!(
+        wait_until(COMPLETE_TIMEOUT, || {
+            held = disk.write_bytes_submitted().unwrap_or(0);
+            held >= wanted
+        }),
+        "the throttle holds {} of the {} bytes the source was given",
+        held.saturating_sub(bytes_before),
+        WRITES * BLOCK as u64
     );
     let stopped = src.stop(StopRequest::GetVringBase);
     let devices = support::control_execute(&source_ctl, "query-devices", serde_json::json!({}))

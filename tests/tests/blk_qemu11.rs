@@ -190,8 +190,10 @@ enum Fence {
     Lock,
     /// `fence=api`: the test, as orchestrator, releases the destination.
     Api,
-    /// `fence=lock`, and the source agent is SIGKILLed right after its
-    /// suspending reply.
+    /// `fence=lock`, and the source agent is SIGKILLed after its
+    /// suspending reply: at the first poll that sees the stop, or when
+    /// the migration completes if the stop fell between two polls. Either
+    /// way its writes are still held in the kernel.
     LockSourceKilled,
 }
 
@@ -223,17 +225,20 @@ fn fence_case(fence: Fence) {
     let source_last = vm.qemu.rounds().last().copied();
 
     disk.hold_writes().unwrap_or_else(|e| panic!("{e}"));
-    let submitted_before = disk.writes_submitted().unwrap_or_else(|e| panic!("{e}"));
+    let submitted_before = disk
+        .write_bytes_submitted()
+        .unwrap_or_else(|e| panic!("{e}"));
     let mut abandoned_at_kill = None;
     let (mut vm, stats) = migrate(
         &mut rig,
         vm,
         true,
         |_, src, info| {
-            // Ready once a write is held in the kernel: that round cannot
+            // Ready once data is held in the kernel (bytes: a flush is a
+            // 0-byte write bio the throttle passes): that round cannot
             // finish, so the guest's writes pile up until the stop.
             Ok(handoff_vm::Migration::first_pass_done(info)
-                && disk.writes_submitted()? > submitted_before
+                && disk.write_bytes_submitted()? > submitted_before
                 && qemu_inflight_count(src.pid())? > 0)
         },
         |rig, _| {
