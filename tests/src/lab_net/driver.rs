@@ -361,8 +361,8 @@ impl NetGuest {
     /// VHOST_F_LOG_ALL on, as a migration source gets it.
     pub fn log_on(&mut self) -> DirtyLog {
         let size = RAM_SIZE / PAGE / 8;
-        let file = tempfile::tempfile().expect("log file");
-        file.set_len(size).expect("size the log");
+        // Sealed, as QEMU's: the agent refuses a log that could shrink.
+        let file = crate::frontend::sealed_memfd("vhost-log", size);
         self.fe
             .frontend
             .set_log_base(

@@ -41,10 +41,25 @@ impl DeviceServer {
                 Ok(())
             }
             _ => {
-                log::error!("{}: {name} failed: {error}", self.name);
+                // The whole chain: the handler's error says what it could
+                // not do, its sources say why.
+                let reason = match &error {
+                    // The crate's text shows the handler's error itself;
+                    // add what it leaves out, the error's sources.
+                    VhostError::ReqHandlerError(cause) => {
+                        let inner = cause
+                            .get_ref()
+                            .map_or(cause as &dyn std::error::Error, |inner| inner);
+                        let chain = crate::error_chain(inner);
+                        let sources = chain.strip_prefix(&inner.to_string()).unwrap_or("");
+                        format!("{error}{sources}")
+                    }
+                    _ => error.to_string(),
+                };
+                log::error!("{}: {name} failed: {reason}", self.name);
                 Err(Disconnect::Failed {
                     request: name,
-                    reason: error.to_string(),
+                    reason,
                 })
             }
         }

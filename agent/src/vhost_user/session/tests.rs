@@ -188,6 +188,24 @@ impl Device for RecordedNet {
     }
 }
 
+/// A dirty log as QEMU makes it: a memfd sealed against resizing (the
+/// session refuses a log that could shrink under its mapping).
+fn sealed_log(size: u64) -> File {
+    use std::os::unix::io::{AsRawFd, FromRawFd};
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe {
+        libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
+    };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: `fd` was just created and is owned by nothing else.
+    let file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(size).unwrap();
+    let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+    // SAFETY: F_ADD_SEALS with an int argument on our memfd.
+    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0);
+    file
+}
+
 fn eventfd() -> File {
     use std::os::unix::io::FromRawFd;
     // SAFETY: eventfd(2) takes no pointers; the result is checked.
@@ -543,8 +561,7 @@ fn the_device_hears_when_dirty_logging_switches() {
             .copied()
     };
     assert_eq!(last_log_call(&rig), Some("set_log(off)"));
-    let log = tempfile::tempfile().unwrap();
-    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    let log = sealed_log(RAM_SIZE / 4096 / 8);
     rig.session
         .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
         .unwrap();
@@ -563,8 +580,7 @@ fn the_device_hears_when_dirty_logging_switches() {
     let mut rig = Rig::new(1, 1500);
     rig.connect(false);
     rig.start(1, 1500);
-    let log = tempfile::tempfile().unwrap();
-    log.set_len(RAM_SIZE / 4096 / 8).unwrap();
+    let log = sealed_log(RAM_SIZE / 4096 / 8);
     rig.session
         .set_log_base(&VhostUserLog::new(RAM_SIZE / 4096 / 8, 0), log)
         .unwrap();
