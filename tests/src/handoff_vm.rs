@@ -383,15 +383,20 @@ impl RoundStart {
     /// Call repeatedly (with the source's `query-migrate`); true once the
     /// guest stands at the start of a round with requests in flight.
     pub fn reached(&mut self, src: &Vm, info: &Value) -> Result<bool, String> {
+        self.reached_on(&src.qemu, info)
+    }
+
+    /// [`RoundStart::reached`] for any source QEMU (another rig's VM).
+    pub fn reached_on(&mut self, src: &Qemu, info: &Value) -> Result<bool, String> {
         if !Migration::first_pass_done(info) {
             return Ok(false);
         }
-        let rounds = src.qemu.rounds().len();
+        let rounds = src.rounds().len();
         let seen = *self.rounds_seen.get_or_insert(rounds);
         if rounds <= seen {
             return Ok(false);
         }
-        Ok(qemu_inflight_count(src.pid())? >= ROUND_RUNNING_INFLIGHT)
+        Ok(qemu_inflight_count(src.process.child.id())? >= ROUND_RUNNING_INFLIGHT)
     }
 }
 

@@ -9,19 +9,31 @@
 //! management stack and a migration tool would (a QMP socket serves one
 //! client at a time).
 //!
-//! Nothing here judges a migration; the tests do.
+//! QEMU 11.1 with a disk `inflight-migration=on` is one more
+//! [`RigOptions`] ([`RigOptions::qemu11_inflight`]); a migration held
+//! short of its stop until requests are in flight is [`hold`].
+//!
+//! What every migration through the command must show on its timeline
+//! (each phase, in order) is checked in [`timeline`] ([`assert_phases`]);
+//! the rest of the judging is the tests'.
 
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::agent::AgentCommand;
 use crate::netns::Lan;
-use crate::qemu::{Nic, Qemu, Qmp, VhostUserBlk, VmConfig, NET_READY_MARKER};
-use crate::support::{agent_binary, create_image, workspace_root, ChildGuard};
+use crate::qemu::{Nic, Qemu, QemuBinary, Qmp, VhostUserBlk, VmConfig, NET_READY_MARKER};
+use crate::qemu11;
+use crate::support::{agent_binary, control_execute, create_image, workspace_root, ChildGuard};
+
+pub mod hold;
+pub mod timeline;
+
+pub use self::timeline::{assert_before, assert_phases, device, ops, phase, phase_end, PHASES};
 
 /// The guest's MAC; udhcpd leases it a fixed address.
 pub const GUEST_MAC: &str = "52:54:00:77:00:40";
@@ -37,23 +49,8 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// Seconds `vhost-agent migrate` may take (its `--timeout-s`).
 pub const MIGRATE_TIMEOUT_S: u64 = 120;
 
-/// The phases `vhost-agent migrate` reports, in migration order
-/// (docs of `vhost_agent::migrate::timeline`).
-pub const PHASES: [&str; 10] = [
-    "migrate",
-    "vm-stop",
-    "source-first-get-vring-base",
-    "source-last-get-vring-base-reply",
-    "device-state-save",
-    "device-state-load",
-    "destination-first-start-message",
-    "destination-rings-running",
-    "vm-resume",
-    "migration-completed",
-];
-
-/// How QEMU is launched: [`Qemu::spawn_named`] for QEMU 10; another
-/// build (QEMU 11.1) brings its own.
+/// How QEMU is launched: [`Qemu::spawn_named`], which also runs QEMU 11.1
+/// when the configuration says so ([`VmConfig::qemu`]).
 pub type Launch = fn(&VmConfig, &Path, &str) -> Qemu;
 
 /// What the rig sets up.
@@ -83,6 +80,31 @@ impl RigOptions {
             configure: |config| config,
         }
     }
+
+    /// QEMU 11.1 with the disk `inflight-migration=on`, so a stop hands
+    /// the disk's unanswered requests over; every agent's disk with
+    /// `latency-ms` (requests stay in flight that long) and the API write
+    /// fence; the net device on a tap without a profile.
+    pub fn qemu11_inflight(latency_ms: u32) -> RigOptions {
+        RigOptions {
+            profile: false,
+            queue_pairs: 2,
+            blk_extra: format!(",fence=api,latency-ms={latency_ms}"),
+            launch: Qemu::spawn_named,
+            configure: inflight_migration_on,
+        }
+    }
+}
+
+/// QEMU 11.1, its disks given as `-device` arguments with
+/// `inflight-migration=on` (a property [`VhostUserBlk`] does not know).
+fn inflight_migration_on(mut config: VmConfig) -> VmConfig {
+    for (index, disk) in std::mem::take(&mut config.disks).iter().enumerate() {
+        let id = format!("blk{index}");
+        let args = qemu11::blk_args(&id, &disk.socket, true, disk.reconnect_ms);
+        config.extra_args.extend(args);
+    }
+    config.qemu(QemuBinary::Trixie)
 }
 
 /// One agent with its sockets, tap and log.
@@ -124,6 +146,33 @@ pub struct MigrateRun {
     pub stderr: String,
     /// The `--out` JSON, when it wrote one.
     pub timeline: Option<Value>,
+}
+
+/// A `vhost-agent migrate` under way ([`MigrationRig::start`]).
+struct Started {
+    child: ChildGuard,
+    out: PathBuf,
+    stdout: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Started {
+    /// What the command did, once it exited with `status`.
+    fn collect(self, status: std::process::ExitStatus) -> MigrateRun {
+        let read = |path: &Path| std::fs::read_to_string(path).unwrap_or_default();
+        let (stdout, stderr) = (read(&self.stdout), read(&self.stderr));
+        eprintln!("----- vhost-agent migrate ({status}) -----\n{stderr}{stdout}");
+        let timeline = std::fs::read_to_string(&self.out).ok().map(|text| {
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}\n{text}", self.out.display()))
+        });
+        MigrateRun {
+            status,
+            stdout,
+            stderr,
+            timeline,
+        }
+    }
 }
 
 /// The namespace, the agents, the image (module docs).
@@ -319,6 +368,30 @@ impl MigrationRig {
         (vm, format!("tcp:127.0.0.1:{port}"))
     }
 
+    /// The `fence` member of agent `side`'s disk0 (`query-devices`).
+    pub fn disk_fence(&self, side: usize) -> Value {
+        control_execute(&self.agents[side].control, "query-devices", json!({}))
+            .unwrap_or_else(|e| panic!("query-devices on agent {side}: {e}"))
+            .as_array()
+            .and_then(|devices| devices.iter().find(|entry| entry["id"] == "disk0"))
+            .unwrap_or_else(|| panic!("agent {side} lists no disk0"))["fence"]
+            .clone()
+    }
+
+    /// Agent `side`'s disk0 entry of `query-metrics`.
+    pub fn disk_metrics(&self, side: usize) -> Value {
+        let reply = control_execute(
+            &self.agents[side].control,
+            "query-metrics",
+            json!({ "device": "disk0" }),
+        )
+        .unwrap_or_else(|e| panic!("query-metrics on agent {side}: {e}"));
+        reply
+            .get(0)
+            .cloned()
+            .unwrap_or_else(|| panic!("agent {side}: no metrics for disk0: {reply}"))
+    }
+
     /// `vhost-agent migrate` from `src` (agent `from`) to `dst` (agent
     /// `to`), with `extra` arguments (e.g. `--no-presetup`).
     pub fn migrate_command(
@@ -342,28 +415,45 @@ impl MigrationRig {
 
     /// Run `cmd` (from [`Self::migrate_command`]) with `--out` into the
     /// rig's directory; what it did.
-    pub fn run(&mut self, mut cmd: Command) -> MigrateRun {
+    pub fn run(&mut self, cmd: Command) -> MigrateRun {
+        let mut started = self.start(cmd);
+        let status = started
+            .child
+            .child
+            .wait()
+            .expect("wait for vhost-agent migrate");
+        started.collect(status)
+    }
+
+    /// Start `cmd` with `--out`, its stdout and stderr into files of the
+    /// rig's directory (read by [`Started::collect`]), so nobody has to
+    /// drain pipes while the test watches the migration.
+    fn start(&mut self, mut cmd: Command) -> Started {
         self.runs += 1;
-        let out = self.dir.path().join(format!("timeline-{}.json", self.runs));
-        let output = cmd
+        let file = |what: &str| {
+            self.dir
+                .path()
+                .join(format!("migrate-{}.{what}", self.runs))
+        };
+        let (out, stdout, stderr) = (file("json"), file("stdout"), file("stderr"));
+        let create = |path: &Path| {
+            std::fs::File::create(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        };
+        let child = cmd
             .arg("--out")
             .arg(&out)
-            .output()
+            .stdout(create(&stdout))
+            .stderr(create(&stderr))
+            .spawn()
             .expect("run vhost-agent migrate");
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        eprintln!(
-            "----- vhost-agent migrate ({}) -----\n{stderr}{stdout}",
-            output.status
-        );
-        let timeline = std::fs::read_to_string(&out).ok().map(|text| {
-            serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}\n{text}", out.display()))
-        });
-        MigrateRun {
-            status: output.status,
+        Started {
+            child: ChildGuard {
+                child,
+                name: "vhost-agent migrate".to_string(),
+            },
+            out,
             stdout,
             stderr,
-            timeline,
         }
     }
 
@@ -396,43 +486,4 @@ pub fn migrate_command(src: &Vm, dst: &Vm, from: &Path, to: &Path, uri: &str) ->
         .args(["--uri", uri])
         .args(["--timeout-s", &MIGRATE_TIMEOUT_S.to_string()]);
     cmd
-}
-
-/// Phase `name` of a timeline: its `at-ms` and `uncertainty-ms`.
-pub fn phase(timeline: &Value, name: &str) -> Option<(f64, f64)> {
-    let phase = timeline["phases"]
-        .as_array()?
-        .iter()
-        .find(|phase| phase["phase"] == name)?;
-    Some((
-        phase["at-ms"].as_f64()?,
-        phase["uncertainty-ms"].as_f64().unwrap_or(0.0),
-    ))
-}
-
-/// The end of phase `name` (phases with a duration).
-pub fn phase_end(timeline: &Value, name: &str) -> Option<f64> {
-    timeline["phases"]
-        .as_array()?
-        .iter()
-        .find(|phase| phase["phase"] == name)?["end-ms"]
-        .as_f64()
-}
-
-/// The entry of device `id` (source id) in a timeline's `devices`.
-pub fn device<'a>(timeline: &'a Value, id: &str) -> &'a Value {
-    timeline["devices"]
-        .as_array()
-        .and_then(|devices| devices.iter().find(|device| device["source"] == id))
-        .unwrap_or_else(|| panic!("no device {id} in the timeline: {timeline}"))
-}
-
-/// Heavy-op list `list` of device `id`.
-pub fn ops(timeline: &Value, id: &str, list: &str) -> Vec<String> {
-    device(timeline, id)[list]
-        .as_array()
-        .unwrap_or_else(|| panic!("no {list} for {id}: {timeline}"))
-        .iter()
-        .filter_map(|op| op.as_str().map(str::to_string))
-        .collect()
 }

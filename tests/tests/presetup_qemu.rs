@@ -13,6 +13,15 @@
 //! there) and from the timeline (every phase present and in the order the
 //! migration imposes; presetup took the heavy ops off the switchover).
 //!
+//! The same on QEMU 11.1 (the trixie tree) with the disk
+//! `inflight-migration=on` and 50 ms of storage latency: the migration is
+//! held short of its stop until a fio round's requests are in flight
+//! (after checking QEMU acked GET_VRING_BASE_INFLIGHT), so the source
+//! hands them over: its `query-metrics` count them, the timeline carries
+//! that count, and the destination resubmitted exactly those behind its
+//! `fence=api` gate, closed before the migration and opened by the
+//! command's `fence-release` after QEMU completed.
+//!
 //! Then the failing steps: a wrong control socket, a destination agent
 //! that refuses presetup, and a QMP error each make the command exit 1
 //! and leave the VM running on the source, still answering and verifying.
@@ -21,16 +30,19 @@
 //! without presetup, and on a tap without the profile, over alternating
 //! runs (`VHOST_PING_GAP_RUNS`, default 5).
 //!
-//! Needs root, iproute2, QEMU 10 and the guest build tools: run
-//! `scripts/install-test-deps.sh` first. Missing tools fail the tests.
+//! Needs root, iproute2, QEMU 10, QEMU 11.1 in the trixie tree and the
+//! guest build tools: run `scripts/install-test-deps.sh` first. Missing tools fail the tests.
 
 use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
+use vhost_agent_tests::handoff_vm::{resubmissions, RoundStart};
+use vhost_agent_tests::migrate_rig::hold::HELD_BANDWIDTH_MIB;
 use vhost_agent_tests::migrate_rig::{
-    device, migrate_command, ops, phase, phase_end, MigrationRig, RigOptions, Vm, PHASES, REGIONS,
+    assert_before, assert_phases, device, migrate_command, ops, MigrationRig, RigOptions, Vm,
+    PHASES, REGIONS,
 };
 use vhost_agent_tests::pinger::{PingReport, Pinger};
 use vhost_agent_tests::qemu::{self, Verdict};
@@ -47,6 +59,11 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const ROUNDS_AFTER: usize = 2;
 /// Rounds after a migration, and the final verify.
 const ROUNDS_TIMEOUT: Duration = Duration::from_secs(180);
+/// Storage latency of the QEMU 11.1 case's disk: a fio round's 32
+/// requests stay in flight this long, so the stop meets some.
+const LATENCY_MS: u32 = 50;
+/// The protocol feature QEMU 11.1 acks with `inflight-migration=on`.
+const PROTOCOL_F_GET_VRING_BASE_INFLIGHT: u64 = 1 << 20;
 
 /// A guest-visible check: the verdict of a clean `net-fio-rounds` run.
 fn assert_verified(verdict: &Verdict) {
@@ -75,101 +92,76 @@ fn finish_guest(rig: &MigrationRig, vm: &mut Vm) {
     assert_verified(&verdict);
 }
 
-/// `earlier` comes no later than `later`, each a phase's start (`at`) or
-/// end, within both clocks' uncertainty.
-fn assert_before(timeline: &Value, earlier: (&str, bool), later: (&str, bool)) {
-    let time = |(name, end): (&str, bool)| {
-        let (at, plus_minus) =
-            phase(timeline, name).unwrap_or_else(|| panic!("no phase {name}: {timeline}"));
-        let value = if end {
-            phase_end(timeline, name).unwrap_or_else(|| panic!("phase {name} has no end"))
-        } else {
-            at
-        };
-        (value, plus_minus)
-    };
-    let (a, a_pm) = time(earlier);
-    let (b, b_pm) = time(later);
-    assert!(
-        a <= b + a_pm + b_pm,
-        "{} {} at {a:.3} ms (±{a_pm:.3}) is after {} {} at {b:.3} ms (±{b_pm:.3})\n{timeline:#}",
-        earlier.0,
-        if earlier.1 { "ends" } else { "begins" },
-        later.0,
-        if later.1 { "ends" } else { "begins" },
-    );
-}
-
-/// Every phase is on the timeline, and in the order the migration
-/// imposes. QEMU sends STOP after its devices stopped and RESUME before
-/// they start, so those two are ordered against what they must follow
-/// or precede, not within the agents' chain.
-fn assert_phases(timeline: &Value) {
-    for name in PHASES {
-        assert!(
-            phase(timeline, name).is_some(),
-            "phase {name} missing\n{timeline:#}"
-        );
-    }
-    let at = |name| (name, false);
-    let end = |name| (name, true);
-    let chain = [
-        at("migrate"),
-        at("source-first-get-vring-base"),
-        at("source-last-get-vring-base-reply"),
-        at("device-state-save"),
-        end("device-state-save"),
-    ];
-    for pair in chain.windows(2) {
-        assert_before(timeline, pair[0], pair[1]);
-    }
-    // The destination loads what the source began saving, then starts.
-    let chain = [
-        at("device-state-save"),
-        at("device-state-load"),
-        end("device-state-load"),
-        at("destination-first-start-message"),
-        at("destination-rings-running"),
-    ];
-    for pair in chain.windows(2) {
-        assert_before(timeline, pair[0], pair[1]);
-    }
-    assert_before(timeline, at("migrate"), at("vm-stop"));
-    assert_before(timeline, at("vm-stop"), end("device-state-load"));
-    assert_before(timeline, end("device-state-load"), at("vm-resume"));
-    assert_before(timeline, at("vm-stop"), at("migration-completed"));
-    assert!(
-        phase(timeline, "fence-released").is_some(),
-        "the fence=api disk was not released\n{timeline:#}"
-    );
-    // Both devices were found through QEMU's chardevs.
-    for id in ["net0", "disk0"] {
-        assert!(device(timeline, id)["chardev"].is_string(), "{timeline:#}");
-    }
-}
-
 /// What one successful migration gave.
 struct Migrated {
     timeline: Value,
     pings: PingReport,
+    /// The destination agent's log.
+    destination_log: String,
+    /// The source agent's disk0 `query-metrics` after the migration.
+    source_disk: Value,
+}
+
+/// When the guest may stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stop {
+    /// When QEMU decides.
+    Free,
+    /// Held ([`MigrationRig::run_held`]) until a fresh fio round's
+    /// requests are in the source's inflight region, so a stop that hands
+    /// them over surely has some; only after checking the source QEMU
+    /// negotiated that handoff.
+    AtRoundStart,
 }
 
 /// Boot on side 0, ping, migrate to side 1 through `vhost-agent migrate`
-/// (with `--no-presetup` unless `presetup`), check the guest answers on
-/// the destination and verifies its disk there, and the timeline.
-fn migrate_and_verify(options: RigOptions, presetup: bool) -> Migrated {
+/// (with `--no-presetup` unless `presetup`) with the stop as `stop` says,
+/// check the guest answers on the destination and verifies its disk
+/// there, and the timeline.
+fn migrate_and_verify(options: RigOptions, presetup: bool, stop: Stop) -> Migrated {
     let mut rig = MigrationRig::new(options);
     let (mut src, guest) = rig.boot_source(0);
+    if stop == Stop::AtRoundStart {
+        let config = control_execute(
+            &rig.agents[0].control,
+            "query-config",
+            json!({ "device": "disk0" }),
+        )
+        .expect("query-config of the source's disk");
+        let acked = config["protocol_features"].as_u64().unwrap_or(0);
+        assert_ne!(
+            acked & PROTOCOL_F_GET_VRING_BASE_INFLIGHT,
+            0,
+            "the source QEMU did not negotiate the handoff: {config}"
+        );
+    }
     let pinger = Pinger::start(&rig.lan.ns, guest, PING_INTERVAL);
     if let Err(e) = pinger.wait_replies_since(Instant::now(), STEADY_REPLIES, ANSWER_TIMEOUT) {
         panic!("before the migration: {e}\n{}", src.qemu.diagnostics());
     }
     let (mut dst, uri) = rig.destination(1);
+    let fence = rig.disk_fence(1);
+    assert_eq!(
+        fence["open"], false,
+        "the destination's fence before: {fence}"
+    );
+    let source_before = rig.disk_metrics(0);
+    if stop == Stop::AtRoundStart {
+        rig.bandwidth_mib = HELD_BANDWIDTH_MIB;
+    }
     let mut cmd = rig.migrate_command(&src, &dst, 0, 1, &uri);
     if !presetup {
         cmd.arg("--no-presetup");
     }
-    let run = rig.run(cmd);
+    let run = match stop {
+        Stop::Free => rig.run(cmd),
+        Stop::AtRoundStart => {
+            let mut round_start = RoundStart::default();
+            rig.run_held(cmd, &mut src, |src, info| {
+                round_start.reached_on(&src.qemu, info)
+            })
+        }
+    };
     assert!(
         run.status.success(),
         "vhost-agent migrate failed:\n{}\n{}",
@@ -189,22 +181,29 @@ fn migrate_and_verify(options: RigOptions, presetup: bool) -> Migrated {
     src.qmp.quit();
     src.qemu.wait_exit(Duration::from_secs(30));
     let timeline = run.timeline.expect("--out wrote the timeline");
+    // The printed timeline lists every phase, in the migration's order.
+    let printed: Vec<Option<usize>> = PHASES
+        .iter()
+        .map(|name| run.stdout.find(&format!("  {name} ")))
+        .collect();
     assert!(
-        run.stdout.contains("destination-rings-running"),
-        "{}",
+        printed.iter().all(Option::is_some) && printed.windows(2).all(|w| w[0] < w[1]),
+        "phases printed at {printed:?}:\n{}",
         run.stdout
     );
     assert_phases(&timeline);
     assert_eq!(timeline["presetup"], presetup);
-    let fence = &control_execute(&rig.agents[1].control, "query-devices", json!({}))
-        .expect("query-devices on the destination")
-        .as_array()
-        .expect("an array")
-        .iter()
-        .find(|entry| entry["id"] == "disk0")
-        .expect("disk0")["fence"]
-        .clone();
-    assert_eq!(fence["open"], true, "the destination's fence: {fence}");
+    let fence = rig.disk_fence(1);
+    assert_eq!(
+        fence["open"], true,
+        "the destination's fence after: {fence}"
+    );
+    let source_after = rig.disk_metrics(0);
+    assert_eq!(
+        source_after["stops"].as_u64(),
+        source_before["stops"].as_u64().map(|stops| stops + 1),
+        "one stop on the source: {source_before} -> {source_after}"
+    );
     finish_guest(&rig, &mut dst);
     rig.assert_agents_alive();
     let net = device(&timeline, "net0");
@@ -217,12 +216,18 @@ fn migrate_and_verify(options: RigOptions, presetup: bool) -> Migrated {
             .as_f64()
             .unwrap_or(f64::NAN),
     );
-    Migrated { timeline, pings }
+    let destination_log = std::fs::read_to_string(&rig.agents[1].log).unwrap_or_default();
+    Migrated {
+        timeline,
+        pings,
+        destination_log,
+        source_disk: source_after,
+    }
 }
 
 #[test]
 fn migrate_without_presetup_configures_the_destination_in_full() {
-    let migrated = migrate_and_verify(RigOptions::new(true), false);
+    let migrated = migrate_and_verify(RigOptions::new(true), false, Stop::Free);
     let timeline = &migrated.timeline;
     for id in ["net0", "disk0"] {
         assert_eq!(device(timeline, id)["presetup-used"], false, "{timeline:#}");
@@ -238,7 +243,7 @@ fn migrate_without_presetup_configures_the_destination_in_full() {
 
 #[test]
 fn migrate_with_presetup_takes_the_heavy_ops_off_the_switchover() {
-    let migrated = migrate_and_verify(RigOptions::new(true), true);
+    let migrated = migrate_and_verify(RigOptions::new(true), true, Stop::Free);
     let timeline = &migrated.timeline;
     for id in ["net0", "disk0"] {
         assert_eq!(device(timeline, id)["presetup-used"], true, "{timeline:#}");
@@ -262,6 +267,65 @@ fn migrate_with_presetup_takes_the_heavy_ops_off_the_switchover() {
         "I/O rings created at the switchover despite presetup: {disk:?}"
     );
     assert!(migrated.pings.received > 0);
+}
+
+/// QEMU 11.1 with the disk `inflight-migration=on`, presetup on: the
+/// stop comes with a fio round's requests in flight (made so, see
+/// [`Stop::AtRoundStart`]), the source hands them over instead of
+/// draining, the destination resubmits exactly those behind the `fence=api`
+/// write fence, and the orchestrator releases it once the source has no
+/// abandoned writes left.
+#[test]
+fn migrate_qemu11_hands_in_flight_requests_to_the_destination() {
+    let options = RigOptions::qemu11_inflight(LATENCY_MS);
+    let migrated = migrate_and_verify(options, true, Stop::AtRoundStart);
+    let timeline = &migrated.timeline;
+    // The source agent's own count, and the orchestrator's copy of it.
+    let handed_off = migrated.source_disk["handed-off-last-stop"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no handed-off-last-stop: {}", migrated.source_disk));
+    assert!(
+        handed_off > 0,
+        "the stop came with a round's requests in flight, yet the source handed nothing off: {}",
+        migrated.source_disk
+    );
+    assert_eq!(
+        device(timeline, "disk0")["handed-off"].as_u64(),
+        Some(handed_off),
+        "the timeline's handed-off count is the source's\n{timeline:#}"
+    );
+    let resubmitted = resubmissions(&migrated.destination_log);
+    assert_eq!(
+        resubmitted.iter().map(|r| r.0).collect::<Vec<_>>(),
+        [handed_off],
+        "the destination resubmits exactly what the source left in the region"
+    );
+    // The orchestrator opened the fence only once QEMU was done.
+    assert_before(
+        timeline,
+        ("migration-completed", false),
+        ("fence-released", false),
+    );
+    for id in ["net0", "disk0"] {
+        assert_eq!(device(timeline, id)["presetup-used"], true, "{timeline:#}");
+    }
+    assert!(migrated.pings.received > 0);
+    let phases: Vec<String> = timeline["phases"]
+        .as_array()
+        .expect("phases")
+        .iter()
+        .map(|p| {
+            let at = p["at-ms"].as_f64().unwrap_or(f64::NAN);
+            format!("{} {at:.3}", p["phase"].as_str().unwrap_or("?"))
+        })
+        .collect();
+    eprintln!(
+        "QEMU 11.1: {handed_off} request(s) handed off, {} write(s) held by the fence until \
+         fence-release; QEMU downtime {} ms; phases (ms): {}",
+        resubmitted[0].1,
+        timeline["qemu"]["downtime-ms"],
+        phases.join(", ")
+    );
 }
 
 /// A source VM that keeps running while `vhost-agent migrate` fails:
