@@ -8,6 +8,7 @@
 pub mod common;
 pub mod datapath;
 pub mod device;
+pub mod kernel;
 pub mod state;
 pub mod vhost_net;
 

@@ -10,7 +10,8 @@
 //!   pair's even ring, its TX virtqueue the odd one.
 //! * The kernel gets the agent's own mappings of guest RAM as its memory
 //!   table and ring addresses translated into the agent's address space,
-//!   each checked to lie inside one mapped region first ([`table`]); the
+//!   each checked to lie inside one mapped region first
+//!   ([`crate::net::kernel::table`]); the
 //!   front-end's kick and call eventfds go to the kernel as they are.
 //! * Features: the acked ring bits (VERSION_1, MRG_RXBUF, EVENT_IDX,
 //!   INDIRECT_DESC) go to VHOST_SET_FEATURES; the header size follows
@@ -35,8 +36,6 @@ mod batch;
 mod error;
 mod kernel;
 mod pair;
-mod table;
-mod uapi;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;

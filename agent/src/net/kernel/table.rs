@@ -1,4 +1,5 @@
-//! The memory table the kernel holds, and where a ring lies in it.
+//! The memory table the kernel holds, and where a ring lies in it: shared
+//! by the kernel datapaths (vhost-net, vhost-vdpa).
 //!
 //! vhost-net reaches guest memory in two ways. Buffers named by
 //! descriptors go through the memory table (VHOST_SET_MEM_TABLE: guest
@@ -10,6 +11,11 @@
 //! inside one region of the table before its address is handed on, or a
 //! hostile front-end could make the kernel write anywhere in the agent.
 //!
+//! vhost-vdpa takes ring addresses as I/O virtual addresses (here: guest
+//! physical addresses) that its IOTLB translates, so a bad address would
+//! only fault in the device; it is checked the same way all the same, so
+//! the device is never told to DMA outside memory the front-end gave.
+//!
 //! The table is the agent's own mappings of guest RAM
 //! ([`MappedRegion::host_addr`]): the kernel works in the agent's address
 //! space. It holds each mapping (an `Arc`) for as long as the kernel may
@@ -20,7 +26,7 @@ use std::sync::Arc;
 
 use presetup::RegionKey;
 
-use super::error::VhostNetError;
+use super::RingCheckError;
 use crate::vhost_user::memory::MappedRegion;
 use crate::vhost_user::vring::RingGuestAddresses;
 
@@ -136,7 +142,7 @@ impl KernelTable {
         ring: u16,
         size: u16,
         guest: &RingGuestAddresses,
-    ) -> Result<RingHost, VhostNetError> {
+    ) -> Result<RingHost, RingCheckError> {
         ring_host(&self.kernel_regions(), ring, size, guest)
     }
 }
@@ -147,14 +153,14 @@ fn ring_host(
     ring: u16,
     size: u16,
     guest: &RingGuestAddresses,
-) -> Result<RingHost, VhostNetError> {
+) -> Result<RingHost, RingCheckError> {
     if size == 0 || !size.is_power_of_two() || size > 32768 {
-        return Err(VhostNetError::RingSize { ring, size });
+        return Err(RingCheckError::RingSize { ring, size });
     }
     let mut host = [0u64; 3];
     for (slot, (part, gpa, len, align)) in host.iter_mut().zip(ring_parts(size, guest)) {
         if gpa % align != 0 {
-            return Err(VhostNetError::RingMisaligned {
+            return Err(RingCheckError::RingMisaligned {
                 ring,
                 part,
                 gpa,
@@ -164,7 +170,7 @@ fn ring_host(
         *slot = regions
             .iter()
             .find_map(|region| region.host_range(gpa, len))
-            .ok_or(VhostNetError::RingOutside {
+            .ok_or(RingCheckError::RingOutside {
                 ring,
                 part,
                 gpa,
@@ -229,7 +235,7 @@ mod tests {
         let past_end = ring(0x1000, 0x2000, 0x20_0000 - 16);
         assert!(matches!(
             ring_host(&REGIONS, 3, 256, &past_end),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::RingOutside {
                 ring: 3,
                 part: "used ring",
                 ..
@@ -240,7 +246,7 @@ mod tests {
         let across = ring(0x10_0000 - 0x800, 0x2000, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &across),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::RingOutside {
                 part: "descriptor table",
                 ..
             })
@@ -248,14 +254,14 @@ mod tests {
         let beyond = ring(0x1000, u64::MAX - 1, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &beyond),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::RingOutside {
                 part: "avail ring",
                 ..
             })
         ));
         assert!(matches!(
             ring_host(&[], 0, 256, &ring(0x1000, 0x2000, 0x3000)),
-            Err(VhostNetError::RingOutside { .. })
+            Err(RingCheckError::RingOutside { .. })
         ));
     }
 
@@ -263,16 +269,16 @@ mod tests {
     fn misaligned_parts_and_bad_sizes_are_refused() {
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1008, 0x2000, 0x3000)),
-            Err(VhostNetError::RingMisaligned { align: 16, .. })
+            Err(RingCheckError::RingMisaligned { align: 16, .. })
         ));
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1000, 0x2000, 0x3002)),
-            Err(VhostNetError::RingMisaligned { align: 4, .. })
+            Err(RingCheckError::RingMisaligned { align: 4, .. })
         ));
         for size in [0, 3, 100] {
             assert!(matches!(
                 ring_host(&REGIONS, 0, size, &ring(0x1000, 0x2000, 0x3000)),
-                Err(VhostNetError::RingSize { .. })
+                Err(RingCheckError::RingSize { .. })
             ));
         }
     }
