@@ -10,6 +10,7 @@ pub mod datapath;
 pub mod device;
 pub mod kernel;
 pub mod state;
+pub mod vdpa;
 pub mod vhost_net;
 
 pub use device::{NetDevice, NetOptions, NetShared};

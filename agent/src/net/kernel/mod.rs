@@ -17,7 +17,7 @@ pub enum RingCheckError {
         "queue {ring}: the {part} ({len} bytes at guest address {gpa:#x}) does not lie inside \
          one mapped region of guest memory; refused before it reaches the kernel"
     )]
-    RingOutside {
+    Outside {
         /// Virtqueue index.
         ring: u16,
         /// Which part.
@@ -29,7 +29,7 @@ pub enum RingCheckError {
     },
     /// A ring part is misaligned (virtio 1.2 §2.7: 16, 2 and 4 bytes).
     #[error("queue {ring}: the {part} at guest address {gpa:#x} is not {align}-byte aligned")]
-    RingMisaligned {
+    Misaligned {
         /// Virtqueue index.
         ring: u16,
         /// Which part.
@@ -41,10 +41,19 @@ pub enum RingCheckError {
     },
     /// A ring size the kernel would refuse.
     #[error("queue {ring}: size {size} is not a power of two up to 32768")]
-    RingSize {
+    Size {
         /// Virtqueue index.
         ring: u16,
         /// The size.
         size: u16,
     },
+}
+
+/// The `io::Error` inside a `vhost` crate error (its kernel backends
+/// report ioctl and open failures as such).
+pub fn io_error(error: vhost::Error) -> std::io::Error {
+    match error {
+        vhost::Error::IoctlError(e) | vhost::Error::VhostOpen(e) | vhost::Error::IOError(e) => e,
+        other => std::io::Error::other(other.to_string()),
+    }
 }

@@ -115,6 +115,14 @@ impl KernelTable {
         Some(self.regions.remove(index))
     }
 
+    /// The mapping whose first guest address is `guest_phys_addr`.
+    pub fn mapping(&self, guest_phys_addr: u64) -> Option<Arc<MappedRegion>> {
+        self.regions
+            .iter()
+            .find(|r| r.guest_phys_addr() == guest_phys_addr)
+            .cloned()
+    }
+
     /// Drop every region (the caller keeps what the kernel may still use).
     pub fn take_all(&mut self) -> Vec<Arc<MappedRegion>> {
         std::mem::take(&mut self.regions)
@@ -155,12 +163,12 @@ fn ring_host(
     guest: &RingGuestAddresses,
 ) -> Result<RingHost, RingCheckError> {
     if size == 0 || !size.is_power_of_two() || size > 32768 {
-        return Err(RingCheckError::RingSize { ring, size });
+        return Err(RingCheckError::Size { ring, size });
     }
     let mut host = [0u64; 3];
     for (slot, (part, gpa, len, align)) in host.iter_mut().zip(ring_parts(size, guest)) {
         if gpa % align != 0 {
-            return Err(RingCheckError::RingMisaligned {
+            return Err(RingCheckError::Misaligned {
                 ring,
                 part,
                 gpa,
@@ -170,7 +178,7 @@ fn ring_host(
         *slot = regions
             .iter()
             .find_map(|region| region.host_range(gpa, len))
-            .ok_or(RingCheckError::RingOutside {
+            .ok_or(RingCheckError::Outside {
                 ring,
                 part,
                 gpa,
@@ -235,7 +243,7 @@ mod tests {
         let past_end = ring(0x1000, 0x2000, 0x20_0000 - 16);
         assert!(matches!(
             ring_host(&REGIONS, 3, 256, &past_end),
-            Err(RingCheckError::RingOutside {
+            Err(RingCheckError::Outside {
                 ring: 3,
                 part: "used ring",
                 ..
@@ -246,7 +254,7 @@ mod tests {
         let across = ring(0x10_0000 - 0x800, 0x2000, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &across),
-            Err(RingCheckError::RingOutside {
+            Err(RingCheckError::Outside {
                 part: "descriptor table",
                 ..
             })
@@ -254,14 +262,14 @@ mod tests {
         let beyond = ring(0x1000, u64::MAX - 1, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &beyond),
-            Err(RingCheckError::RingOutside {
+            Err(RingCheckError::Outside {
                 part: "avail ring",
                 ..
             })
         ));
         assert!(matches!(
             ring_host(&[], 0, 256, &ring(0x1000, 0x2000, 0x3000)),
-            Err(RingCheckError::RingOutside { .. })
+            Err(RingCheckError::Outside { .. })
         ));
     }
 
@@ -269,16 +277,16 @@ mod tests {
     fn misaligned_parts_and_bad_sizes_are_refused() {
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1008, 0x2000, 0x3000)),
-            Err(RingCheckError::RingMisaligned { align: 16, .. })
+            Err(RingCheckError::Misaligned { align: 16, .. })
         ));
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1000, 0x2000, 0x3002)),
-            Err(RingCheckError::RingMisaligned { align: 4, .. })
+            Err(RingCheckError::Misaligned { align: 4, .. })
         ));
         for size in [0, 3, 100] {
             assert!(matches!(
                 ring_host(&REGIONS, 0, size, &ring(0x1000, 0x2000, 0x3000)),
-                Err(RingCheckError::RingSize { .. })
+                Err(RingCheckError::Size { .. })
             ));
         }
     }

@@ -124,8 +124,6 @@ pub mod backend {
     pub const IOTLB_MSG_V2: u64 = 1 << 1;
     /// IOTLB updates between BATCH_BEGIN and BATCH_END are applied at once.
     pub const IOTLB_BATCH: u64 = 1 << 2;
-    /// Address spaces per virtqueue group.
-    pub const IOTLB_ASID: u64 = 1 << 3;
     /// VHOST_VDPA_SUSPEND.
     pub const SUSPEND: u64 = 1 << 4;
     /// VHOST_VDPA_RESUME.

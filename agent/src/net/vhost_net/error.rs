@@ -112,14 +112,7 @@ impl VhostNetError {
     }
 }
 
-/// The `io::Error` inside a `vhost` crate error (its kernel backend
-/// reports ioctl and open failures as such).
-pub fn io_error(error: vhost::Error) -> io::Error {
-    match error {
-        vhost::Error::IoctlError(e) | vhost::Error::VhostOpen(e) | vhost::Error::IOError(e) => e,
-        other => io::Error::other(other.to_string()),
-    }
-}
+pub use crate::net::kernel::io_error;
 
 #[cfg(test)]
 mod tests {

@@ -347,7 +347,7 @@ impl KernelNet {
 
     fn set_size(&mut self, ring: u16, size: u16) -> Result<(), VhostNetError> {
         if size == 0 || !size.is_power_of_two() || size > spec::MAX_QUEUE_SIZE {
-            return Err(crate::net::kernel::RingCheckError::RingSize { ring, size }.into());
+            return Err(crate::net::kernel::RingCheckError::Size { ring, size }.into());
         }
         let (pair, vq) = split(ring);
         let p = self.pair_mut(pair)?;
