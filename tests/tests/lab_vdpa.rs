@@ -27,9 +27,9 @@ param() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
 PAIRS=$(param vdpa_pairs)
 FRAMES=$(param vdpa_frames)
 wait_for() { # wait_for SECONDS TEST...: until the test holds
-    n=$(($1 * 10)); shift
+    tries=$(($1 * 10)); shift
     while ! "$@"; do
-        n=$((n - 1)); [ "$n" -gt 0 ] || return 1
+        tries=$((tries - 1)); [ "$tries" -gt 0 ] || return 1
         sleep 0.1
     done
 }
@@ -154,12 +154,20 @@ fn vdpa_frames_bases_dirty_pages_migration_and_refusals_on_two_vduse_nics() {
     .unwrap();
     assert_ne!(negotiated & (1 << 32), 0, "VERSION_1 in {negotiated:#x}");
     assert_ne!(negotiated & (1 << 22), 0, "MQ in {negotiated:#x}");
-    assert_eq!(negotiated & (1 << 33), 0, "ACCESS_PLATFORM in {negotiated:#x}");
+    assert_eq!(
+        negotiated & (1 << 33),
+        0,
+        "ACCESS_PLATFORM in {negotiated:#x}"
+    );
     // Frames out and back on every pair, in every phase, on both agents.
     for phase in ["p1", "p2", "p3", "p4", "p5"] {
         ok(&run, &format!("{phase}_complete"));
         for pair in 0..pairs {
-            assert_eq!(run.number(&format!("{phase}_q{pair}_back")), frames, "{phase} pair {pair}");
+            assert_eq!(
+                run.number(&format!("{phase}_q{pair}_back")),
+                frames,
+                "{phase} pair {pair}"
+            );
         }
     }
     // Every stop exact; the NIC has no SUSPEND: the stop reset it and the

@@ -67,7 +67,13 @@ fn loopback(guest: &mut NetGuest, frames: u64, written: &mut Vec<(u64, u32)>) ->
     back
 }
 
-fn phase(guest: &mut NetGuest, report: &mut Report, name: &str, frames: u64, written: &mut Vec<(u64, u32)>) {
+fn phase(
+    guest: &mut NetGuest,
+    report: &mut Report,
+    name: &str,
+    frames: u64,
+    written: &mut Vec<(u64, u32)>,
+) {
     let back = loopback(guest, frames, written);
     for (pair, count) in back.iter().enumerate() {
         report.put(&format!("{name}_q{pair}_back"), count);
@@ -89,7 +95,10 @@ fn stop(guest: &mut NetGuest, report: &mut Report, name: &str) -> Duration {
     report.check(
         &format!("{name}_bases_exact"),
         bases == expected && bases == guest.used_indices(),
-        format!("{bases:?} vs {expected:?} vs used {:?}", guest.used_indices()),
+        format!(
+            "{bases:?} vs {expected:?} vs used {:?}",
+            guest.used_indices()
+        ),
     );
     report.put(&format!("{name}_stop_us"), took.as_micros());
     took
@@ -98,7 +107,10 @@ fn stop(guest: &mut NetGuest, report: &mut Report, name: &str) -> Duration {
 fn signal(pid: i32, signal: i32) -> Result<(), String> {
     // SAFETY: kill(2) with a pid and a signal number; no memory is shared.
     if unsafe { libc::kill(pid, signal) } != 0 {
-        return Err(format!("kill({pid}, {signal}): {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "kill({pid}, {signal}): {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
