@@ -287,34 +287,13 @@ fn bind_vhost_net(
     rss: Option<netdev::rss::RssConfig>,
     presetup_protocol: PresetupProtocol,
 ) -> Result<Bound, NetSetupError> {
-    let dataplane = spec.dataplane.to_string();
-    let refuse = |key, why| NetSetupError::NotForDataplane {
-        key,
-        dataplane: dataplane.clone(),
-        why,
-    };
-    if rss.is_some() {
-        return Err(refuse("rss", "the kernel picks the RX queue of a frame"));
-    }
-    if spec.profile.is_some() {
-        return Err(refuse(
-            "profile",
-            "the kernel's configuration costs what it costs",
-        ));
-    }
-    if spec.poll_us != 0 {
-        log::warn!(
-            "{name}: poll-us={} has no effect on vhost-net (the kernel polls)",
-            spec.poll_us
-        );
-    }
-    let options = NetOptions {
-        queue_pairs: spec.queue_pairs,
-        mtu: spec.mtu,
-        mac: spec.mac,
-        poll: std::time::Duration::ZERO,
-        rss: None,
-    };
+    let options = kernel_options(
+        spec,
+        name,
+        rss.is_some(),
+        "the kernel picks the RX queue of a frame",
+        "the kernel's configuration costs what it costs",
+    )?;
     let memory = MemoryMap::default();
     let status = DeviceStatus::default();
     let device = VhostNetDevice::open(
@@ -342,6 +321,42 @@ fn bind_vhost_net(
     )
 }
 
+/// The options of a kernel datapath (vhost-net, vdpa): `rss=` and
+/// `profile=` refused with `rss_why` and `profile_why`, `poll-us=` ignored.
+fn kernel_options(
+    spec: &NetSpec,
+    name: &str,
+    rss: bool,
+    rss_why: &'static str,
+    profile_why: &'static str,
+) -> Result<NetOptions, NetSetupError> {
+    let refuse = |key, why| NetSetupError::NotForDataplane {
+        key,
+        dataplane: spec.dataplane.to_string(),
+        why,
+    };
+    if rss {
+        return Err(refuse("rss", rss_why));
+    }
+    if spec.profile.is_some() {
+        return Err(refuse("profile", profile_why));
+    }
+    if spec.poll_us != 0 {
+        log::warn!(
+            "{name}: poll-us={} has no effect on {} (the kernel moves the frames)",
+            spec.poll_us,
+            spec.dataplane
+        );
+    }
+    Ok(NetOptions {
+        queue_pairs: spec.queue_pairs,
+        mtu: spec.mtu,
+        mac: spec.mac,
+        poll: std::time::Duration::ZERO,
+        rss: None,
+    })
+}
+
 /// `dataplane=vdpa:PATH`: a kernel vhost-vdpa device.
 fn bind_vdpa(
     spec: &NetSpec,
@@ -350,37 +365,13 @@ fn bind_vdpa(
     rss: Option<netdev::rss::RssConfig>,
     presetup_protocol: PresetupProtocol,
 ) -> Result<Bound, NetSetupError> {
-    let dataplane = spec.dataplane.to_string();
-    let refuse = |key, why| NetSetupError::NotForDataplane {
-        key,
-        dataplane: dataplane.clone(),
-        why,
-    };
-    if rss.is_some() {
-        return Err(refuse(
-            "rss",
-            "the device steers received frames itself (no control virtqueue to program)",
-        ));
-    }
-    if spec.profile.is_some() {
-        return Err(refuse(
-            "profile",
-            "the device's configuration costs what it costs",
-        ));
-    }
-    if spec.poll_us != 0 {
-        log::warn!(
-            "{name}: poll-us={} has no effect on vdpa (the device moves the frames)",
-            spec.poll_us
-        );
-    }
-    let options = NetOptions {
-        queue_pairs: spec.queue_pairs,
-        mtu: spec.mtu,
-        mac: spec.mac,
-        poll: std::time::Duration::ZERO,
-        rss: None,
-    };
+    let options = kernel_options(
+        spec,
+        name,
+        rss.is_some(),
+        "the device steers received frames itself (no control virtqueue to program)",
+        "the device's configuration costs what it costs",
+    )?;
     let memory = MemoryMap::default();
     let status = DeviceStatus::default();
     let device = VdpaNetDevice::open(

@@ -57,3 +57,32 @@ pub fn io_error(error: vhost::Error) -> std::io::Error {
         other => std::io::Error::other(other.to_string()),
     }
 }
+
+/// What a kernel datapath's stop of ring `ring` answers the session: the
+/// base and the kick, nothing for a ring that did not run, and on a
+/// failure a logged error and NEEDS_RESET (`needs_reset`).
+pub fn ring_stopped<E: std::error::Error>(
+    name: &str,
+    ring: u16,
+    result: Result<Option<(u16, std::fs::File)>, E>,
+    needs_reset: &std::sync::atomic::AtomicBool,
+) -> crate::vhost_user::device::RingStopped {
+    use crate::vhost_user::device::RingStopped;
+    match result {
+        Ok(Some((next_avail, kick))) => RingStopped {
+            next_avail,
+            kick: Some(kick),
+            handed_off: 0,
+            io_ring_lost: false,
+        },
+        Ok(None) => RingStopped::default(),
+        Err(e) => {
+            log::error!(
+                "{name}: queue {ring} did not stop cleanly: {}; the device needs a reset",
+                crate::error_chain(&e)
+            );
+            needs_reset.store(true, std::sync::atomic::Ordering::Release);
+            RingStopped::default()
+        }
+    }
+}

@@ -29,7 +29,7 @@ mod error;
 mod handle;
 mod steps;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use netdev::spec::{self, bit, MacAddress};
@@ -214,24 +214,12 @@ impl Device for VdpaNetDevice {
     }
 
     fn stop_ring(&mut self, ring: u16, _mode: StopMode) -> RingStopped {
-        match self.engine.stop(ring) {
-            Ok(Some((next_avail, kick))) => RingStopped {
-                next_avail,
-                kick: Some(kick),
-                handed_off: 0,
-                io_ring_lost: false,
-            },
-            Ok(None) => RingStopped::default(),
-            Err(e) => {
-                log::error!(
-                    "{}: queue {ring} did not stop cleanly: {}; the device needs a reset",
-                    self.common.name(),
-                    crate::error_chain(&e)
-                );
-                self.needs_reset.store(true, Ordering::Release);
-                RingStopped::default()
-            }
-        }
+        crate::net::kernel::ring_stopped(
+            self.common.name(),
+            ring,
+            self.engine.stop(ring),
+            &self.needs_reset,
+        )
     }
 
     fn disconnected(&mut self) {

@@ -37,7 +37,7 @@ mod error;
 mod kernel;
 mod pair;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use netdev::spec::{self, MacAddress};
@@ -177,24 +177,12 @@ impl Device for VhostNetDevice {
     fn stop_ring(&mut self, ring: u16, _mode: StopMode) -> RingStopped {
         // The kernel finishes the frame it is on before the backend goes:
         // there is nothing to drain or suspend.
-        match self.kernel.stop(ring) {
-            Ok(Some((next_avail, kick))) => RingStopped {
-                next_avail,
-                kick: Some(kick),
-                handed_off: 0,
-                io_ring_lost: false,
-            },
-            Ok(None) => RingStopped::default(),
-            Err(e) => {
-                log::error!(
-                    "{}: queue {ring} did not stop cleanly: {}; the device needs a reset",
-                    self.common.name(),
-                    crate::error_chain(&e)
-                );
-                self.needs_reset.store(true, Ordering::Release);
-                RingStopped::default()
-            }
-        }
+        crate::net::kernel::ring_stopped(
+            self.common.name(),
+            ring,
+            self.kernel.stop(ring),
+            &self.needs_reset,
+        )
     }
 
     fn set_log(&mut self, log: Option<Arc<LogRegion>>) -> Result<(), DeviceError> {
