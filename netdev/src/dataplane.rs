@@ -338,7 +338,7 @@ mod tests {
             "tap",
             "tap:",
             "sim:",
-            "vdpa:x",
+            "vdpa:",
             "loop:x",
             "vhost-net",
             "vhost-net:",
