@@ -16,8 +16,10 @@
 //! * [`blk`], [`net`]: what each device adds under the session. blk: its
 //!   storage and I/O rings and one worker thread per queue. net: its state
 //!   (MTU, MAC, RSS) and either one data path thread that owns all rings
-//!   and the dataplane (loop, tap, with an optional cost profile) or the
-//!   kernel's vhost-net (`net::vhost_net`, the plan's steps as ioctls).
+//!   and the dataplane (loop, tap, with an optional cost profile), the
+//!   kernel's vhost-net (`net::vhost_net`, the plan's steps as ioctls) or
+//!   a kernel vhost-vdpa device (`net::vdpa`); `net::kernel` is what the
+//!   two kernel datapaths share.
 //! * [`control`]: the JSON control API (`serve --control`, `ctl`).
 //! * [`metrics`]: per-device timelines, downtime figures, Prometheus text.
 //! * [`migrate`]: `vhost-agent migrate`, the orchestrator of one live

@@ -14,6 +14,9 @@
 //!   vhost-net moves the frames between the guest's rings and the tap `IF`
 //!   and the agent only configures it (`agent/src/net/vhost_net`). The
 //!   spec is parsed here so that `dataplane=` has one grammar.
+//! * `vdpa:/dev/vhost-vdpa-N` names no dataplane of this module either: a
+//!   kernel vhost-vdpa device (vDPA hardware, or a VDUSE device) moves the
+//!   frames and the agent only configures it (`agent/src/net/vdpa`).
 //!
 //! Each configuration operation returns whether it did anything, so the
 //! agent can report what a start really cost. The device picks the RX
@@ -38,6 +41,8 @@ pub enum DataplaneSpec {
     /// `vhost-net:NAME`: the kernel's vhost-net on tap `NAME` (not opened
     /// by [`Dataplane::open`]: the agent moves no frames for it).
     VhostNet(String),
+    /// `vdpa:PATH`: a kernel vhost-vdpa device node (not opened here).
+    Vdpa(PathBuf),
 }
 
 impl std::fmt::Display for DataplaneSpec {
@@ -47,6 +52,7 @@ impl std::fmt::Display for DataplaneSpec {
             DataplaneSpec::Tap(name) => write!(f, "tap:{name}"),
             DataplaneSpec::Sim(path) => write!(f, "sim:{}", path.display()),
             DataplaneSpec::VhostNet(name) => write!(f, "vhost-net:{name}"),
+            DataplaneSpec::Vdpa(path) => write!(f, "vdpa:{}", path.display()),
         }
     }
 }
@@ -62,8 +68,9 @@ impl std::str::FromStr for DataplaneSpec {
             Some(("vhost-net", name)) if !name.is_empty() => {
                 Ok(DataplaneSpec::VhostNet(name.to_string()))
             }
+            Some(("vdpa", path)) if !path.is_empty() => Ok(DataplaneSpec::Vdpa(PathBuf::from(path))),
             _ => Err(format!(
-                "unknown dataplane {text:?}: expected loop, tap:IFNAME, sim:PROFILE.json or vhost-net:IFNAME"
+                "unknown dataplane {text:?}: expected loop, tap:IFNAME, sim:PROFILE.json, vhost-net:IFNAME or vdpa:/dev/vhost-vdpa-N"
             )),
         }
     }
@@ -81,8 +88,8 @@ pub enum DataplaneError {
     /// `sim:` already names a profile; a second one is ambiguous.
     #[error("sim:{0} has its profile already; profile= is for tap")]
     TwoProfiles(PathBuf),
-    /// `vhost-net:` is the kernel's datapath, not a dataplane of ours.
-    #[error("vhost-net:{0} is the kernel's datapath; the agent opens no dataplane for it")]
+    /// `vhost-net:` and `vdpa:` are kernel datapaths, not dataplanes of ours.
+    #[error("{0} is a kernel datapath; the agent opens no dataplane for it")]
     KernelDatapath(String),
 }
 
@@ -124,8 +131,8 @@ impl Dataplane {
                 tap.set_up(true)?;
                 (Wire::Tap(tap), profile.map(Path::to_path_buf))
             }
-            DataplaneSpec::VhostNet(name) => {
-                return Err(DataplaneError::KernelDatapath(name.clone()))
+            DataplaneSpec::VhostNet(_) | DataplaneSpec::Vdpa(_) => {
+                return Err(DataplaneError::KernelDatapath(spec.to_string()))
             }
         };
         let cost = match profile {
@@ -318,6 +325,10 @@ mod tests {
             DataplaneSpec::VhostNet("vh0".into()).to_string(),
             "vhost-net:vh0"
         );
+        let vdpa = "vdpa:/dev/vhost-vdpa-0".parse::<DataplaneSpec>().unwrap();
+        assert_eq!(vdpa, DataplaneSpec::Vdpa("/dev/vhost-vdpa-0".into()));
+        assert_eq!(vdpa.to_string(), "vdpa:/dev/vhost-vdpa-0");
+        assert!("vdpa:".parse::<DataplaneSpec>().is_err());
         assert!(matches!(
             Dataplane::open(&DataplaneSpec::VhostNet("vh0".into()), 1, 1500, None),
             Err(DataplaneError::KernelDatapath(_))
@@ -327,7 +338,7 @@ mod tests {
             "tap",
             "tap:",
             "sim:",
-            "vdpa:x",
+            "vdpa:",
             "loop:x",
             "vhost-net",
             "vhost-net:",

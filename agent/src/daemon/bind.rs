@@ -11,6 +11,7 @@ use super::registry::{DeviceKind, RegisteredDevice};
 use super::spec::{BlkSpec, EngineChoice, NetSpec};
 use crate::blk::{BlkDevice, BlkStorage, EngineRecipe, StorageParts};
 use crate::metrics::DeviceMetrics;
+use crate::net::vdpa::VdpaNetDevice;
 use crate::net::vhost_net::VhostNetDevice;
 use crate::net::{NetDevice, NetOptions};
 use crate::vhost_user::inband::PresetupProtocol;
@@ -190,6 +191,9 @@ pub enum NetSetupError {
     /// The kernel's vhost-net cannot be used (or the tap for it).
     #[error(transparent)]
     VhostNet(#[from] crate::net::vhost_net::VhostNetError),
+    /// The vhost-vdpa device cannot be used.
+    #[error(transparent)]
+    Vdpa(#[from] crate::net::vdpa::VdpaError),
     /// A key that has no meaning for this dataplane.
     #[error("{key}= does not apply to dataplane {dataplane}: {why}")]
     NotForDataplane {
@@ -221,6 +225,15 @@ pub fn bind_net(
     }
     if let netdev::dataplane::DataplaneSpec::VhostNet(tap) = &spec.dataplane {
         return bind_vhost_net(spec, name, tap, rss, presetup_protocol);
+    }
+    if let netdev::dataplane::DataplaneSpec::Vdpa(path) = &spec.dataplane {
+        return bind_vdpa(
+            spec,
+            name,
+            &path.display().to_string(),
+            rss,
+            presetup_protocol,
+        );
     }
     let dataplane = netdev::dataplane::Dataplane::open(
         &spec.dataplane,
@@ -276,34 +289,13 @@ fn bind_vhost_net(
     rss: Option<netdev::rss::RssConfig>,
     presetup_protocol: PresetupProtocol,
 ) -> Result<Bound, NetSetupError> {
-    let dataplane = spec.dataplane.to_string();
-    let refuse = |key, why| NetSetupError::NotForDataplane {
-        key,
-        dataplane: dataplane.clone(),
-        why,
-    };
-    if rss.is_some() {
-        return Err(refuse("rss", "the kernel picks the RX queue of a frame"));
-    }
-    if spec.profile.is_some() {
-        return Err(refuse(
-            "profile",
-            "the kernel's configuration costs what it costs",
-        ));
-    }
-    if spec.poll_us != 0 {
-        log::warn!(
-            "{name}: poll-us={} has no effect on vhost-net (the kernel polls)",
-            spec.poll_us
-        );
-    }
-    let options = NetOptions {
-        queue_pairs: spec.queue_pairs,
-        mtu: spec.mtu,
-        mac: spec.mac,
-        poll: std::time::Duration::ZERO,
-        rss: None,
-    };
+    let options = kernel_options(
+        spec,
+        name,
+        rss.is_some(),
+        "the kernel picks the RX queue of a frame",
+        "the kernel's configuration costs what it costs",
+    )?;
     let memory = MemoryMap::default();
     let status = DeviceStatus::default();
     let device = VhostNetDevice::open(
@@ -318,6 +310,82 @@ fn bind_vhost_net(
         spec.queue_pairs,
         spec.mtu,
         spec.mac
+    );
+    let device_shared = device.shared();
+    serve_net(
+        spec,
+        name,
+        Box::new(device),
+        device_shared,
+        memory,
+        status,
+        presetup_protocol,
+    )
+}
+
+/// The options of a kernel datapath (vhost-net, vdpa): `rss=` and
+/// `profile=` refused with `rss_why` and `profile_why`, `poll-us=` ignored.
+fn kernel_options(
+    spec: &NetSpec,
+    name: &str,
+    rss: bool,
+    rss_why: &'static str,
+    profile_why: &'static str,
+) -> Result<NetOptions, NetSetupError> {
+    let refuse = |key, why| NetSetupError::NotForDataplane {
+        key,
+        dataplane: spec.dataplane.to_string(),
+        why,
+    };
+    if rss {
+        return Err(refuse("rss", rss_why));
+    }
+    if spec.profile.is_some() {
+        return Err(refuse("profile", profile_why));
+    }
+    if spec.poll_us != 0 {
+        log::warn!(
+            "{name}: poll-us={} has no effect on {} (the kernel moves the frames)",
+            spec.poll_us,
+            spec.dataplane
+        );
+    }
+    Ok(NetOptions {
+        queue_pairs: spec.queue_pairs,
+        mtu: spec.mtu,
+        mac: spec.mac,
+        poll: std::time::Duration::ZERO,
+        rss: None,
+    })
+}
+
+/// `dataplane=vdpa:PATH`: a kernel vhost-vdpa device.
+fn bind_vdpa(
+    spec: &NetSpec,
+    name: &str,
+    path: &str,
+    rss: Option<netdev::rss::RssConfig>,
+    presetup_protocol: PresetupProtocol,
+) -> Result<Bound, NetSetupError> {
+    let options = kernel_options(
+        spec,
+        name,
+        rss.is_some(),
+        "the device steers received frames itself (no control virtqueue to program)",
+        "the device's configuration costs what it costs",
+    )?;
+    let memory = MemoryMap::default();
+    let status = DeviceStatus::default();
+    let device = VdpaNetDevice::open(
+        name,
+        &options,
+        path,
+        memory.atomic(),
+        status.needs_reset_flag(),
+    )?;
+    log::info!(
+        "{name}: virtio-net on vDPA device {path}, {} queue pair(s)",
+        spec.queue_pairs
     );
     let device_shared = device.shared();
     serve_net(

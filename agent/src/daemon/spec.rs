@@ -288,6 +288,10 @@ Serve a virtio-net device: socket=PATH,dataplane=DP[,KEY=VALUE...]. Keys:
                     between the guest's rings and tap IFNAME (one tap
                     queue and one /dev/vhost-net per queue pair); the
                     agent copies nothing (needs /dev/vhost-net; no rss=)
+                    vdpa:/dev/vhost-vdpa-N: a kernel vhost-vdpa device
+                    (vDPA hardware or VDUSE) moves the frames; the agent
+                    configures it and tracks dirty pages from its used
+                    rings (MAC and MTU are the device's; no rss=)
   profile=FILE      with tap: real frames, and configuration steps that cost
                     what the JSON cost profile says (as sim: does for loop;
                     netdev/profiles/vdpa-191ms.json models a vDPA NIC)
@@ -385,7 +389,7 @@ impl FromStr for NetSpec {
             id,
             socket: socket.ok_or(SpecError::Missing("socket=PATH"))?,
             dataplane: dataplane.ok_or(SpecError::Missing(
-                "dataplane=DP (loop, tap:IFNAME, sim:PROFILE.json or vhost-net:IFNAME)",
+                "dataplane=DP (loop, tap:IFNAME, sim:PROFILE.json, vhost-net:IFNAME or vdpa:PATH)",
             ))?,
             queue_pairs,
             mtu,

@@ -8,7 +8,9 @@
 pub mod common;
 pub mod datapath;
 pub mod device;
+pub mod kernel;
 pub mod state;
+pub mod vdpa;
 pub mod vhost_net;
 
 pub use device::{NetDevice, NetOptions, NetShared};

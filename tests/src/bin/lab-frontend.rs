@@ -8,6 +8,7 @@
 //! lab-frontend basic --socket S --control C --tap T --pairs N --frames F
 //! lab-frontend migrate --dir D --agents a:TAP,b:TAP,... --pairs N --frames F
 //! lab-frontend bench --socket S --tap T --pid P --frames F --label L
+//! lab-frontend vdpa --dir D --agents a,b --pairs N --frames F --nic-pid P --dirty-file F
 //! ```
 
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use vhost_agent_tests::lab_net::report::Report;
-use vhost_agent_tests::lab_net::{basic, bench, migrate};
+use vhost_agent_tests::lab_net::{basic, bench, migrate, vdpa};
 
 #[derive(Parser)]
 #[command(about = "The test front-end for the lab's net datapath tests")]
@@ -82,6 +83,28 @@ enum Command {
         #[arg(long)]
         label: String,
     },
+    /// Agents on `dataplane=vdpa:` over the lab's VDUSE loopback NICs:
+    /// frames, stops, the dirty log against the NIC's record, a migration.
+    Vdpa {
+        /// Where the agents' sockets are.
+        #[arg(long)]
+        dir: PathBuf,
+        /// The source and destination agents, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        agents: Vec<String>,
+        /// Queue pairs.
+        #[arg(long, default_value_t = 2)]
+        pairs: usize,
+        /// Frames per pair in a phase.
+        #[arg(long, default_value_t = 512)]
+        frames: u64,
+        /// The source's NIC process (for its dirty record).
+        #[arg(long)]
+        nic_pid: i32,
+        /// Where that NIC writes its record.
+        #[arg(long)]
+        dirty_file: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -118,6 +141,27 @@ fn main() -> ExitCode {
             len,
             label,
         } => bench::run(&socket, &tap, pid, frames, len, &label, &mut report),
+        Command::Vdpa {
+            dir,
+            agents,
+            pairs,
+            frames,
+            nic_pid,
+            dirty_file,
+        } => match <[String; 2]>::try_from(agents) {
+            Ok(agents) => vdpa::run(
+                &vdpa::Setup {
+                    dir,
+                    agents,
+                    pairs,
+                    frames,
+                    nic_pid,
+                    dirty_file,
+                },
+                &mut report,
+            ),
+            Err(_) => Err("--agents takes two names".to_string()),
+        },
     };
     match result {
         Err(e) => {

@@ -8,7 +8,8 @@
 //! * [`driver`]: the guest side of the device (rings, buffers, counters,
 //!   the dirty log);
 //! * [`traffic`]: one phase of frames both ways, counted on both sides;
-//! * [`basic`], [`migrate`], [`mod@bench`]: what the lab tests run;
+//! * [`basic`], [`migrate`], [`mod@bench`], [`vdpa`]: what the lab tests
+//!   run;
 //! * [`report`]: result lines and the agent's control API.
 
 pub mod basic;
@@ -19,6 +20,7 @@ pub mod migrate;
 pub mod report;
 pub mod tapside;
 pub mod traffic;
+pub mod vdpa;
 
 use std::path::PathBuf;
 use std::process::Command;

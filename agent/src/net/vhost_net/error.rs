@@ -36,43 +36,9 @@ pub enum VhostNetError {
         #[source]
         source: io::Error,
     },
-    /// A ring part does not lie inside one region of the memory table the
-    /// kernel holds: handed on, the kernel would read or write memory of
-    /// the agent that is no guest RAM.
-    #[error(
-        "queue {ring}: the {part} ({len} bytes at guest address {gpa:#x}) does not lie inside \
-         one mapped region of guest memory; refused before it reaches the kernel"
-    )]
-    RingOutside {
-        /// Virtqueue index.
-        ring: u16,
-        /// Which part.
-        part: &'static str,
-        /// Its guest physical address.
-        gpa: u64,
-        /// Its length.
-        len: u64,
-    },
-    /// A ring part is misaligned (virtio 1.2 §2.7: 16, 2 and 4 bytes).
-    #[error("queue {ring}: the {part} at guest address {gpa:#x} is not {align}-byte aligned")]
-    RingMisaligned {
-        /// Virtqueue index.
-        ring: u16,
-        /// Which part.
-        part: &'static str,
-        /// Its guest physical address.
-        gpa: u64,
-        /// The alignment it needs.
-        align: u64,
-    },
-    /// A ring size the kernel would refuse.
-    #[error("queue {ring}: size {size} is not a power of two up to 32768")]
-    RingSize {
-        /// Virtqueue index.
-        ring: u16,
-        /// The size.
-        size: u16,
-    },
+    /// A ring the agent refuses to hand to the kernel.
+    #[error(transparent)]
+    Ring(#[from] crate::net::kernel::RingCheckError),
     /// A ring step came before what it needs.
     #[error("queue {ring}: {what} is not set yet")]
     RingIncomplete {
@@ -146,14 +112,7 @@ impl VhostNetError {
     }
 }
 
-/// The `io::Error` inside a `vhost` crate error (its kernel backend
-/// reports ioctl and open failures as such).
-pub fn io_error(error: vhost::Error) -> io::Error {
-    match error {
-        vhost::Error::IoctlError(e) | vhost::Error::VhostOpen(e) | vhost::Error::IOError(e) => e,
-        other => io::Error::other(other.to_string()),
-    }
-}
+pub use crate::net::kernel::io_error;
 
 #[cfg(test)]
 mod tests {

@@ -30,7 +30,7 @@ use vm_memory::GuestMemoryAtomic;
 use super::batch::TableHandover;
 use super::error::VhostNetError;
 use super::pair::{Pair, RX};
-use super::table::KernelTable;
+use crate::net::kernel::table::KernelTable;
 use crate::vhost_user::datapath::{Datapath, DatapathError, OpResult, Outcome};
 use crate::vhost_user::device::RingStart;
 use crate::vhost_user::dirty_log::LogRegion;
@@ -347,7 +347,7 @@ impl KernelNet {
 
     fn set_size(&mut self, ring: u16, size: u16) -> Result<(), VhostNetError> {
         if size == 0 || !size.is_power_of_two() || size > spec::MAX_QUEUE_SIZE {
-            return Err(VhostNetError::RingSize { ring, size });
+            return Err(crate::net::kernel::RingCheckError::Size { ring, size }.into());
         }
         let (pair, vq) = split(ring);
         let p = self.pair_mut(pair)?;

@@ -10,7 +10,8 @@
 //!   pair's even ring, its TX virtqueue the odd one.
 //! * The kernel gets the agent's own mappings of guest RAM as its memory
 //!   table and ring addresses translated into the agent's address space,
-//!   each checked to lie inside one mapped region first ([`table`]); the
+//!   each checked to lie inside one mapped region first
+//!   ([`crate::net::kernel::table`]); the
 //!   front-end's kick and call eventfds go to the kernel as they are.
 //! * Features: the acked ring bits (VERSION_1, MRG_RXBUF, EVENT_IDX,
 //!   INDIRECT_DESC) go to VHOST_SET_FEATURES; the header size follows
@@ -35,10 +36,8 @@ mod batch;
 mod error;
 mod kernel;
 mod pair;
-mod table;
-mod uapi;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use netdev::spec::{self, MacAddress};
@@ -178,24 +177,12 @@ impl Device for VhostNetDevice {
     fn stop_ring(&mut self, ring: u16, _mode: StopMode) -> RingStopped {
         // The kernel finishes the frame it is on before the backend goes:
         // there is nothing to drain or suspend.
-        match self.kernel.stop(ring) {
-            Ok(Some((next_avail, kick))) => RingStopped {
-                next_avail,
-                kick: Some(kick),
-                handed_off: 0,
-                io_ring_lost: false,
-            },
-            Ok(None) => RingStopped::default(),
-            Err(e) => {
-                log::error!(
-                    "{}: queue {ring} did not stop cleanly: {}; the device needs a reset",
-                    self.common.name(),
-                    crate::error_chain(&e)
-                );
-                self.needs_reset.store(true, Ordering::Release);
-                RingStopped::default()
-            }
-        }
+        crate::net::kernel::ring_stopped(
+            self.common.name(),
+            ring,
+            self.kernel.stop(ring),
+            &self.needs_reset,
+        )
     }
 
     fn set_log(&mut self, log: Option<Arc<LogRegion>>) -> Result<(), DeviceError> {

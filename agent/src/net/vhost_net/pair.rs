@@ -12,8 +12,8 @@ use vhost::VhostBackend;
 use vm_memory::GuestMemoryAtomic;
 
 use super::error::{io_error, VhostNetError};
-use super::table::{KernelRegion, RingHost};
-use super::uapi::{self, RingFd};
+use crate::net::kernel::table::{KernelRegion, RingHost};
+use crate::net::kernel::uapi::{self, RingFd};
 use crate::vhost_user::memory::GuestRam;
 use crate::vhost_user::vring::RingGuestAddresses;
 

@@ -1,4 +1,5 @@
-//! The memory table the kernel holds, and where a ring lies in it.
+//! The memory table the kernel holds, and where a ring lies in it: shared
+//! by the kernel datapaths (vhost-net, vhost-vdpa).
 //!
 //! vhost-net reaches guest memory in two ways. Buffers named by
 //! descriptors go through the memory table (VHOST_SET_MEM_TABLE: guest
@@ -10,6 +11,11 @@
 //! inside one region of the table before its address is handed on, or a
 //! hostile front-end could make the kernel write anywhere in the agent.
 //!
+//! vhost-vdpa takes ring addresses as I/O virtual addresses (here: guest
+//! physical addresses) that its IOTLB translates, so a bad address would
+//! only fault in the device; it is checked the same way all the same, so
+//! the device is never told to DMA outside memory the front-end gave.
+//!
 //! The table is the agent's own mappings of guest RAM
 //! ([`MappedRegion::host_addr`]): the kernel works in the agent's address
 //! space. It holds each mapping (an `Arc`) for as long as the kernel may
@@ -20,7 +26,7 @@ use std::sync::Arc;
 
 use presetup::RegionKey;
 
-use super::error::VhostNetError;
+use super::RingCheckError;
 use crate::vhost_user::memory::MappedRegion;
 use crate::vhost_user::vring::RingGuestAddresses;
 
@@ -109,6 +115,14 @@ impl KernelTable {
         Some(self.regions.remove(index))
     }
 
+    /// The mapping whose first guest address is `guest_phys_addr`.
+    pub fn mapping(&self, guest_phys_addr: u64) -> Option<Arc<MappedRegion>> {
+        self.regions
+            .iter()
+            .find(|r| r.guest_phys_addr() == guest_phys_addr)
+            .cloned()
+    }
+
     /// Drop every region (the caller keeps what the kernel may still use).
     pub fn take_all(&mut self) -> Vec<Arc<MappedRegion>> {
         std::mem::take(&mut self.regions)
@@ -136,7 +150,7 @@ impl KernelTable {
         ring: u16,
         size: u16,
         guest: &RingGuestAddresses,
-    ) -> Result<RingHost, VhostNetError> {
+    ) -> Result<RingHost, RingCheckError> {
         ring_host(&self.kernel_regions(), ring, size, guest)
     }
 }
@@ -147,14 +161,14 @@ fn ring_host(
     ring: u16,
     size: u16,
     guest: &RingGuestAddresses,
-) -> Result<RingHost, VhostNetError> {
+) -> Result<RingHost, RingCheckError> {
     if size == 0 || !size.is_power_of_two() || size > 32768 {
-        return Err(VhostNetError::RingSize { ring, size });
+        return Err(RingCheckError::Size { ring, size });
     }
     let mut host = [0u64; 3];
     for (slot, (part, gpa, len, align)) in host.iter_mut().zip(ring_parts(size, guest)) {
         if gpa % align != 0 {
-            return Err(VhostNetError::RingMisaligned {
+            return Err(RingCheckError::Misaligned {
                 ring,
                 part,
                 gpa,
@@ -164,7 +178,7 @@ fn ring_host(
         *slot = regions
             .iter()
             .find_map(|region| region.host_range(gpa, len))
-            .ok_or(VhostNetError::RingOutside {
+            .ok_or(RingCheckError::Outside {
                 ring,
                 part,
                 gpa,
@@ -229,7 +243,7 @@ mod tests {
         let past_end = ring(0x1000, 0x2000, 0x20_0000 - 16);
         assert!(matches!(
             ring_host(&REGIONS, 3, 256, &past_end),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::Outside {
                 ring: 3,
                 part: "used ring",
                 ..
@@ -240,7 +254,7 @@ mod tests {
         let across = ring(0x10_0000 - 0x800, 0x2000, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &across),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::Outside {
                 part: "descriptor table",
                 ..
             })
@@ -248,14 +262,14 @@ mod tests {
         let beyond = ring(0x1000, u64::MAX - 1, 0x3000);
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &beyond),
-            Err(VhostNetError::RingOutside {
+            Err(RingCheckError::Outside {
                 part: "avail ring",
                 ..
             })
         ));
         assert!(matches!(
             ring_host(&[], 0, 256, &ring(0x1000, 0x2000, 0x3000)),
-            Err(VhostNetError::RingOutside { .. })
+            Err(RingCheckError::Outside { .. })
         ));
     }
 
@@ -263,16 +277,16 @@ mod tests {
     fn misaligned_parts_and_bad_sizes_are_refused() {
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1008, 0x2000, 0x3000)),
-            Err(VhostNetError::RingMisaligned { align: 16, .. })
+            Err(RingCheckError::Misaligned { align: 16, .. })
         ));
         assert!(matches!(
             ring_host(&REGIONS, 0, 256, &ring(0x1000, 0x2000, 0x3002)),
-            Err(VhostNetError::RingMisaligned { align: 4, .. })
+            Err(RingCheckError::Misaligned { align: 4, .. })
         ));
         for size in [0, 3, 100] {
             assert!(matches!(
                 ring_host(&REGIONS, 0, size, &ring(0x1000, 0x2000, 0x3000)),
-                Err(VhostNetError::RingSize { .. })
+                Err(RingCheckError::Size { .. })
             ));
         }
     }

@@ -1,10 +1,12 @@
 //! The vhost uAPI calls (include/uapi/linux/vhost.h) that the rust-vmm
-//! `vhost` crate's kernel backend (0.18, feature `vhost-kern`) lacks or
-//! gets in the way of, written with the crate's own bindings (structures
-//! and ioctl numbers). Everything else goes through the crate
-//! (`vhost::vhost_kern::net::Net`: open, VHOST_SET_OWNER, features, ring
-//! size and base, VHOST_GET_VRING_BASE, a non-empty memory table, the log
-//! base, VHOST_NET_SET_BACKEND).
+//! `vhost` crate's kernel backend (0.18, features `vhost-net` and
+//! `vhost-vdpa`) lacks or gets wrong, written with the crate's own
+//! bindings (structures and ioctl numbers), for both kernel datapaths.
+//! Everything else goes through the crate (`vhost::vhost_kern::net::Net`
+//! and `vhost::vhost_kern::vdpa::VhostKernVdpa`: open, VHOST_SET_OWNER,
+//! features, ring size and base, VHOST_GET_VRING_BASE, a non-empty memory
+//! table, the log base, VHOST_NET_SET_BACKEND, VHOST_VDPA_SET_STATUS,
+//! GET_CONFIG, SET_VRING_ENABLE, SUSPEND, IOTLB messages).
 //!
 //! * An empty memory table: the crate refuses one, the kernel takes it,
 //!   and it is how the kernel forgets a table whose mappings go away.
@@ -15,6 +17,12 @@
 //!   agent ([`super::table`]): the crate translates guest addresses
 //!   through a `GuestAddressSpace` and checks only that the end of each
 //!   ring part lies in some region, not that the part lies in one.
+//! * VHOST_VDPA_RESUME (Linux 6.3, VHOST_BACKEND_F_RESUME): the crate has
+//!   `suspend` but no `resume`.
+//! * VHOST_VDPA_SET_GROUP_ASID: the crate's `set_group_asid` sends
+//!   VHOST_VDPA_GET_VRING_GROUP (0x7b) instead of SET_GROUP_ASID (0x7c).
+//!   The agent keeps every group in address space 0 (one IOTLB), so it
+//!   calls this only where a device has more than one group.
 
 use std::fs::File;
 use std::io;
@@ -96,4 +104,50 @@ pub fn set_ring_addr(
     // `arg` is one, live for the call. The addresses in it were checked to
     // lie in mappings the kernel's memory table holds (`RingHost`).
     check(unsafe { ioctl_with_ref(vhost, VHOST_SET_VRING_ADDR(), &arg) })
+}
+
+/// The vhost ioctl type (`VHOST_VIRTIO` in include/uapi/linux/vhost.h).
+const VHOST_VIRTIO: u32 = 0xAF;
+
+vmm_sys_util::ioctl_io_nr!(VHOST_VDPA_RESUME, VHOST_VIRTIO, 0x7E);
+vmm_sys_util::ioctl_iow_nr!(
+    VHOST_VDPA_SET_GROUP_ASID,
+    VHOST_VIRTIO,
+    0x7C,
+    vhost::vhost_kern::vhost_binding::vhost_vring_state
+);
+
+/// Backend feature bits (include/uapi/linux/vhost_types.h) past the
+/// crate's bindings, which stop at VHOST_BACKEND_F_SUSPEND (bit 4).
+pub mod backend {
+    /// IOTLB messages in the v2 format.
+    pub const IOTLB_MSG_V2: u64 = 1 << 1;
+    /// IOTLB updates between BATCH_BEGIN and BATCH_END are applied at once.
+    pub const IOTLB_BATCH: u64 = 1 << 2;
+    /// VHOST_VDPA_SUSPEND.
+    pub const SUSPEND: u64 = 1 << 4;
+    /// VHOST_VDPA_RESUME.
+    pub const RESUME: u64 = 1 << 5;
+    /// Virtqueues may be enabled after DRIVER_OK.
+    pub const ENABLE_AFTER_DRIVER_OK: u64 = 1 << 6;
+    /// The IOTLB survives a device reset.
+    pub const IOTLB_PERSIST: u64 = 1 << 8;
+}
+
+/// VHOST_VDPA_RESUME: a suspended device processes its virtqueues again.
+pub fn vdpa_resume(vhost: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: VHOST_VDPA_RESUME takes no argument; the fd is open (borrowed).
+    check(unsafe { vmm_sys_util::ioctl::ioctl(vhost, VHOST_VDPA_RESUME()) })
+}
+
+/// VHOST_VDPA_SET_GROUP_ASID: virtqueue group `group` uses address space
+/// `asid`.
+pub fn vdpa_set_group_asid(vhost: &impl AsRawFd, group: u32, asid: u32) -> io::Result<()> {
+    let arg = vhost::vhost_kern::vhost_binding::vhost_vring_state {
+        index: group,
+        num: asid,
+    };
+    // SAFETY: VHOST_VDPA_SET_GROUP_ASID reads one `struct vhost_vring_state`,
+    // and `arg` is one, live for the call.
+    check(unsafe { ioctl_with_ref(vhost, VHOST_VDPA_SET_GROUP_ASID(), &arg) })
 }
