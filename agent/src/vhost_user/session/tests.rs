@@ -193,16 +193,18 @@ impl Device for RecordedNet {
 fn sealed_log(size: u64) -> File {
     use std::os::unix::io::{AsRawFd, FromRawFd};
     // SAFETY: a NUL-terminated name; the result is checked.
-    let fd = unsafe {
-        libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING)
-    };
+    let fd =
+        unsafe { libc::memfd_create(c"log".as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
     assert!(fd >= 0, "memfd_create");
     // SAFETY: `fd` was just created and is owned by nothing else.
     let file = unsafe { File::from_raw_fd(fd) };
     file.set_len(size).unwrap();
     let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
     // SAFETY: F_ADD_SEALS with an int argument on our memfd.
-    assert_eq!(unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) }, 0);
+    assert_eq!(
+        unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) },
+        0
+    );
     file
 }
 
