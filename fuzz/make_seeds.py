@@ -195,7 +195,88 @@ def presetup_seeds(blk_config):
     write("presetup_config", "blk-then-net", json.dumps(blk_config).encode() + b"\0" + json.dumps(net_config).encode())
 
 
+# session_stream: vhost-user requests (fuzz_targets/session_stream.rs,
+# `decode`, describes the encoding).
+MEMFD, SEALED_MEMFD, EVENTFD, DEVNULL, PIPE = range(5)
+RAM = 1 << 20
+UADDR = 0x7F0000000000
+
+
+def memfd(size, sealed=False):
+    pages, extra = divmod(size, 4096)
+    assert pages < 4096 and extra in (0, 512)
+    return bytes([SEALED_MEMFD if sealed else MEMFD]) + struct.pack("<H", pages << 1 | (extra == 512))
+
+
+def fd(kind):
+    return bytes([kind])
+
+
+def msg(code, payload=b"", fds=(), need_reply=False, size=None):
+    """One message; `size`, if given, is the header's (raw) size field."""
+    head = bytes([code - 1]) if 1 <= code <= 50 else b"\xf0" + struct.pack("<I", code)
+    out = head + bytes([0x08 if need_reply else 0]) + struct.pack("<H", len(payload))
+    out += b"\xff" if size is not None else b"\0"
+    out += bytes([len(fds)]) + b"".join(fds) + payload
+    return out + (struct.pack("<I", size) if size is not None else b"")
+
+
+def raw(data):
+    return b"\xff" + bytes([len(data)]) + data
+
+
+def mem_table(regions, fds):
+    """regions: (guest address, size, mmap offset); one fd each."""
+    payload = struct.pack("<II", len(regions), 0)
+    for i, (gpa, size, offset) in enumerate(regions):
+        payload += struct.pack("<QQQQ", gpa, size, UADDR + i * 0x10000000, offset)
+    return msg(5, payload, fds, need_reply=True)
+
+
+def ring_setup(index, kick=None):
+    base = UADDR + index * 0x4000
+    out = msg(13, struct.pack("<Q", index), [fd(EVENTFD)])  # SET_VRING_CALL
+    out += msg(8, struct.pack("<II", index, 256))  # SET_VRING_NUM
+    out += msg(10, struct.pack("<II", index, 0))  # SET_VRING_BASE
+    out += msg(9, struct.pack("<IIQQQQ", index, 0, base, base + 0x2000, base + 0x1000, 0))  # SET_VRING_ADDR
+    out += msg(12, struct.pack("<Q", index), [kick or fd(EVENTFD)])  # SET_VRING_KICK
+    return out
+
+
+def session_seeds():
+    features = 1 << 32 | 1 << 30  # VERSION_1, PROTOCOL_FEATURES
+    protocol = 1 << 0 | 1 << 3 | 1 << 9  # MQ, REPLY_ACK, CONFIG
+    connect = (msg(15) + msg(16, struct.pack("<Q", protocol)) + msg(17) + msg(3)
+               + msg(1) + msg(24, struct.pack("<III", 0, 60, 0) + bytes(60)))
+    start = (msg(2, struct.pack("<Q", features)) + mem_table([(0, RAM, 0)], [memfd(RAM, True)])
+             + ring_setup(0) + msg(18, struct.pack("<II", 0, 1), need_reply=True))
+    write("session_stream", "connect", connect)
+    write("session_stream", "start", connect + start)
+    stop = msg(18, struct.pack("<II", 0, 0), need_reply=True) + msg(11, struct.pack("<II", 0, 0))
+    write("session_stream", "start-stop", connect + start + stop)
+    write("session_stream", "owner-features", msg(3) + msg(2, struct.pack("<Q", features)))
+    # Hostile: a header cut short, then the connection closes.
+    write("session_stream", "truncated-header", msg(3) + raw(struct.pack("<I", 5) + b"\x01\0\0"))
+    # A header whose size claims more than the protocol allows.
+    write("session_stream", "oversized", msg(3) + msg(5, bytes(40), [memfd(RAM)], size=0x2000))
+    # A region past the end of its memfd, and one at an offset past it.
+    write("session_stream", "region-past-memfd",
+          connect + msg(2, struct.pack("<Q", features)) + mem_table([(0, RAM, 0)], [memfd(0x10000, True)]))
+    write("session_stream", "offset-past-memfd",
+          connect + msg(2, struct.pack("<Q", features)) + mem_table([(0, 0x10000, RAM)], [memfd(RAM)]))
+    # A kick fd that is a memfd, and a call fd that is a pipe's read end.
+    write("session_stream", "kick-memfd",
+          connect + msg(2, struct.pack("<Q", features)) + mem_table([(0, RAM, 0)], [memfd(RAM, True)])
+          + ring_setup(1, kick=memfd(4096)) + msg(13, struct.pack("<Q", 1), [fd(PIPE)])
+          + msg(18, struct.pack("<II", 1, 1), need_reply=True))
+    # Fds on a request that carries none; a message split in two writes.
+    write("session_stream", "stray-fds", msg(3, fds=[fd(DEVNULL), fd(EVENTFD)]) + msg(1))
+    split = struct.pack("<III", 8, 1, 8) + struct.pack("<II", 0, 256)
+    write("session_stream", "split", msg(3) + raw(split[:7]) + raw(split[7:]) + msg(1))
+
+
 blk_seeds()
 net_seeds()
 inflight_seeds()
 presetup_seeds(control_seeds())
+session_seeds()

@@ -3,7 +3,7 @@
 # drives).
 #
 #   scripts/fuzz.sh --ci             every target for CI_SECONDS (20 s) each,
-#                                    one after another (2 minutes in all);
+#                                    one after another (2 min 20 s in all);
 #                                    fails on any crash, leak or timeout
 #   scripts/fuzz.sh [--hours N]      every target for N hours (default 1) each
 #   scripts/fuzz.sh --target NAME    only NAME (with either mode)
@@ -20,7 +20,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(blk_chain net_tx net_rx inflight_begin control_line presetup_config)
+TARGETS=(blk_chain net_tx net_rx inflight_begin control_line presetup_config session_stream)
 CI_SECONDS=${CI_SECONDS:-20}
 mode=long
 hours=1
