@@ -41,7 +41,13 @@ pub(crate) mod wake_channel;
 /// `error: cause: cause...` for log lines: library errors keep their causes
 /// as `source()`, not in their own message.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
+    format!("{error}{}", error_sources(error))
+}
+
+/// `: cause: cause...`, the part of [`error_chain`] after the error's own
+/// message (for a wrapper whose text already shows that message).
+pub fn error_sources(error: &dyn std::error::Error) -> String {
+    let mut text = String::new();
     let mut source = error.source();
     while let Some(cause) = source {
         text.push_str(": ");

@@ -24,11 +24,7 @@ impl DeviceServer {
     ) -> Result<(), Disconnect> {
         match (&error, reply) {
             (VhostError::ReqHandlerError(cause), Some(Reply::Ack)) => {
-                let cause = crate::error_chain(
-                    cause
-                        .get_ref()
-                        .map_or(cause as &dyn std::error::Error, |inner| inner),
-                );
+                let cause = crate::error_chain(handler_error(cause));
                 if answered {
                     log::warn!("{}: {name} refused: {cause}", self.name);
                 } else {
@@ -41,18 +37,11 @@ impl DeviceServer {
                 Ok(())
             }
             _ => {
-                // The whole chain: the handler's error says what it could
-                // not do, its sources say why.
+                // The crate's text shows the handler's error itself; add
+                // what it leaves out, the error's sources (they say why).
                 let reason = match &error {
-                    // The crate's text shows the handler's error itself;
-                    // add what it leaves out, the error's sources.
                     VhostError::ReqHandlerError(cause) => {
-                        let inner = cause
-                            .get_ref()
-                            .map_or(cause as &dyn std::error::Error, |inner| inner);
-                        let chain = crate::error_chain(inner);
-                        let sources = chain.strip_prefix(&inner.to_string()).unwrap_or("");
-                        format!("{error}{sources}")
+                        format!("{error}{}", crate::error_sources(handler_error(cause)))
                     }
                     _ => error.to_string(),
                 };
@@ -168,4 +157,11 @@ impl DeviceServer {
             },
         }
     }
+}
+
+/// The session's own error inside the crate's `ReqHandlerError`.
+fn handler_error(cause: &std::io::Error) -> &(dyn std::error::Error + 'static) {
+    cause
+        .get_ref()
+        .map_or(cause as &(dyn std::error::Error + 'static), |inner| inner)
 }
